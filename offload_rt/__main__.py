@@ -1,0 +1,3 @@
+from offload_rt.cli import main
+
+main()

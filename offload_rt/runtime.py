@@ -1,0 +1,99 @@
+"""Wires the planner, the tiers and the scheduler into a weight source for the engine.
+
+``prepare(cfg, store, args, dtype, groups, device)`` resolves the budgets, measures
+(or reads the cached) bandwidths, asks the planner for a placement, and returns a
+factory that builds the :class:`~offload_rt.scheduler.StreamingWeights` source the
+engine sweeps. Policy lives in ``offload_rt.memory.plan``; bytes move in the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload_rt.config import RunConfig
+from offload_rt.engine import Group
+from offload_rt.kv_cache import KVCache
+from offload_rt.memory import budgets as budgets_mod
+from offload_rt.memory import calibrate
+from offload_rt.memory.plan import Bandwidths, Budgets, GroupSpec, Placement, plan
+from offload_rt.memory.tiers import Tiers
+from offload_rt.models import llama
+from offload_rt.models.llama import LlamaArgs
+
+KV_RESERVE_TOKENS = 4096  # KV cache counted in the host budget: min(context, this) tokens
+
+
+def _nbytes(store, name: str, dtype: torch.dtype) -> int:
+    info = store.info(name)
+    return int(torch.Size(info.shape).numel()) * dtype.itemsize
+
+
+def group_specs(store, groups: list[Group], dtype: torch.dtype, args: LlamaArgs) -> list[GroupSpec]:
+    """Bytes per group at the compute dtype; a tied embedding is left to plan(tied=True)."""
+    specs = []
+    for g in groups:
+        names = [n for _k, n in g.tensors if not (args.tie_word_embeddings and n == llama.EMBED)]
+        specs.append(GroupSpec(g.name, g.kind, sum(_nbytes(store, n, dtype) for n in names)))
+    return specs
+
+
+def kv_reserve_bytes(args: LlamaArgs, dtype: torch.dtype) -> int:
+    tokens = min(args.max_position_embeddings, KV_RESERVE_TOKENS)
+    return tokens * KVCache.bytes_per_token(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype)
+
+
+def activation_bytes(args: LlamaArgs, prefill_chunk: int) -> int:
+    """Scratch of one prefill chunk (fp32 upper bound) plus the logits row."""
+    per_token = 4 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_attention_heads * args.head_dim
+    return 4 * (prefill_chunk * per_token + args.vocab_size)
+
+
+@dataclass
+class Prepared:
+    placement: Placement
+    bandwidths: Bandwidths
+    specs: list[GroupSpec]
+    budgets: Budgets
+    device: str
+
+    def factory(self, cfg: RunConfig, tracer=None):
+        placement, device = self.placement, self.device
+        cuda = device == "cuda"
+
+        def build(store, args: LlamaArgs, dtype: torch.dtype, groups: list[Group]):
+            from offload_rt.scheduler import StreamingWeights
+
+            tiers = Tiers(host_budget=self.budgets.host, device_budget=self.budgets.device, cuda=cuda)
+            tiers.get(placement.kv_tier).reserve("kv", placement.kv_bytes)
+            tiers.host.reserve("activations", placement.activation_bytes)
+            head_tier = placement.tiers["head"]
+            embed_tier = head_tier if args.tie_word_embeddings and head_tier != "disk" else "disk"
+            if not args.tie_word_embeddings and all(t != "disk" for t in placement.tiers.values()):
+                embed_tier = "device" if cuda else "host"  # all fits: keep the table too
+            return StreamingWeights(store, groups, placement.tiers, dtype, embed_name=llama.EMBED,
+                                    embed_tier=embed_tier, tiers=tiers, device=device,
+                                    depth=placement.prefetch_depth, tracer=tracer)
+
+        return build
+
+
+def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: list[Group], device: str) -> Prepared:
+    cuda = device == "cuda"
+    host = budgets_mod.resolve_budget(cfg.cpu_mem, kind="cpu")
+    dev = budgets_mod.resolve_budget(cfg.gpu_mem, kind="gpu") if cuda else None
+    bud = Budgets(device=dev, host=host)
+    hints = cfg.bandwidth_hints or {}
+    if {"disk_read", "matvec"} <= set(hints) and (hints.get("h2d") or not cuda):
+        bw = Bandwidths(disk_read=hints["disk_read"], mem_read=hints.get("mem_read", hints["matvec"]),
+                        matvec=hints["matvec"], h2d=hints.get("h2d"))
+    else:
+        bw = calibrate.load_or_measure(cfg.store_dir, progress=cfg.progress, cuda=cuda)
+    bw = bw.for_dtype(str(dtype).replace("torch.", ""))
+    specs = group_specs(store, groups, dtype, args)
+    embed_bytes = _nbytes(store, llama.EMBED, dtype)
+    placement = plan(specs, bud, bw, kv_bytes=kv_reserve_bytes(args, dtype), prefetch_depth=cfg.prefetch_depth,
+                     activation_bytes=activation_bytes(args, cfg.prefill_chunk), embed_bytes=embed_bytes,
+                     tied=args.tie_word_embeddings)
+    return Prepared(placement, bw, specs, bud, device)

@@ -1,0 +1,70 @@
+"""A chat/answer session: a loaded model plus sampling settings, producing streamed answers.
+
+Front ends (one-shot CLI, REPL, benchmarks) call :meth:`Session.answer`; it applies the
+chat template (unless raw), checks the context length and streams the text.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterator
+
+from offload_rt.config import RunConfig
+from offload_rt.generate import GenResult, check_context, generate
+from offload_rt.loader import LoadedModel
+from offload_rt.sampling import make_sampler
+from offload_rt.stats import stats_record
+
+
+class Session:
+    def __init__(self, model: LoadedModel, cfg: RunConfig, *, placement: dict | None = None,
+                 counters=None, device: str = "cpu"):
+        self.model, self.cfg = model, cfg
+        self.sampler = make_sampler(cfg.sampling)
+        self.placement = placement
+        self.counters = counters  # object with disk_read_bytes / h2d_bytes, or None
+        self.device = device
+        self.last = GenResult()
+
+    def prompt_ids(self, messages_or_text, *, raw: bool | None = None) -> list[int]:
+        tok = self.model.tokenizer
+        raw = self.cfg.raw if raw is None else raw
+        if isinstance(messages_or_text, str):
+            if raw or tok.chat_template is None:
+                return tok.encode(messages_or_text)
+            messages_or_text = [{"role": "user", "content": messages_or_text}]
+        return tok.encode_chat(messages_or_text)
+
+    def answer(self, messages_or_text, *, raw: bool | None = None) -> Iterator[str]:
+        ids = self.prompt_ids(messages_or_text, raw=raw)
+        check_context(len(ids), self.model.engine.max_tokens)
+        self.last = GenResult()
+        return generate(self.model.engine, self.model.tokenizer, ids, max_new_tokens=self.cfg.max_new_tokens,
+                        sampler=self.sampler, stop_strings=self.cfg.stop, result=self.last,
+                        ignore_eos=self.cfg.ignore_eos,
+                        on_prefill=self._prefill_progress(len(ids)), on_token=self._slow_token)
+
+    def _prefill_progress(self, n: int):
+        if not self.cfg.progress or n < 2048 or not sys.stderr.isatty():
+            return None
+        start = time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            rate = done / max(1e-9, time.perf_counter() - start)
+            end = "\n" if done >= total else ""
+            print(f"\rprefill {done}/{total} tokens ({rate:.0f} tok/s)", end=end, file=sys.stderr, flush=True)
+
+        return report
+
+    def _slow_token(self, n: int, seconds: float) -> None:
+        # Slow streaming must never look like a hang: say so when a token takes over a second.
+        if self.cfg.progress and seconds > 1.0:
+            print(f"[token {n} took {seconds:.1f} s]", file=sys.stderr, flush=True)
+
+    def stats(self) -> dict:
+        c = self.counters
+        return stats_record(model=self.model.name, device=self.device, result=self.last,
+                            disk_read_bytes=getattr(c, "disk_read_bytes", 0), h2d_bytes=getattr(c, "h2d_bytes", 0),
+                            placement=self.placement, dtype=str(self.model.dtype).replace("torch.", ""),
+                            stop_reason=self.last.stop_reason)

@@ -1,0 +1,504 @@
+"""Checkpoint readers: a Hugging Face directory (safetensors) or a GGUF file.
+
+A source answers four questions without converting anything:
+
+* ``identity()``  -- what the store key is made of (path, file names, sizes, mtimes: ``stat`` only);
+* ``config()``    -- the Hugging Face style config dict (metadata only, no tensor data);
+* ``tensors()``   -- one :class:`TensorSource` per tensor (headers parsed, data not read): either a raw
+  byte range of a file, copied as is, or a callable producing a numpy array (dequantized GGUF,
+  un-permuted Q/K);
+* ``tokenizer(dest)`` -- writes ``tokenizer.json`` to ``dest`` and returns the tokenizer metadata.
+
+Every problem with the source raises :class:`ModelSourceError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from offload_rt.errors import ModelSourceError
+
+NOT_A_CHECKPOINT = "{} is not a model checkpoint: expected config.json and *.safetensors, or a .gguf file"
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# Files of a Hugging Face directory that make up its identity (anything else may change freely).
+_HF_IDENTITY_GLOBS = ("config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
+                      "special_tokens_map.json", "chat_template*", "*.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class TensorSource:
+    """One tensor of a checkpoint, in Hugging Face naming and row-major shape."""
+
+    name: str
+    dtype: str  # logical dtype: "float32" | "float16" | "bfloat16"
+    shape: tuple[int, ...]
+    file: Path | None = None  # raw little-endian bytes at [offset, offset + nbytes) of file ...
+    offset: int = 0
+    produce: Callable[[], np.ndarray] | None = None  # ... or an array built on demand (C-contiguous)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPE_SIZES[self.dtype]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def open_source(path: str | os.PathLike) -> "HFSource | GGUFSource":
+    """The reader for ``path`` (a checkpoint directory or a .gguf file); checks only what ``stat`` can."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelSourceError(f"model path {path} does not exist; pass a checkpoint directory or a .gguf file")
+    if p.is_dir():
+        if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+            raise ModelSourceError(NOT_A_CHECKPOINT.format(p))
+        return HFSource(p)
+    if p.is_file():
+        try:
+            with open(p, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelSourceError(f"cannot read {p}: {e.strerror}; check the path and its permissions") from None
+        if magic == b"GGUF":
+            return GGUFSource(p)
+        if p.suffix.lower() == ".gguf":
+            raise ModelSourceError(f"{p} is not a valid GGUF file (bad magic); re-download or re-export it")
+    raise ModelSourceError(NOT_A_CHECKPOINT.format(p))
+
+
+def read_source_config(path: str | os.PathLike) -> dict:
+    """The HF-style config dict of a checkpoint, from metadata only (no tensor data is read)."""
+    return open_source(path).config()
+
+
+def _stat_entry(f: Path) -> dict:
+    st = f.stat()
+    return {"name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """(header dict without ``__metadata__``, data start offset); validates lengths and offsets."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelSourceError(f"{file} is truncated (no safetensors header); re-download or re-export it")
+            (n,) = struct.unpack("<Q", raw)
+            if n < 2 or n > min(size - 8, 512 << 20):
+                raise ModelSourceError(
+                    f"{file} has a corrupt safetensors header (header length {n}, file size {size}); "
+                    "re-download or re-export it")
+            blob = f.read(n)
+    except OSError as e:
+        raise ModelSourceError(f"cannot read {file}: {e.strerror}; check the path and its permissions") from None
+    try:
+        header = json.loads(blob.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelSourceError(f"{file} has a corrupt safetensors header (bad JSON: {e}); "
+                               "re-download or re-export it") from None
+    header.pop("__metadata__", None)
+    start = 8 + n
+    data_len = size - start
+    for name, ent in header.items():
+        try:
+            b, e = (int(x) for x in ent["data_offsets"])
+            shape = [int(s) for s in ent["shape"]]
+            dtype = ent["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelSourceError(f"{file} has a corrupt safetensors header (bad entry for {name}); "
+                                   "re-download or re-export it") from None
+        if not (0 <= b <= e <= data_len):
+            raise ModelSourceError(f"{file} is truncated or corrupt: tensor {name} lies past the end of the file; "
+                                   "re-download or re-export it")
+        if dtype in _ST_DTYPES and e - b != _numel(shape) * DTYPE_SIZES[_ST_DTYPES[dtype]]:
+            raise ModelSourceError(f"{file} has a corrupt safetensors header (size of {name} does not match its "
+                                   "shape); re-download or re-export it")
+    return header, start
+
+
+def _load_json(file: Path, what: str) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelSourceError(f"cannot read {file}: {e.strerror}; check the path and its permissions") from None
+    except ValueError as e:
+        raise ModelSourceError(f"{file} is not valid JSON ({e}); repair or re-download the {what}") from None
+
+
+def _token_content(tok) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+class HFSource:
+    kind = "hf"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def display_name(self) -> str:
+        return self.path.resolve().name
+
+    def _files(self) -> list[Path]:
+        seen: dict[str, Path] = {}
+        for pat in _HF_IDENTITY_GLOBS:
+            for f in self.path.glob(pat):
+                if f.is_file():
+                    seen[f.name] = f
+        return [seen[k] for k in sorted(seen)]
+
+    def identity(self) -> dict:
+        return {"path": str(self.path.resolve()), "kind": self.kind, "files": [_stat_entry(f) for f in self._files()]}
+
+    def config(self) -> dict:
+        cfg = _load_json(self.path / "config.json", "checkpoint")
+        if not isinstance(cfg, dict):
+            raise ModelSourceError(f"{self.path / 'config.json'} is not a JSON object; repair or re-download the checkpoint")
+        return cfg
+
+    def shard_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            idx = _load_json(index, "checkpoint")
+            try:
+                names = sorted(set(idx["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError):
+                raise ModelSourceError(f"{index} has no weight_map; repair or re-download the checkpoint") from None
+            files = [self.path / n for n in names]
+            for f in files:
+                if not f.is_file():
+                    raise ModelSourceError(f"{f} is listed in {index.name} but missing; re-download the checkpoint")
+            return files
+        return sorted(self.path.glob("*.safetensors"))
+
+    def tensors(self) -> list[TensorSource]:
+        out: dict[str, TensorSource] = {}
+        for f in self.shard_files():
+            header, start = read_safetensors_header(f)
+            for name, ent in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                dt = _ST_DTYPES.get(ent["dtype"])
+                if dt is None:
+                    raise ModelSourceError(f"{f}: tensor {name} has dtype {ent['dtype']}, which offload_rt does not "
+                                           "store; convert the checkpoint to float32, float16 or bfloat16")
+                if name in out:
+                    raise ModelSourceError(f"tensor {name} appears in two shards ({out[name].file.name}, {f.name}); "
+                                           "remove the stray .safetensors file")
+                out[name] = TensorSource(name, dt, tuple(int(s) for s in ent["shape"]), file=f,
+                                         offset=start + int(ent["data_offsets"][0]))
+        if not out:
+            raise ModelSourceError(f"{self.path} has no tensors in its .safetensors files; re-download the checkpoint")
+        return list(out.values())
+
+    def tokenizer(self, dest: Path) -> dict:
+        src = self.path / "tokenizer.json"
+        if not src.is_file():
+            raise ModelSourceError(f"{self.path} has no tokenizer.json; add the model's tokenizer.json "
+                                   "(save it with transformers' AutoTokenizer.save_pretrained)")
+        tok = _load_json(src, "tokenizer")
+        shutil.copyfile(src, dest)
+        tcfg = {}
+        if (self.path / "tokenizer_config.json").is_file():
+            tcfg = _load_json(self.path / "tokenizer_config.json", "tokenizer config") or {}
+        gen = {}
+        if (self.path / "generation_config.json").is_file():
+            gen = _load_json(self.path / "generation_config.json", "generation config") or {}
+        cfg = self.config()
+
+        ids: dict[str, int] = {}
+        model = tok.get("model") or {}
+        vocab = model.get("vocab")
+        if isinstance(vocab, dict):
+            ids.update(vocab)
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            ids.update({v[0]: i for i, v in enumerate(vocab)})
+        for at in tok.get("added_tokens") or []:
+            ids[at["content"]] = at["id"]
+
+        template = tcfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (self.path / "chat_template.jinja").is_file():
+            template = (self.path / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is None and (self.path / "chat_template.json").is_file():
+            template = (_load_json(self.path / "chat_template.json", "chat template") or {}).get("chat_template")
+
+        bos = _token_content(tcfg.get("bos_token"))
+        eos = _token_content(tcfg.get("eos_token"))
+        bos_id = ids.get(bos) if bos is not None else None
+        if bos_id is None and isinstance(cfg.get("bos_token_id"), int):
+            bos_id = cfg["bos_token_id"]
+        eos_ids: list[int] = []
+        gen_eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        for v in (gen_eos if isinstance(gen_eos, list) else [gen_eos]):
+            if isinstance(v, int) and v not in eos_ids:
+                eos_ids.append(v)
+        if eos is not None and ids.get(eos) is not None and ids[eos] not in eos_ids:
+            eos_ids.append(ids[eos])
+        if "add_bos_token" in tcfg:
+            add_bos = bool(tcfg["add_bos_token"])
+        else:
+            add_bos = _post_processor_adds_bos(tok.get("post_processor"))
+        return {"file": "tokenizer.json", "chat_template": template, "bos_token": bos, "eos_token": eos,
+                "bos_token_id": bos_id, "eos_token_ids": eos_ids, "add_bos_token": add_bos}
+
+
+def _post_processor_adds_bos(pp) -> bool:
+    if not isinstance(pp, dict):
+        return False
+    if pp.get("type") == "Sequence":
+        return any(_post_processor_adds_bos(p) for p in pp.get("processors") or [])
+    if pp.get("type") == "TemplateProcessing":
+        single = pp.get("single") or []
+        return bool(single) and "SpecialToken" in single[0]
+    return False
+
+
+# ----------------------------------------------------------------------------- GGUF
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
+_TOP_RE = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
+# Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.permute) and we un-permute.
+PERMUTED_ARCHS = {"llama", "mistral"}
+_ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """Hugging Face name of a GGUF tensor (unknown names are kept as they are)."""
+    m = _BLK_RE.match(name)
+    if m and m.group(2) in _GGUF_BLOCK:
+        return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    m = _TOP_RE.match(name)
+    if m and m.group(1) in _GGUF_TOP:
+        return f"{_GGUF_TOP[m.group(1)]}.{m.group(2)}"
+    return name
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's ``LlamaModel.permute`` along axis 0 (``n_head`` = heads of that projection)."""
+    dim = w.shape[0] // n_head // 2
+    return np.ascontiguousarray(w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` (what convert_hf_to_gguf.py applies to Q and K); for tests."""
+    return np.ascontiguousarray(w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+                                .swapaxes(1, 2).reshape(w.shape))
+
+
+def _field_value(field) -> Any:
+    v = field.contents()
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
+class GGUFSource:
+    kind = "gguf"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._reader = None
+        self._meta: dict | None = None
+
+    @property
+    def display_name(self) -> str:
+        name = self.path.resolve().name
+        return name[:-5] if name.lower().endswith(".gguf") else name
+
+    def identity(self) -> dict:
+        return {"path": str(self.path.resolve()), "kind": self.kind, "files": [_stat_entry(self.path)]}
+
+    # -- parsing
+    def reader(self):
+        if self._reader is None:
+            import gguf
+
+            try:
+                r = gguf.GGUFReader(str(self.path))
+                size = self.path.stat().st_size
+                for t in r.tensors:
+                    if int(t.data_offset) + int(t.n_bytes) > size:
+                        raise ValueError("tensor data past the end of the file")
+            except (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError, OverflowError,
+                    TypeError, OSError) as e:
+                raise ModelSourceError(f"{self.path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                       "re-download or re-export the GGUF file") from None
+            self._reader = r
+        return self._reader
+
+    def metadata(self) -> dict:
+        if self._meta is None:
+            r = self.reader()
+            meta = {}
+            for k, f in r.fields.items():
+                try:
+                    meta[k] = _field_value(f)
+                except Exception:  # an odd field type we do not need
+                    continue
+            self._meta = meta
+        return self._meta
+
+    def _arch(self) -> str:
+        arch = self.metadata().get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelSourceError(f"{self.path} has no general.architecture; re-export the GGUF file with llama.cpp")
+        return arch
+
+    def config(self) -> dict:
+        m = self.metadata()
+        arch = self._arch()
+        names = {t.name for t in self.reader().tensors}
+
+        def get(key, default=None):
+            v = m.get(f"{arch}.{key}", default)
+            if isinstance(v, list):  # per-layer values: all equal for the families we run
+                v = v[0] if v else default
+            return v
+
+        cfg: dict[str, Any] = {"model_type": _ARCH_MODEL_TYPE.get(arch, arch), "architectures": [arch]}
+        required = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+                    "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count"}
+        for hf, key in required.items():
+            v = get(key)
+            if v is None:
+                raise ModelSourceError(f"{self.path} lacks {arch}.{key} in its metadata; re-export the GGUF file with llama.cpp")
+            cfg[hf] = int(v)
+        heads = cfg["num_attention_heads"]
+        cfg["num_key_value_heads"] = int(get("attention.head_count_kv", heads) or heads)
+        cfg["rms_norm_eps"] = float(get("attention.layer_norm_rms_epsilon", 1e-6))
+        cfg["rope_theta"] = float(get("rope.freq_base", 10000.0))
+        cfg["max_position_embeddings"] = int(get("context_length", 4096))
+        vocab = get("vocab_size")
+        if vocab is None:
+            toks = self._tokens_len()
+            if toks:
+                vocab = toks
+            else:
+                for t in self.reader().tensors:
+                    if t.name == "token_embd.weight":
+                        vocab = int(t.shape[-1])
+        if vocab is None:
+            raise ModelSourceError(f"{self.path} does not say its vocabulary size; re-export the GGUF file with llama.cpp")
+        cfg["vocab_size"] = int(vocab)
+        head_dim = get("attention.key_length") or get("rope.dimension_count")
+        if head_dim:
+            cfg["head_dim"] = int(head_dim)
+        cfg["tie_word_embeddings"] = "output.weight" not in names
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in names and arch not in ("qwen2",)
+        cfg["mlp_bias"] = "blk.0.ffn_up.bias" in names
+        sw = get("attention.sliding_window")
+        if sw:
+            cfg["sliding_window"] = int(sw)
+            if arch == "qwen2":
+                cfg["use_sliding_window"] = True
+        stype = get("rope.scaling.type")
+        if stype and stype != "none":
+            rs = {"rope_type": stype, "type": stype}
+            if get("rope.scaling.factor") is not None:
+                rs["factor"] = float(get("rope.scaling.factor"))
+            if get("rope.scaling.original_context_length") is not None:
+                rs["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+            cfg["rope_scaling"] = rs
+        for hf, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+            if isinstance(m.get(key), int):
+                cfg[hf] = m[key]
+        ftype = m.get("general.file_type")
+        cfg["torch_dtype"] = {0: "float32", 1: "float16", 32: "bfloat16"}.get(ftype, "float32")
+        return cfg
+
+    def _tokens_len(self) -> int | None:
+        f = self.reader().fields.get("tokenizer.ggml.tokens")
+        return len(f.data) if f is not None else None
+
+    def tensors(self) -> list[TensorSource]:
+        import gguf
+        from gguf import GGMLQuantizationType as Q
+
+        r = self.reader()
+        arch = self._arch()
+        cfg = self.config()
+        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        permute = arch in PERMUTED_ARCHS
+        out = []
+        for t in r.tensors:
+            name = gguf_to_hf_name(t.name)
+            shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))
+            qtype = Q(int(t.tensor_type))
+            n_head = None
+            if permute and re.match(r"^blk\.\d+\.attn_q\.(weight|bias)$", t.name):
+                n_head = heads
+            elif permute and re.match(r"^blk\.\d+\.attn_k\.(weight|bias)$", t.name):
+                n_head = kv_heads
+            raw = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}.get(qtype)
+            if raw is not None and n_head is None:
+                out.append(TensorSource(name, raw, shape, file=self.path, offset=int(t.data_offset)))
+                continue
+            traits = getattr(gguf.quants, "_type_traits", None)
+            if raw is None and qtype != Q.F64 and traits is not None and qtype not in traits:
+                raise ModelSourceError(f"{self.path}: tensor {t.name} has type {qtype.name}, which cannot be "
+                                       "dequantized; use a GGUF with F32/F16/BF16 or Q4_0/Q4_1/Q8_0/K-quant tensors")
+            out.append(TensorSource(name, raw or "float32", shape,
+                                    produce=_gguf_producer(t, qtype, raw, shape, n_head, self.path)))
+        if not out:
+            raise ModelSourceError(f"{self.path} has no tensors; re-export the GGUF file with llama.cpp")
+        return out
+
+    def tokenizer(self, dest: Path) -> dict:
+        from storage.gguf_tokenizer import build_tokenizer
+
+        tok_json, meta = build_tokenizer(self.metadata(), self.path)
+        dest.write_text(tok_json, encoding="utf-8")
+        return meta
+
+
+def _gguf_producer(t, qtype, raw, shape, n_head, path):
+    def produce() -> np.ndarray:
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize
+
+        try:
+            if qtype == Q.F64:
+                arr = np.asarray(t.data).astype(np.float32).reshape(shape)
+            elif raw is not None:
+                arr = np.asarray(t.data)
+                if raw == "bfloat16":
+                    arr = arr.view(np.uint16)
+                arr = arr.reshape(shape)
+            else:
+                arr = dequantize(t.data, qtype).astype(np.float32, copy=False).reshape(shape)
+        except NotImplementedError:
+            raise ModelSourceError(f"{path}: tensor {t.name} has type {qtype.name}, which cannot be dequantized; "
+                                   "use a GGUF with F32/F16/BF16 or Q4_0/Q4_1/Q8_0/K-quant tensors") from None
+        if n_head is not None:
+            arr = unpermute_qk(arr, n_head)
+        return np.ascontiguousarray(arr)
+
+    return produce
