@@ -27,6 +27,9 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from kernels_cpu.matvec import set_threads
+
+    set_threads(torch.get_num_threads())
     device = pick_device(cfg)
     with torch.inference_mode():
         model = open_model(cfg)

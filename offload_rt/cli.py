@@ -93,6 +93,8 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             prompt = sys.stdin.read()
             if not prompt.strip():
                 raise UsageError("no prompt: pass --prompt TEXT, --prompt-file F, pipe text on stdin, or run in a terminal for chat")
+        if prompt is not None and not raw and (prompt_file is not None or not interactive):
+            prompt = prompt.strip("\n")  # the file's/pipe's final newline is not part of the question
         from offload_rt import app
 
         code = app.main(cfg, prompt=prompt, interactive=interactive, stats=stats, plan_only=plan_only)

@@ -10,10 +10,12 @@ know which.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
+from kernels_cpu.matvec import decode_scope
 from offload_rt.kv_cache import KVCache
 from offload_rt.models import llama
 from offload_rt.models.llama import LlamaArgs
@@ -98,7 +100,8 @@ class Engine:
         """Run ids (appended after the cached tokens) through the model; logits of the last one."""
         start = self.cache.offset
         tr, k = self.tracer, self.passes
-        with tr.span("compute", "forward", tokens=len(ids), **{"pass": k}):
+        scope = decode_scope() if len(ids) == 1 and self.device.type == "cpu" else nullcontext()
+        with scope, tr.span("compute", "forward", tokens=len(ids), **{"pass": k}):
             with tr.span("compute", "embed", group="embed", **{"pass": k}):
                 t = torch.tensor(list(ids), dtype=torch.long, device=self.device)
                 x = self.source.embed(t)

@@ -26,10 +26,9 @@ from typing import Any, Callable
 import numpy as np
 
 from offload_rt.errors import ModelSourceError
+from storage.manifest import DTYPE_SIZES
 
 NOT_A_CHECKPOINT = "{} is not a model checkpoint: expected config.json and *.safetensors, or a .gguf file"
-DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
-STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Files of a Hugging Face directory that make up its identity (anything else may change freely).
 _HF_IDENTITY_GLOBS = ("config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
@@ -313,11 +312,126 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
                                 .swapaxes(1, 2).reshape(w.shape))
 
 
-def _field_value(field) -> Any:
-    v = field.contents()
-    if isinstance(v, np.generic):
-        v = v.item()
-    return v
+class _GGUFTensorInfo:
+    __slots__ = ("name", "dims", "qtype", "data_offset", "n_bytes")
+
+    def __init__(self, name, dims, qtype, data_offset, n_bytes):
+        self.name, self.dims, self.qtype, self.data_offset, self.n_bytes = name, dims, qtype, data_offset, n_bytes
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.dims))  # ggml lists the innermost dimension first
+
+    def byte_shape(self) -> tuple[int, ...]:
+        """numpy shape of the raw data, as gguf.quants.dequantize expects it (rows..., bytes per row)."""
+        from gguf import GGML_QUANT_SIZES
+
+        block, tsize = GGML_QUANT_SIZES[self.qtype]
+        dims = self.hf_shape
+        return (*dims[:-1], dims[-1] // block * tsize) if dims else ()
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+def parse_gguf_header(path: Path) -> tuple[dict, list[_GGUFTensorInfo]]:
+    """(metadata dict, tensor infos with absolute data offsets) of a GGUF file, reading only its header.
+
+    Much faster than ``gguf.GGUFReader`` (which builds a numpy view per vocabulary string, ~2 s for
+    SmolLM2) and strict about truncation: anything past the end of the file raises ModelSourceError.
+    """
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def bad(why: str):
+        return ModelSourceError(f"{path} is truncated or corrupt ({why}); re-download or re-export the GGUF file")
+
+    try:
+        size = path.stat().st_size
+        if size < 24:
+            raise bad("file too short for a GGUF header")
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelSourceError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
+    buf = memoryview(mm)
+    try:
+        pos = 0
+
+        def take(n: int) -> memoryview:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise bad(f"header runs past the end of the file at byte {pos}")
+            v = buf[pos:pos + n]
+            pos += n
+            return v
+
+        def u32() -> int:
+            return int.from_bytes(take(4), "little")
+
+        def u64() -> int:
+            return int.from_bytes(take(8), "little")
+
+        def string() -> str:
+            return bytes(take(u64())).decode("utf-8", errors="replace")
+
+        def value(vtype: int):
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                itype, count = u32(), u64()
+                if itype == 8:
+                    return [string() for _ in range(count)]
+                if itype == 9:
+                    return [value(9) for _ in range(count)]
+                if itype not in _GGUF_NP:
+                    raise bad(f"unknown array type {itype}")
+                dt = np.dtype(_GGUF_NP[itype])
+                return np.frombuffer(take(count * dt.itemsize), dtype=dt).tolist()
+            if vtype not in _GGUF_SCALARS:
+                raise bad(f"unknown value type {vtype}")
+            fmt = _GGUF_SCALARS[vtype]
+            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+        if bytes(take(4)) != b"GGUF":
+            raise ModelSourceError(f"{path} is not a GGUF file (bad magic); pass a .gguf file or a checkpoint directory")
+        version = u32()
+        if version < 2:
+            raise ModelSourceError(f"{path} is GGUF version {version}, which is too old; re-export it with a current llama.cpp")
+        n_tensors, n_kv = u64(), u64()
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(u32())
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            nd = u32()
+            if nd > 8:
+                raise bad(f"tensor {name} has {nd} dimensions")
+            dims = tuple(u64() for _ in range(nd))
+            qt, off = u32(), u64()
+            try:
+                qtype = GGMLQuantizationType(qt)
+                block, tsize = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise ModelSourceError(f"{path}: tensor {name} has an unknown GGML type {qt}; "
+                                       "update the gguf package or re-export the file") from None
+            if dims and dims[0] % block:
+                raise bad(f"tensor {name} row length {dims[0]} is not a multiple of its block size {block}")
+            infos.append(_GGUFTensorInfo(name, dims, qtype, off, _numel(dims) // block * tsize))
+        align = int(meta.get("general.alignment", 32) or 32)
+        data_start = (pos + align - 1) // align * align
+        for t in infos:
+            t.data_offset += data_start
+            if t.data_offset + t.n_bytes > size:
+                raise bad(f"tensor {t.name} lies past the end of the file")
+        return meta, infos
+    finally:
+        buf.release()
+        mm.close()
 
 
 class GGUFSource:
@@ -325,8 +439,8 @@ class GGUFSource:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._reader = None
         self._meta: dict | None = None
+        self._infos: list = []
 
     @property
     def display_name(self) -> str:
@@ -337,34 +451,17 @@ class GGUFSource:
         return {"path": str(self.path.resolve()), "kind": self.kind, "files": [_stat_entry(self.path)]}
 
     # -- parsing
-    def reader(self):
-        if self._reader is None:
-            import gguf
-
-            try:
-                r = gguf.GGUFReader(str(self.path))
-                size = self.path.stat().st_size
-                for t in r.tensors:
-                    if int(t.data_offset) + int(t.n_bytes) > size:
-                        raise ValueError("tensor data past the end of the file")
-            except (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError, OverflowError,
-                    TypeError, OSError) as e:
-                raise ModelSourceError(f"{self.path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                                       "re-download or re-export the GGUF file") from None
-            self._reader = r
-        return self._reader
+    def _parse(self) -> None:
+        if self._meta is None:
+            self._meta, self._infos = parse_gguf_header(self.path)
 
     def metadata(self) -> dict:
-        if self._meta is None:
-            r = self.reader()
-            meta = {}
-            for k, f in r.fields.items():
-                try:
-                    meta[k] = _field_value(f)
-                except Exception:  # an odd field type we do not need
-                    continue
-            self._meta = meta
+        self._parse()
         return self._meta
+
+    def tensor_infos(self) -> list:
+        self._parse()
+        return self._infos
 
     def _arch(self) -> str:
         arch = self.metadata().get("general.architecture")
@@ -375,7 +472,7 @@ class GGUFSource:
     def config(self) -> dict:
         m = self.metadata()
         arch = self._arch()
-        names = {t.name for t in self.reader().tensors}
+        names = {t.name for t in self.tensor_infos()}
 
         def get(key, default=None):
             v = m.get(f"{arch}.{key}", default)
@@ -398,13 +495,13 @@ class GGUFSource:
         cfg["max_position_embeddings"] = int(get("context_length", 4096))
         vocab = get("vocab_size")
         if vocab is None:
-            toks = self._tokens_len()
+            toks = m.get("tokenizer.ggml.tokens")
             if toks:
-                vocab = toks
+                vocab = len(toks)
             else:
-                for t in self.reader().tensors:
+                for t in self.tensor_infos():
                     if t.name == "token_embd.weight":
-                        vocab = int(t.shape[-1])
+                        vocab = t.hf_shape[0]
         if vocab is None:
             raise ModelSourceError(f"{self.path} does not say its vocabulary size; re-export the GGUF file with llama.cpp")
         cfg["vocab_size"] = int(vocab)
@@ -434,24 +531,19 @@ class GGUFSource:
         cfg["torch_dtype"] = {0: "float32", 1: "float16", 32: "bfloat16"}.get(ftype, "float32")
         return cfg
 
-    def _tokens_len(self) -> int | None:
-        f = self.reader().fields.get("tokenizer.ggml.tokens")
-        return len(f.data) if f is not None else None
-
     def tensors(self) -> list[TensorSource]:
         import gguf
         from gguf import GGMLQuantizationType as Q
 
-        r = self.reader()
         arch = self._arch()
         cfg = self.config()
         heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         permute = arch in PERMUTED_ARCHS
         out = []
-        for t in r.tensors:
+        for t in self.tensor_infos():
             name = gguf_to_hf_name(t.name)
-            shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))
-            qtype = Q(int(t.tensor_type))
+            shape = t.hf_shape
+            qtype = t.qtype
             n_head = None
             if permute and re.match(r"^blk\.\d+\.attn_q\.(weight|bias)$", t.name):
                 n_head = heads
@@ -466,7 +558,7 @@ class GGUFSource:
                 raise ModelSourceError(f"{self.path}: tensor {t.name} has type {qtype.name}, which cannot be "
                                        "dequantized; use a GGUF with F32/F16/BF16 or Q4_0/Q4_1/Q8_0/K-quant tensors")
             out.append(TensorSource(name, raw or "float32", shape,
-                                    produce=_gguf_producer(t, qtype, raw, shape, n_head, self.path)))
+                                    produce=_gguf_producer(t, raw, shape, n_head, self.path)))
         if not out:
             raise ModelSourceError(f"{self.path} has no tensors; re-export the GGUF file with llama.cpp")
         return out
@@ -479,26 +571,29 @@ class GGUFSource:
         return meta
 
 
-def _gguf_producer(t, qtype, raw, shape, n_head, path):
+def _gguf_producer(t, raw, shape, n_head, path):
+    """A callable returning tensor ``t`` as a C-contiguous array in HF shape (dequantized / un-permuted)."""
+
     def produce() -> np.ndarray:
         from gguf import GGMLQuantizationType as Q
         from gguf.quants import dequantize
 
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=t.data_offset, shape=(t.n_bytes,))
         try:
-            if qtype == Q.F64:
-                arr = np.asarray(t.data).astype(np.float32).reshape(shape)
+            if t.qtype == Q.F64:
+                arr = data.view("<f8").astype(np.float32).reshape(shape)
             elif raw is not None:
-                arr = np.asarray(t.data)
-                if raw == "bfloat16":
-                    arr = arr.view(np.uint16)
-                arr = arr.reshape(shape)
+                arr = data.view({"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}[raw]).reshape(shape)
             else:
-                arr = dequantize(t.data, qtype).astype(np.float32, copy=False).reshape(shape)
+                arr = dequantize(data.reshape(t.byte_shape()), t.qtype).astype(np.float32, copy=False).reshape(shape)
         except NotImplementedError:
-            raise ModelSourceError(f"{path}: tensor {t.name} has type {qtype.name}, which cannot be dequantized; "
+            raise ModelSourceError(f"{path}: tensor {t.name} has type {t.qtype.name}, which cannot be dequantized; "
                                    "use a GGUF with F32/F16/BF16 or Q4_0/Q4_1/Q8_0/K-quant tensors") from None
         if n_head is not None:
             arr = unpermute_qk(arr, n_head)
-        return np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(arr)
+        if isinstance(arr, np.memmap):
+            arr = np.array(arr)
+        return arr
 
     return produce

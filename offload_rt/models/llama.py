@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from kernels_cpu.matvec import linear as _fast_linear
 from offload_rt.errors import ModelSourceError
 
 # model_type values this file implements, with the per-family switches they imply.
@@ -196,7 +197,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+    return _fast_linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
 def embed(args: LlamaArgs, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -250,4 +251,4 @@ def head_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor
     """Final norm and output projection for the rows of x: [T, hidden] -> [T, vocab] float32."""
     h = rms_norm(x, w[FINAL_NORM], args.rms_norm_eps)
     out = w[EMBED] if args.tie_word_embeddings else w[LM_HEAD]
-    return F.linear(h, out).float()
+    return _fast_linear(h, out).float()

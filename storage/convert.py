@@ -1,0 +1,340 @@
+"""Checkpoint -> weight store conversion, once, atomically, cached by the source's identity.
+
+``open_or_convert(source, cache_dir)`` returns the store ``cache_dir/<source-name>-<key16>.zarr``
+where key = sha256 of the source's identity (resolved path, and each file's name, size and
+mtime_ns). Reusing a store costs a few ``stat`` calls and reading its manifest: no tensor data.
+
+Conversion writes a zarr v3 group into ``<name>.zarr.tmp-<pid>`` next to the final directory:
+array metadata through zarr (so ``zarr.open(store)[name][:]`` reads the values back), chunk bytes
+straight to the chunk files in large sequential writes (zarr's array writes are ~2x slower), with
+a crc32 per chunk into the manifest. Everything is fsync'ed, then the directory is renamed into
+place. Any exception (KeyboardInterrupt included) removes the temporary directory; temporaries
+of dead processes are removed by the next conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from offload_rt.errors import ModelSourceError, UserError
+from storage.manifest import (CHUNK_LIMIT, FORMAT_VERSION, STORAGE_DTYPES, chunk_rows_for, crc_tag, n_chunks,
+                              write_manifest)
+from storage.sources import TensorSource, open_source
+from storage.store import WeightStore
+
+IO_BLOCK = 16 << 20  # bytes per read/write when copying a raw byte range
+_TMP_RE = re.compile(r"\.zarr\.tmp-(\d+)$")
+
+
+def store_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def store_path(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """Where the store of ``source`` lives (whether or not it exists yet); stats the source only."""
+    src = open_source(source)
+    return Path(cache_dir).expanduser() / f"{_safe(src.display_name)}-{store_key(src.identity())}.zarr"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_tmp(cache_dir: Path) -> list[Path]:
+    """Remove ``*.zarr.tmp-<pid>`` directories whose process is gone; returns what was removed."""
+    removed = []
+    try:
+        entries = list(cache_dir.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TMP_RE.search(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def open_or_convert(source: str | os.PathLike, cache_dir: str | os.PathLike, *, rebuild: bool = False,
+                    progress: bool = True) -> WeightStore:
+    """The weight store of ``source`` (HF checkpoint dir or .gguf), converting it first if needed."""
+    src = open_source(source)
+    cache_dir = Path(cache_dir).expanduser()
+    identity = src.identity()
+    final = cache_dir / f"{_safe(src.display_name)}-{store_key(identity)}.zarr"
+    if final.is_dir() and not rebuild:
+        return WeightStore.open(final)
+    with _lock_for(final):  # threads of one process converting the same source: one converts, the rest reuse
+        if final.is_dir() and not rebuild:
+            return WeightStore.open(final)
+        return _convert_locked(src, identity, cache_dir, final, rebuild, progress)
+
+
+_LOCKS: dict[Path, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(final: Path) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(final, threading.Lock())
+
+
+def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: bool, progress: bool) -> WeightStore:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the store directory {cache_dir}: {e.strerror}; "
+                        "choose a writable directory for the weight store") from None
+    clean_stale_tmp(cache_dir)
+    tmp = cache_dir / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        convert(src, tmp, identity=identity, progress=progress)
+        _install(tmp, final, replace=rebuild)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)):
+            raise UserError(f"could not write the weight store {final}: {e.strerror or e}; "
+                            "free disk space or choose another store directory") from None
+        raise
+    return WeightStore.open(final)
+
+
+def _install(tmp: Path, final: Path, *, replace: bool) -> None:
+    old = None
+    if final.exists():
+        if not replace:  # another process finished the same conversion first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if final.exists():  # lost a race against another converter
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Progress:
+    """A rich progress bar (bytes written) on stderr; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self._p = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                           TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                           transient=True)
+        self._task = self._p.add_task(label, total=total)
+        self._p.start()
+
+    def advance(self, n: int) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=n)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+
+def convert(src, dest: Path, *, identity: dict | None = None, progress: bool = True,
+            chunk_limit: int | None = None) -> dict:
+    """Write the store of ``src`` (an opened source) into the new directory ``dest``; returns the manifest.
+
+    Not atomic by itself: ``open_or_convert`` runs it into a temporary directory and renames.
+    """
+    import zarr
+
+    t0 = time.perf_counter()
+    chunk_limit = chunk_limit or CHUNK_LIMIT
+    config = src.config()
+    tensors = src.tensors()
+    dest.mkdir(parents=True)
+    group = zarr.open_group(str(dest), mode="w", zarr_format=3)  # (mode "w" empties dest: create it first)
+    group.attrs["offload_rt_format"] = FORMAT_VERSION
+    tok_meta = src.tokenizer(dest / "tokenizer.json")
+    total = sum(t.nbytes for t in tensors)
+    bar = _Progress(progress and total > 0, total, f"converting {src.display_name}")
+    entries: dict[str, dict] = {}
+    written: list[Path] = []
+    src_fds: dict[Path, int] = {}
+    scratch = bytearray(IO_BLOCK)
+    try:
+        for t in tensors:
+            entries[t.name] = _write_tensor(group, dest, t, chunk_limit, written, src_fds, scratch, bar)
+    finally:
+        for fd in src_fds.values():
+            os.close(fd)
+        bar.close()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": {"path": str(Path(src.path).resolve()), "kind": src.kind, "identity": identity or src.identity()},
+        "model_config": config,
+        "tokenizer": tok_meta,
+        "tensors": entries,
+        "converted": {"seconds": round(time.perf_counter() - t0, 3), "bytes": total},
+    }
+    _sync_tree(dest, written)
+    write_manifest(dest, manifest)
+    _fsync_dir(dest)
+    return manifest
+
+
+def _write_tensor(group, dest: Path, t: TensorSource, chunk_limit: int, written: list, src_fds: dict,
+                  scratch: bytearray, bar: _Progress) -> dict:
+    storage_dtype = STORAGE_DTYPES[t.dtype]
+    itemsize = np.dtype(storage_dtype).itemsize
+    rows = chunk_rows_for(t.shape, itemsize, chunk_limit)
+    chunks = (rows, *t.shape[1:]) if t.shape else ()
+    arr = group.create_array(t.name, shape=t.shape, chunks=chunks, dtype=storage_dtype, compressors=None,
+                             filters=None, fill_value=0, attributes={"logical_dtype": t.dtype})
+    nchunks = n_chunks(t.shape, rows)
+    keys = [arr.metadata.encode_chunk_key((i, *([0] * (len(t.shape) - 1))) if t.shape else ())
+            for i in range(nchunks)]
+    row_bytes = t.nbytes // t.shape[0] if t.shape and t.shape[0] else t.nbytes
+    chunk_bytes = row_bytes * rows if t.shape else t.nbytes
+    data = None
+    if t.produce is not None:
+        a = t.produce()
+        if a.nbytes != t.nbytes or not a.flags.c_contiguous:
+            raise ModelSourceError(f"tensor {t.name} did not convert to its declared shape {t.shape}; "
+                                   "report this with the model file")
+        data = memoryview(a.reshape(-1).view(np.uint8))
+    sums = []
+    for i, key in enumerate(keys):
+        start = i * chunk_bytes
+        n = min(chunk_bytes, t.nbytes - start)
+        path = dest / t.name / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if data is not None:
+                view = data[start:start + n]
+                crc = zlib.crc32(view)
+                _write_all(fd, view)
+                bar.advance(n)
+            else:
+                crc = _copy_range(t, start, n, fd, src_fds, scratch, bar)
+            if n < chunk_bytes:  # the edge chunk: zarr expects it at full chunk size (a hole of zeros)
+                os.ftruncate(fd, chunk_bytes)
+        finally:
+            os.close(fd)
+        written.append(path)
+        sums.append(crc_tag(crc))
+    return {"dtype": t.dtype, "storage_dtype": storage_dtype, "shape": list(t.shape), "chunk_rows": rows,
+            "nbytes": t.nbytes, "checksums": sums, "chunk_keys": keys}
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    off, n = 0, len(view)
+    while off < n:
+        off += os.write(fd, view[off:off + (1 << 30)])
+
+
+def _copy_range(t: TensorSource, start: int, n: int, out_fd: int, src_fds: dict, scratch: bytearray,
+                bar: _Progress) -> int:
+    """Copy ``n`` bytes of ``t``'s raw range from ``start`` into ``out_fd``; returns their crc32."""
+    fd = src_fds.get(t.file)
+    if fd is None:
+        try:
+            fd = src_fds[t.file] = os.open(t.file, os.O_RDONLY)
+        except OSError as e:
+            raise ModelSourceError(f"cannot read {t.file}: {e.strerror}; check the checkpoint files") from None
+    mv = memoryview(scratch)
+    crc = 0
+    pos = t.offset + start
+    end = pos + n
+    while pos < end:
+        want = min(len(mv), end - pos)
+        got = os.preadv(fd, [mv[:want]], pos)
+        if got <= 0:
+            raise ModelSourceError(f"{t.file} is truncated (tensor {t.name} ends past the end of the file); "
+                                   "re-download or re-export it")
+        crc = zlib.crc32(mv[:got], crc)
+        _write_all(out_fd, mv[:got])
+        pos += got
+        bar.advance(got)
+    if hasattr(os, "posix_fadvise"):  # the source is read once: do not keep it in the page cache
+        os.posix_fadvise(fd, t.offset + start, n, os.POSIX_FADV_DONTNEED)
+    return crc
+
+
+def _sync_tree(dest: Path, files: list[Path]) -> None:
+    """fsync every written chunk file (and drop it from the page cache), then every directory."""
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    for root, dirs, names in os.walk(dest):
+        for n in names:
+            if n.endswith(".json"):
+                fd = os.open(os.path.join(root, n), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def main(argv=None) -> int:  # python -m storage.convert SOURCE CACHE_DIR
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Convert a checkpoint into an offload_rt weight store.")
+    ap.add_argument("source")
+    ap.add_argument("cache_dir")
+    ap.add_argument("--rebuild", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        store = open_or_convert(a.source, a.cache_dir, rebuild=a.rebuild)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(store.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

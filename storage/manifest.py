@@ -1,0 +1,116 @@
+"""The weight store's ``manifest.json``: what a store holds, and how to tell it is whole.
+
+Layout of one tensor entry::
+
+    "model.layers.0.self_attn.q_proj.weight": {
+        "dtype": "bfloat16",            # logical dtype
+        "storage_dtype": "uint16",      # zarr data type of the array (bfloat16 is stored as its bits)
+        "shape": [2048, 2048],
+        "chunk_rows": 2048,             # rows per chunk along axis 0 (one chunk unless > 256 MiB; every
+                                        # chunk file holds chunk_rows rows, the last one zero-padded as zarr
+                                        # stores edge chunks; its checksum covers the tensor's rows only)
+        "nbytes": 8388608,
+        "checksums": ["crc32:1a2b3c4d"],          # one per chunk
+        "chunk_keys": ["c/0/0"]                   # zarr chunk keys (relative to the array dir)
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from offload_rt.errors import ModelSourceError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHUNK_LIMIT = 256 << 20  # bytes; tensors above this are chunked along axis 0
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+REBUILD_HINT = "rerun with --rebuild-store to convert it again"
+
+
+def chunk_rows_for(shape: tuple[int, ...], itemsize: int, limit: int = CHUNK_LIMIT) -> int:
+    """Rows of axis 0 per chunk: all of them unless the tensor exceeds ``limit`` bytes."""
+    if not shape:
+        return 1
+    row = itemsize
+    for s in shape[1:]:
+        row *= int(s)
+    rows = int(shape[0])
+    if rows * row <= limit or row == 0:
+        return max(rows, 1)
+    most = max(1, limit // row)
+    # zarr stores an edge chunk at full size (padded): prefer a chunk height that divides the rows evenly
+    for d in range(most, max(1, most // 4) - 1, -1):
+        if rows % d == 0:
+            return d
+    return most
+
+
+def n_chunks(shape: tuple[int, ...], chunk_rows: int) -> int:
+    if not shape:
+        return 1
+    return -(-int(shape[0]) // chunk_rows) if shape[0] else 0
+
+
+def crc_tag(crc: int) -> str:
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+
+
+def write_manifest(store_dir: Path, manifest: dict) -> None:
+    tmp = store_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, store_dir / MANIFEST)
+
+
+def load_manifest(store_dir: Path) -> dict:
+    """The validated manifest of ``store_dir``; ModelSourceError (with the rebuild hint) if missing or garbled."""
+    path = Path(store_dir) / MANIFEST
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelSourceError(f"weight store {store_dir} has no {MANIFEST} (an incomplete store?); {REBUILD_HINT}") from None
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"weight store {store_dir} has an unreadable {MANIFEST} ({str(e).splitlines()[0]}); "
+                               f"{REBUILD_HINT}") from None
+    problem = _check(m)
+    if problem:
+        raise ModelSourceError(f"weight store {store_dir} has a bad {MANIFEST} ({problem}); {REBUILD_HINT}")
+    return m
+
+
+def _check(m) -> str | None:
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if m.get("format_version") != FORMAT_VERSION:
+        return f"format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}"
+    for key, typ in (("source", dict), ("model_config", dict), ("tokenizer", dict), ("tensors", dict)):
+        if not isinstance(m.get(key), typ):
+            return f"missing or bad {key!r}"
+    if not isinstance(m["tokenizer"].get("file"), str):
+        return "tokenizer has no file"
+    for name, t in m["tensors"].items():
+        try:
+            dt = t["dtype"]
+            shape = [int(s) for s in t["shape"]]
+            rows = int(t["chunk_rows"])
+            nbytes = int(t["nbytes"])
+            sums = t["checksums"]
+            if dt not in DTYPE_SIZES or rows < 1:
+                return f"tensor {name}: bad dtype or chunk_rows"
+            expect = DTYPE_SIZES[dt]
+            for s in shape:
+                expect *= s
+            if expect != nbytes or len(sums) != n_chunks(tuple(shape), rows):
+                return f"tensor {name}: nbytes or checksums do not match its shape"
+            keys = t.get("chunk_keys")
+            if keys is not None and len(keys) != len(sums):
+                return f"tensor {name}: chunk_keys do not match its checksums"
+        except (KeyError, TypeError, ValueError):
+            return f"tensor {name}: missing or bad fields"
+    return None

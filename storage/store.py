@@ -1,0 +1,225 @@
+"""Reading the weight store: raw chunk bytes into preallocated buffers.
+
+zarr describes the layout (one array per tensor, uncompressed chunks, chunk keys); this module
+reads each chunk's file with ``os.preadv`` straight into the caller's buffer (pinned or not), checks
+its crc32 when asked, and drops the file's pages from the page cache afterwards so streamed weights
+do not pile up there (the runtime's host tier is the cache; the plan decides what stays).
+Every method is safe to call from several reader threads at once: no shared mutable state.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offload_rt.errors import CorruptStoreError, ModelSourceError
+from storage.manifest import DTYPE_SIZES, REBUILD_HINT, crc_tag, load_manifest, n_chunks
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+READ_BLOCK = 64 << 20  # bytes per preadv call (large sequential reads; the kernel reads ahead within them)
+_FADV = hasattr(os, "posix_fadvise")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: TensorInfo
+    dtype_name: str
+    chunk_rows: int
+    chunk_bytes: int  # bytes of a full chunk (the last one may be shorter)
+    files: tuple  # absolute chunk file paths
+    checksums: tuple
+
+
+def _torch_buffer(out: torch.Tensor) -> memoryview:
+    """A writable byte view of ``out``'s storage (contiguous CPU tensor)."""
+    if out.device.type != "cpu":
+        raise ValueError(f"read_into needs a CPU tensor, got one on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("read_into needs a contiguous tensor")
+    flat = out.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+class WeightStore:
+    """A converted checkpoint: ``<name>.zarr/`` with ``manifest.json`` and ``tokenizer.json``."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self._path = Path(path)
+        self._manifest = manifest
+        self._entries: dict[str, _Entry] = {}
+        for name, t in manifest["tensors"].items():
+            dt = t["dtype"]
+            shape = tuple(int(s) for s in t["shape"])
+            rows = int(t["chunk_rows"])
+            nchunks = n_chunks(shape, rows)
+            keys = t.get("chunk_keys") or [
+                "/".join(["c", str(i)] + ["0"] * (len(shape) - 1)) if shape else "c" for i in range(nchunks)]
+            row_bytes = DTYPE_SIZES[dt]
+            for s in shape[1:]:
+                row_bytes *= s
+            chunk_bytes = row_bytes * rows if shape else DTYPE_SIZES[dt]
+            base = self._path / name
+            self._entries[name] = _Entry(
+                TensorInfo(name, TORCH_DTYPES[dt], shape, int(t["nbytes"])), dt, rows, chunk_bytes,
+                tuple(str(base / k) for k in keys), tuple(t["checksums"]))
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "WeightStore":
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelSourceError(f"weight store {path} does not exist; run the model once to convert it, "
+                                   "or rerun with --rebuild-store")
+        return cls(path, load_manifest(path))
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    @property
+    def model_config(self) -> dict:
+        return self._manifest["model_config"]
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self._path / self._manifest["tokenizer"]["file"]
+
+    @property
+    def tokenizer_meta(self) -> dict:
+        return self._manifest["tokenizer"]
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in the weight store {self._path}") from None
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entry(name).info
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.info.nbytes for e in self._entries.values())
+
+    # ------------------------------------------------------------------ reading
+    def _corrupt(self, name: str, what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"weight store {self._path}: tensor {name} {what}; {REBUILD_HINT}", tensor=name)
+
+    def read_into(self, name: str, out: torch.Tensor, *, verify: bool = False, drop_cache: bool = True) -> None:
+        """Fill ``out`` (contiguous CPU tensor of exactly ``info(name).nbytes`` bytes, any dtype) with the
+        tensor's bytes, read straight from its chunk files."""
+        e = self._entry(name)
+        buf = _torch_buffer(out)
+        if len(buf) != e.info.nbytes:
+            raise ValueError(f"read_into({name!r}): buffer has {len(buf)} bytes, the tensor {e.info.nbytes}")
+        pos = 0
+        total = e.info.nbytes
+        for i, path in enumerate(e.files):
+            n = min(e.chunk_bytes, total - pos)
+            self._read_chunk(name, path, buf[pos:pos + n], e.chunk_bytes, drop_cache)
+            if verify and crc_tag(zlib.crc32(buf[pos:pos + n])) != e.checksums[i]:
+                raise self._corrupt(name, f"failed its checksum (chunk {i})")
+            pos += n
+
+    def _read_chunk(self, name: str, path: str, view: memoryview, file_size: int, drop_cache: bool) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._corrupt(name, f"is missing its chunk file {os.path.relpath(path, self._path)}") from None
+        try:
+            n = len(view)
+            if os.fstat(fd).st_size != file_size:
+                raise self._corrupt(name, f"has a chunk file of the wrong size ({os.path.relpath(path, self._path)})")
+            off = 0
+            while off < n:
+                got = os.preadv(fd, [view[off:off + min(READ_BLOCK, n - off)]], off)
+                if got <= 0:
+                    raise self._corrupt(name, "has a truncated chunk file")
+                off += got
+            if drop_cache and _FADV:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def load(self, name: str, *, verify: bool = True) -> torch.Tensor:
+        """A new tensor of the logical dtype and shape (page cache kept: loads are one-off)."""
+        info = self.info(name)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.read_into(name, out, verify=verify, drop_cache=False)
+        return out
+
+    def read_rows(self, name: str, rows) -> torch.Tensor:
+        """Rows ``rows`` (indices along axis 0) of a tensor, read individually (e.g. embedding lookups)."""
+        e = self._entry(name)
+        rows = [int(r) for r in rows]
+        shape = e.info.shape
+        if not shape:
+            raise ValueError(f"read_rows({name!r}): a 0-d tensor has no rows")
+        row_bytes = e.chunk_bytes // e.chunk_rows
+        out = torch.empty((len(rows), *shape[1:]), dtype=e.info.dtype)
+        buf = _torch_buffer(out)
+        fds: dict[int, int] = {}
+        try:
+            for j, r in enumerate(rows):
+                if not 0 <= r < shape[0]:
+                    raise IndexError(f"row {r} out of range for {name} with {shape[0]} rows")
+                c = r // e.chunk_rows
+                if c not in fds:
+                    try:
+                        fds[c] = os.open(e.files[c], os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise self._corrupt(name, "is missing a chunk file") from None
+                view = buf[j * row_bytes:(j + 1) * row_bytes]
+                if os.preadv(fds[c], [view], (r % e.chunk_rows) * row_bytes) != row_bytes:
+                    raise self._corrupt(name, "has a truncated chunk file")
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out
+
+    def verify(self, name: str) -> None:
+        """Check one tensor's checksums (CorruptStoreError naming it on failure)."""
+        info = self.info(name)
+        self.read_into(name, torch.empty(info.nbytes, dtype=torch.uint8), verify=True, drop_cache=True)
+
+    def verify_all(self) -> None:
+        """Check every tensor's checksums; raises CorruptStoreError naming the first bad tensor."""
+        e_max = max((e.info.nbytes for e in self._entries.values()), default=0)
+        scratch = torch.empty(e_max, dtype=torch.uint8)
+        for name, e in self._entries.items():
+            self.read_into(name, scratch[:e.info.nbytes], verify=True, drop_cache=True)
+
+    def __repr__(self) -> str:
+        return f"WeightStore({str(self._path)!r}, {len(self._entries)} tensors, {self.total_bytes / 1e9:.2f} GB)"
