@@ -41,3 +41,12 @@ class FakeStore:
 
     def read_rows(self, name, rows):
         return self.tensors[name][torch.tensor(rows, dtype=torch.long)].clone()
+
+    def read_many(self, items, *, executor=None, verify=False, drop_cache=True, direct=True):
+        if executor is None:
+            for name, out in items:
+                self.read_into(name, out)
+        else:
+            for f in [executor.submit(self.read_into, name, out) for name, out in items]:
+                f.result()
+        return sum(self.info(n).nbytes for n, _ in items)

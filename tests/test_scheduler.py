@@ -123,7 +123,7 @@ def test_pipeline_overlaps_slow_reads_with_compute(monkeypatch):
         return real_layer(*a, **k)
 
     monkeypatch.setattr(llama, "layer_forward", slow_layer)
-    store = FakeStore(sd, read_delay_s=0.002)  # 9 tensors per layer on 2 reader threads: ~10 ms per layer
+    store = FakeStore(sd, read_delay_s=0.004)  # 9 tensors per layer on 4 reader threads: ~10 ms per layer
     tracer = Tracer()
     run_with({n: "disk" for n in names()}, store=store, tracer=tracer, depth=2)
     ev = [e for e in tracer.events if e.get("ph") == "X"]

@@ -41,6 +41,12 @@ def load(model: Path, dtype: torch.dtype, max_memory: str | None, offload_folder
     return tok, m.eval()
 
 
+def peak_rss() -> int:
+    from offload_rt.stats import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("model", type=Path)
@@ -69,7 +75,7 @@ def main(argv=None) -> int:
     rec = {"impl": "accelerate" if a.max_memory else "transformers", "prompt_tokens": ids.shape[1], "new_tokens": n,
            "load_s": round(load_s, 3), "prefill_s": round(t1, 4), "decode_s": round(decode_s, 4),
            "decode_tok_s": round((n - 1) / decode_s, 4),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+           "peak_rss_bytes": peak_rss()}
     print(json.dumps(rec))
     return 0
 

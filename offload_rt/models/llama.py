@@ -218,6 +218,22 @@ def attention_mask(start: int, q_len: int, kv_len: int, window: int | None,
     return mask
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None) -> torch.Tensor:
+    """One query position. q [heads, d]; keys/values [kv_heads, L, d] -> [1, heads*d].
+
+    GQA without expanding K/V: the query heads sharing a KV head are batched together
+    (two bmm calls), softmax in float32 as in Hugging Face's eager attention.
+    """
+    nh, d = q.shape
+    nkv = keys.shape[0]
+    if window is not None and keys.shape[1] > window:
+        keys, values = keys[:, -window:], values[:, -window:]
+    qg = q.reshape(nkv, nh // nkv, d)
+    scores = torch.bmm(qg, keys.transpose(1, 2)) * (d ** -0.5)
+    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.bmm(p, values).reshape(1, nh * d)
+
+
 def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor, cache, layer: int,
                   rope: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
     """One decoder layer. x: [T, hidden] at positions start..start+T; returns the new x.
@@ -237,10 +253,13 @@ def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tenso
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.update_and_fetch(layer, k, v)
-    mask = attention_mask(start, T, keys.shape[1], args.sliding_window, x.device)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
-                                       enable_gqa=nh != nkv)
-    o = o.transpose(0, 1).reshape(T, nh * d)
+    if T == 1:
+        o = decode_attention(q[0], keys, values, args.sliding_window)
+    else:
+        mask = attention_mask(start, T, keys.shape[1], args.sliding_window, x.device)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
+                                           enable_gqa=nh != nkv)
+        o = o.transpose(0, 1).reshape(T, nh * d)
     x = x + _linear(o, w, "self_attn.o_proj")
     h = rms_norm(x, w["post_attention_layernorm.weight"], args.rms_norm_eps)
     mlp = F.silu(_linear(h, w, "mlp.gate_proj")) * _linear(h, w, "mlp.up_proj")
