@@ -41,17 +41,20 @@ def last_json(text: str) -> dict:
 
 
 def mem_bandwidth(threads: int = 2) -> float:
+    """RAM read bandwidth (bytes/s): median of torch sums over 1 GiB of random float32."""
+    import statistics
+
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(1 << 28)  # 1 GiB fp32
+    x = torch.rand(1 << 28)
     x.sum()
-    best = 0.0
-    for _ in range(5):
+    runs = []
+    for _ in range(7):
         t = time.perf_counter()
         x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t))
-    return best
+        runs.append(x.numel() * 4 / (time.perf_counter() - t))
+    return statistics.median(runs)
 
 
 def ours(model, *, dtype=None, tokens=64, cpu_mem="auto", store_dir=None, cap=None, threads=2, extra=()):
