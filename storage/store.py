@@ -213,6 +213,14 @@ class WeightStore:
                 raise self._corrupt(name, f"failed its checksum (chunk {i})")
         return total
 
+    def _fill(self, name: str, fd: int, view: memoryview, progress: list, end: int, offset: int) -> None:
+        """preadv into view[progress[0]:end] from file offset+progress[0] until done (progress updated)."""
+        while progress[0] < end:
+            got = os.preadv(fd, [view[progress[0]:end]], offset + progress[0])
+            if got <= 0:
+                raise self._corrupt(name, "has a truncated chunk file")
+            progress[0] += got
+
     def _read_piece(self, name: str, path: str, view: memoryview, offset: int, file_size: int, direct: bool,
                     drop_cache: bool) -> None:
         """Bytes [offset, offset+len(view)) of one chunk file into view."""
@@ -227,24 +235,16 @@ class WeightStore:
         try:
             if os.fstat(fd).st_size != file_size:
                 raise self._corrupt(name, f"has a chunk file of the wrong size ({os.path.relpath(path, self._path)})")
-            done = 0
+            progress = [0]
             try:
-                while done < head:
-                    got = os.preadv(fd, [view[done:head]], offset + done)
-                    if got <= 0:
-                        raise self._corrupt(name, "has a truncated chunk file")
-                    done += got
+                self._fill(name, fd, view, progress, head, offset)
             except OSError as e:
                 if e.errno != 22:  # EINVAL: alignment refused at read time; finish buffered
                     raise
-            if done < n:
+            if progress[0] < n:
                 bfd = os.open(path, os.O_RDONLY) if head else fd
                 try:
-                    while done < n:
-                        got = os.preadv(bfd, [view[done:n]], offset + done)
-                        if got <= 0:
-                            raise self._corrupt(name, "has a truncated chunk file")
-                        done += got
+                    self._fill(name, bfd, view, progress, n, offset)
                     if drop_cache and _FADV:
                         os.posix_fadvise(bfd, offset, n, os.POSIX_FADV_DONTNEED)
                 finally:

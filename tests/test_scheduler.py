@@ -18,6 +18,7 @@ from offload_rt.scheduler import StreamingWeights
 from offload_rt.trace import Tracer
 from tests.fake_store import FakeStore
 from tests.hf_models import tiny_model
+from tools.report_analysis import union_length as _union
 
 _MODELS = {}
 
@@ -99,15 +100,6 @@ def test_host_budget_is_enforced():
     args, sd = tiny(False)
     with pytest.raises(BudgetError, match="host budget"):
         run_with({n: "host" for n in names()}, embed_tier="host", host_budget=1000)
-
-
-def _union(spans):
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
 
 
 def test_pipeline_overlaps_slow_reads_with_compute(monkeypatch):
