@@ -50,10 +50,13 @@ def _fail(message: str, debug: bool, code: int = 2) -> None:
               help="A TOML preset (file path, or the name of one in configs/, e.g. cpu-nvme).")
 @click.option("--prefetch-depth", type=click.IntRange(min=1), default=None,
               help="Streamed layers in flight (default: the planner chooses).")
+@click.option("--ctx-size", "-c", type=click.IntRange(min=16), default=None,
+              help="Context window in tokens, prompt and answer together; the KV cache is budgeted for it "
+                   "(default: the model's, at most 4096).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, device,
                 gpu_mem, cpu_mem, offload_dir, raw, stop, stats, rebuild_store, threads, ignore_eos, plan_only,
-                profile, config_file, prefetch_depth, debug):
+                profile, config_file, prefetch_depth, ctx_size, debug):
     """Run MODEL (a Hugging Face checkpoint directory or a .gguf file; default: SmolLM2-135M-Instruct).
 
     With --prompt/--prompt-file or piped stdin: answer once, streaming to stdout.
@@ -83,6 +86,7 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             ignore_eos=ignore_eos,
             profile=profile,
             prefetch_depth=prefetch_depth,
+            ctx_size=ctx_size,
         )
         if config_file is not None:
             from offload_rt.presets import apply_preset

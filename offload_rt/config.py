@@ -94,6 +94,7 @@ class RunConfig:
     threads: int | None = None  # torch intra-op threads (None: torch default)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     bandwidth_hints: dict | None = None  # preset [bandwidths] (bytes/s), used instead of measuring
+    ctx_size: int | None = None  # context window in tokens (None: the model's, capped at runtime.DEFAULT_CTX)
 
     @property
     def store_dir(self) -> Path:

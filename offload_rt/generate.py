@@ -38,7 +38,8 @@ class GenResult:
 def check_context(prompt_len: int, context: int) -> None:
     if prompt_len >= context:
         raise ContextLengthError(
-            f"the prompt is {prompt_len} tokens but the model's context is {context} tokens; shorten the prompt"
+            f"the prompt is {prompt_len} tokens but the context is {context} tokens; shorten the prompt "
+            "or raise --ctx-size (up to the model's context length)"
         )
 
 

@@ -97,8 +97,10 @@ def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=Non
     if source is None:
         store, dtype = model.store, model.dtype
         source = ResidentWeights(model.groups, lambda n: store.load(n).to(device=device, dtype=dtype), llama.EMBED)
+    from offload_rt.runtime import context_tokens
+
     model.engine = Engine(model.args, source, model.dtype, prefill_chunk=cfg.prefill_chunk, tracer=tracer,
-                          device=device)
+                          device=device, max_tokens=context_tokens(model.args, cfg.ctx_size))
     return model.engine
 
 

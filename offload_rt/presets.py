@@ -6,8 +6,9 @@ sets any of :data:`PRESET_KEYS`; values given on the command line win
 (:func:`load_defaults`, schema :data:`DEFAULTS_SCHEMA`).
 
 The files ship in the repository's ``configs/`` directory, found relative to
-the package (``Path(__file__).parents[1] / "configs"``): a source checkout or an
-editable install.
+the package (``Path(__file__).parents[1] / "configs"``): a source checkout, an
+editable install, or a wheel (``configs`` installs as a data package beside
+``offload_rt``).
 
 Every problem — missing file, bad TOML, unknown key, bad value — is a
 UsageError with one line naming the file and the key.

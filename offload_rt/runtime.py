@@ -14,6 +14,7 @@ import torch
 
 from offload_rt.config import RunConfig
 from offload_rt.engine import Group
+from offload_rt.errors import UsageError
 from offload_rt.kv_cache import KVCache
 from offload_rt.memory import budgets as budgets_mod
 from offload_rt.memory import calibrate
@@ -23,7 +24,7 @@ from offload_rt.models import llama
 from offload_rt.models.llama import LlamaArgs
 
 MIN_STREAM_DEPTH = 2  # slots in flight when anything streams (see prepare)
-KV_RESERVE_TOKENS = 4096  # KV cache counted in the host budget: min(context, this) tokens
+DEFAULT_CTX = 4096  # context window (and KV budget) when --ctx-size is not given: min(model's, this)
 
 
 def _nbytes(store, name: str, dtype: torch.dtype) -> int:
@@ -40,8 +41,17 @@ def group_specs(store, groups: list[Group], dtype: torch.dtype, args: LlamaArgs)
     return specs
 
 
-def kv_reserve_bytes(args: LlamaArgs, dtype: torch.dtype) -> int:
-    tokens = min(args.max_position_embeddings, KV_RESERVE_TOKENS)
+def context_tokens(args: LlamaArgs, ctx_size: int | None) -> int:
+    """The context window a run serves; its KV cache is budgeted for exactly this many tokens."""
+    limit = args.max_position_embeddings
+    if ctx_size is None:
+        return min(limit, DEFAULT_CTX)
+    if ctx_size > limit:
+        raise UsageError(f"--ctx-size {ctx_size} exceeds the model's context of {limit} tokens; pass at most {limit}")
+    return ctx_size
+
+
+def kv_reserve_bytes(args: LlamaArgs, dtype: torch.dtype, tokens: int) -> int:
     return tokens * KVCache.bytes_per_token(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype)
 
 
@@ -96,7 +106,8 @@ def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: 
     embed_bytes = _nbytes(store, llama.EMBED, dtype)
     # At least two slots in flight: with one, the reader idles while each streamed layer computes
     # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
-    placement = plan(specs, bud, bw, kv_bytes=kv_reserve_bytes(args, dtype), prefetch_depth=cfg.prefetch_depth,
+    kv_bytes = kv_reserve_bytes(args, dtype, context_tokens(args, cfg.ctx_size))
+    placement = plan(specs, bud, bw, kv_bytes=kv_bytes, prefetch_depth=cfg.prefetch_depth,
                      activation_bytes=activation_bytes(args, cfg.prefill_chunk), embed_bytes=embed_bytes,
                      tied=args.tie_word_embeddings, depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
     return Prepared(placement, bw, specs, bud, device)

@@ -289,6 +289,9 @@ PERMUTED_ARCHS = {"llama", "mistral"}
 _ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's llama3 RoPE: theta_i = pos * base^(-2i/d) / factor_i
+
+
 def gguf_to_hf_name(name: str) -> str:
     """Hugging Face name of a GGUF tensor (unknown names are kept as they are)."""
     m = _BLK_RE.match(name)
@@ -524,12 +527,26 @@ class GGUFSource:
             if get("rope.scaling.original_context_length") is not None:
                 rs["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
             cfg["rope_scaling"] = rs
+        if ROPE_FREQS in names:  # llama3-style scaling as llama.cpp stores it: per-frequency divisors
+            cfg["rope_scaling"] = {"rope_type": "freq_factors", "freq_factors": self._rope_freq_factors(cfg)}
         for hf, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
             if isinstance(m.get(key), int):
                 cfg[hf] = m[key]
         ftype = m.get("general.file_type")
         cfg["torch_dtype"] = {0: "float32", 1: "float16", 32: "bfloat16"}.get(ftype, "float32")
         return cfg
+
+    def _rope_freq_factors(self, cfg: dict) -> list[float]:
+        info = next(t for t in self.tensor_infos() if t.name == ROPE_FREQS)
+        from gguf import GGMLQuantizationType as Q
+
+        raw = {Q.F32: "float32", Q.F16: "float16"}.get(info.qtype)  # others (BF16, quants) via dequantize
+        arr = _gguf_producer(info, raw, info.hf_shape, None, self.path)().astype(np.float64).ravel()
+        half = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]) // 2
+        if arr.size != half or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+            raise ModelSourceError(f"{self.path}: {ROPE_FREQS} has {arr.size} entries (expected {half} positive "
+                                   "values); re-export the GGUF file with llama.cpp")
+        return [float(x) for x in arr]
 
     def tensors(self) -> list[TensorSource]:
         import gguf
@@ -541,6 +558,8 @@ class GGUFSource:
         permute = arch in PERMUTED_ARCHS
         out = []
         for t in self.tensor_infos():
+            if t.name == ROPE_FREQS:  # folded into the config's rope_scaling
+                continue
             name = gguf_to_hf_name(t.name)
             shape = t.hf_shape
             qtype = t.qtype

@@ -1,5 +1,6 @@
 """The default model end to end: parity with transformers, and it knows where Paris is."""
 
+import json
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from offload_rt.config import RunConfig
 from offload_rt.loader import load_model
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,17 @@ def test_prompt_over_context_is_a_user_error(store_dir, tmp_path):
     proc = run_cli("--prompt-file", f, "--raw", "--offload-dir", store_dir)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "context" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ctx_size_bounds_the_conversation(store_dir):
+    """--ctx-size is the context window: generation stops at it, a longer prompt is a user error,
+    and more than the model's own context is refused."""
+    proc = run_cli("--raw", "--prompt", "The sky is", "--ctx-size", "24", "--max-new-tokens", "100", "--ignore-eos",
+                   "--stats", "--offload-dir", store_dir)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert rec["prompt_tokens"] + rec["new_tokens"] == 24
+    assert_user_error(run_cli("--raw", "--prompt", "word " * 40, "--ctx-size", "32", "--offload-dir", store_dir),
+                      "context is 32 tokens", "--ctx-size")
+    assert_user_error(run_cli("--prompt", "hi", "--ctx-size", "100000", "--offload-dir", store_dir),
+                      "exceeds the model's context of 8192")

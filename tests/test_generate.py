@@ -76,7 +76,7 @@ def test_partial_stop_prefix_is_released_when_not_a_stop():
 def test_context_limit_caps_generation_and_rejects_long_prompt():
     text, res, _ = run(ids_of("abcdefgh"), max_tokens=6)  # prompt 3 -> 3 new tokens fit
     assert text == "abc" and res.stop_reason == "context"
-    with pytest.raises(ContextLengthError, match="3 tokens but the model's context is 3"):
+    with pytest.raises(ContextLengthError, match="3 tokens but the context is 3"):
         run(ids_of("abc"), max_tokens=3)
 
 

@@ -332,3 +332,84 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
         assert ids == ref.encode(text, add_special_tokens=False), text
         assert ours.encode(text).ids == ref.encode(text), text
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+
+
+def llama_cpp_rope_factors(base, dim, factor, low, high, old_ctx) -> np.ndarray:
+    """convert_hf_to_gguf.py's llama3 ``rope_freqs`` tensor, written out independently of offload_rt."""
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    lo_wl, hi_wl = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        if wl < hi_wl:
+            out.append(1.0)
+        elif wl > lo_wl:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wl - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_freqs_gguf_matches_transformers(tmp_path):
+    """A Llama 3.1-style GGUF (RoPE scaling only in the rope_freqs tensor) gives transformers' logits."""
+    pytest.importorskip("transformers")
+    from offload_rt.engine import Engine, ResidentWeights, model_groups
+    from offload_rt.models import llama
+    from offload_rt.models.llama import LlamaArgs
+    from tests.hf_models import tiny_model
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    hf = tiny_model("llama", seed=7, rope_theta=10000.0, rope_scaling=scaling)
+    c = hf.config
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    block = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+               "output.weight": sd["lm_head.weight"]}
+    for i in range(c.num_hidden_layers):
+        for hf_name, g in block.items():
+            w = sd[f"model.layers.{i}.{hf_name}.weight"]
+            if g == "attn_q":
+                w = llama_cpp_permute(w, c.num_attention_heads)
+            elif g == "attn_k":
+                w = llama_cpp_permute(w, c.num_attention_heads, c.num_key_value_heads)
+            tensors[f"blk.{i}.{g}.weight"] = w
+    head_dim = c.hidden_size // c.num_attention_heads
+    tensors["rope_freqs.weight"] = llama_cpp_rope_factors(10000.0, head_dim, 8.0, 1.0, 4.0, 64)
+
+    path = tmp_path / "l31.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers); w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size); w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads); w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps); w.add_rope_freq_base(10000.0); w.add_rope_dimension_count(head_dim)
+    w.add_file_type(0)
+    add_gpt2_tokenizer(w)
+    for name, arr in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+    st = storage.open_or_convert(path, tmp_path / "cache", progress=False)
+    assert "rope_freqs.weight" not in st.tensor_names
+    args = LlamaArgs.from_config(st.model_config)
+    assert args.rope_scaling["rope_type"] == "freq_factors"
+    # The scaling really matters for these weights: without it the logits differ.
+    assert not torch.allclose(llama.rope_inv_freq(args),
+                              llama.rope_inv_freq(LlamaArgs.from_config({**st.model_config, "rope_scaling": None})))
+    eng = Engine(args, ResidentWeights(model_groups(args), lambda n: st.load(n).float(), llama.EMBED), torch.float32)
+    ids = torch.randint(0, c.vocab_size, (48,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0, -1]
+        ours = eng.prefill(ids.tolist())
+    assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
+
+
+def test_rope_freqs_of_wrong_length_is_a_source_error(tmp_path):
+    t = hf_tensors(5)
+    spec = {"token_embd.weight": (t["emb"], Q.F32), "rope_freqs.weight": (np.ones(3, np.float32), Q.F32)}
+    path = write_gguf(tmp_path / "bad.gguf", "llama", spec)
+    with pytest.raises(ModelSourceError, match="rope_freqs"):
+        storage.read_source_config(path)

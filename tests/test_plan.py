@@ -241,3 +241,25 @@ def test_predicted_speed_never_drops_with_more_host_memory(layers, head, kv, bud
             continue
         assert p.predicted_tok_s >= last * (1 - 1e-9)
         last = p.predicted_tok_s
+
+
+def test_kv_budget_follows_the_context_window():
+    import dataclasses
+
+    import torch
+
+    from offload_rt.errors import UsageError
+    from offload_rt.models.llama import LlamaArgs
+    from offload_rt.runtime import DEFAULT_CTX, context_tokens, kv_reserve_bytes
+
+    args = LlamaArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+                     max_position_embeddings=32768)
+    assert context_tokens(args, None) == DEFAULT_CTX
+    assert context_tokens(args, 10000) == 10000
+    with pytest.raises(UsageError, match="at most 32768"):
+        context_tokens(args, 40000)
+    # K and V, every layer, every KV head: 2 * 2 * 2 * 16 * 4 bytes per float32 token
+    assert kv_reserve_bytes(args, torch.float32, 1000) == 1000 * 2 * 2 * 2 * 16 * 4
+    small = dataclasses.replace(args, max_position_embeddings=2048)
+    assert context_tokens(small, None) == 2048

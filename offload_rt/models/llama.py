@@ -141,6 +141,11 @@ def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
         return inv
     if kind == "linear":
         return inv / float(sc["factor"])
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor (llama.cpp divides each frequency by its factor)
+        factors = torch.tensor([float(x) for x in sc["freq_factors"]], dtype=torch.float32)
+        if factors.shape != inv.shape:
+            raise ModelSourceError(f"rope freq_factors has {factors.numel()} entries, expected {inv.numel()}")
+        return inv / factors
     if kind == "llama3":
         factor = float(sc["factor"])
         lo, hi = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
@@ -152,7 +157,7 @@ def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         return torch.where(medium, smoothed, scaled)
-    raise ModelSourceError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+    raise ModelSourceError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3, freq_factors")
 
 
 class Rope:
