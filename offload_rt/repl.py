@@ -88,9 +88,10 @@ class ChatREPL:
             except KeyboardInterrupt:  # Ctrl-C during prefill
                 print("(stopped)", file=self.err)
             except Exception as e:  # a user error (e.g. context full) ends the turn, not the chat
-                from offload_rt.errors import UserError
+                from offload_rt.errors import ContextLengthError, UserError
 
                 if not isinstance(e, UserError):
                     raise
                 self.history.pop()
-                print(f"error: {e}", file=self.err)
+                hint = "; or /reset to start a new conversation" if isinstance(e, ContextLengthError) else ""
+                print(f"error: {e}{hint}", file=self.err)

@@ -89,3 +89,38 @@ def test_chat_turns_commands_interrupt_and_exit(term):
     assert b"unknown command" in term.expect(b">>> ")
     term.send(b"\x04")  # Ctrl-D
     assert term.proc.wait(60) == 0
+
+
+def test_full_context_keeps_the_chat_and_suggests_reset():
+    """A turn that no longer fits the context window is an error for that turn only; /reset recovers."""
+    import io
+    from types import SimpleNamespace
+
+    from offload_rt.errors import ContextLengthError
+    from offload_rt.repl import ChatREPL
+
+    class FakeSession:
+        model = SimpleNamespace(name="fake", tokenizer=SimpleNamespace(chat_template="{{ x }}"))
+
+        def answer(self, messages, raw=False):
+            if sum(len(m["content"]) for m in messages) > 20:
+                raise ContextLengthError("the prompt is 30 tokens but the context is 24 tokens; shorten the prompt")
+            yield "ok"
+
+        def stats(self):
+            return {}
+
+    lines = iter(["a question that is too long", "/reset", "hi"])
+
+    def read_line(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out, err = io.StringIO(), io.StringIO()
+    repl = ChatREPL(FakeSession(), out=out, err=err, read_line=read_line)
+    assert repl.run() == 0
+    assert "context is 24 tokens" in err.getvalue() and "/reset to start a new conversation" in err.getvalue()
+    assert repl.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    assert out.getvalue().rstrip().endswith("ok")
