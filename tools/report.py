@@ -209,7 +209,10 @@ def figure_links(an: Analysis):
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 1.0 + 0.9 * len(an.links)))
-    series = [("while busy", lambda l: l.busy_gbps, "#4c78a8"),
+    # like with like: with a decode phase both bars describe it; otherwise the whole trace
+    decode = any(l.decode_wall_s for l in an.links)
+    series = [("while busy (decode)" if decode else "while busy",
+               (lambda l: l.decode_busy_gbps) if decode else (lambda l: l.busy_gbps), "#4c78a8"),
               ("over decode wall time", lambda l: l.decode_wall_gbps, "#72b7b2"),
               ("measured peak", lambda l: (l.peak or 0) / 1e9, "#bab0ac")]
     h = 0.8 / len(series)
