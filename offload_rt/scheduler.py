@@ -31,8 +31,9 @@ import torch
 from offload_rt.engine import Group
 from offload_rt.memory.tiers import Tiers
 from offload_rt.trace import NullTracer
+from storage.store import DIRECT_ALIGN, aligned_buffer
 
-ALIGN = 4096
+ALIGN = DIRECT_ALIGN  # slot offsets and buffers, so O_DIRECT reads land in them directly
 
 
 def _align(n: int) -> int:
@@ -158,9 +159,7 @@ class StreamingWeights:
     # ------------------------------------------------------------------ loading
     def _alloc_host(self, nbytes: int) -> torch.Tensor:
         """A host buffer whose start is 4 KiB aligned (O_DIRECT reads), pinned with CUDA when possible."""
-        raw = self._alloc_raw(nbytes + ALIGN)
-        skip = (-raw.data_ptr()) % ALIGN
-        return raw[skip:skip + nbytes]
+        return aligned_buffer(nbytes, self._alloc_raw)
 
     def _alloc_raw(self, nbytes: int) -> torch.Tensor:
         if self.cuda and self._pinned_ok:

@@ -23,6 +23,14 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 READ_BLOCK = 64 << 20  # bytes per preadv call (large sequential reads; the kernel reads ahead within them)
 PIECE_BYTES = 8 << 20  # read_many splits chunks into pieces of this size, read in parallel
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the block size
+
+
+def aligned_buffer(nbytes: int, alloc=None) -> torch.Tensor:
+    """``nbytes`` of uint8 starting on a DIRECT_ALIGN boundary (what O_DIRECT reads need);
+    ``alloc(n)`` makes the underlying tensor (default: pageable ``torch.empty``)."""
+    raw = alloc(nbytes + DIRECT_ALIGN) if alloc else torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % DIRECT_ALIGN
+    return raw[skip:skip + nbytes]
 _FADV = hasattr(os, "posix_fadvise")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 

@@ -124,21 +124,15 @@ def store_read_passes(store_dir: Path, model: Path, groups: set[str], threads: i
     from concurrent.futures import ThreadPoolExecutor
 
     import storage
-    import torch
-
     from offload_rt.engine import model_groups
     from offload_rt.models.llama import LlamaArgs
+    from storage.store import aligned_buffer
 
     st = storage.open_or_convert(model, store_dir, progress=False)
     todo = [[n for _k, n in g.tensors] for g in model_groups(LlamaArgs.from_config(st.model_config))
             if g.name in groups]
 
-    def aligned(nb):
-        raw = torch.empty(nb + 4096, dtype=torch.uint8)
-        skip = (-raw.data_ptr()) % 4096
-        return raw[skip:skip + nb]
-
-    bufs = {n: aligned(st.info(n).nbytes) for names in todo for n in names}
+    bufs = {n: aligned_buffer(st.info(n).nbytes) for names in todo for n in names}
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
     out = []
     with ThreadPoolExecutor(threads) as ex:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels_cpu import matvec
+from tools.bench_decode import mem_bandwidth
 from tools.make_checkpoint import PRESETS
 
 
@@ -29,17 +30,6 @@ def layer_shapes(preset: str) -> list[tuple[int, int]]:
     hd = h // heads
     per_layer = [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (inter, h), (inter, h), (h, inter)]
     return per_layer * n
-
-
-def mem_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Median bytes/s of torch summing a large float32 tensor (the read limit of any mat-vec)."""
-    x = torch.rand(nbytes // 4)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        float(x.sum())
-        times.append(time.perf_counter() - t0)
-    return nbytes / sorted(times)[len(times) // 2]
 
 
 def sweep_seconds(ws: list[torch.Tensor], fn, repeats: int) -> float:
@@ -63,7 +53,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     matvec.set_threads(a.threads)
     shapes = layer_shapes(a.preset)
-    bw = mem_read_bandwidth()
+    bw = mem_bandwidth(a.threads)
     print(f"decode mat-vec sweep over the {a.preset} preset's decoder layers ({len(shapes)} matrices), "
           f"{a.threads} threads, best of {a.repeats}; memory read bandwidth in this run: {bw / 1e9:.1f} GB/s\n")
     print("| dtype | weight bytes | torch F.linear GB/s | kernels_cpu.matvec GB/s | ms/sweep torch | ms/sweep ours | ratio |")

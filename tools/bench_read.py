@@ -24,7 +24,7 @@ import torch
 
 from storage.convert import convert
 from storage.sources import TensorSource
-from storage.store import WeightStore
+from storage.store import WeightStore, aligned_buffer
 
 
 class SyntheticSource:
@@ -118,13 +118,6 @@ def make_read_into(threads: int, drop: bool, verify: bool = False):
     return run
 
 
-def _aligned(nbytes: int) -> torch.Tensor:
-    """A 4 KiB-aligned buffer, as the scheduler's slots are (O_DIRECT needs it)."""
-    raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % 4096
-    return raw[skip:skip + nbytes]
-
-
 def run_read_many(st: WeightStore, names, bufs, threads: int):
     with ThreadPoolExecutor(threads) as pool:
         st.read_many([(n, bufs[n]) for n in names], executor=pool)
@@ -151,7 +144,7 @@ def main(argv=None) -> int:
     st = WeightStore.open(path)
     names = st.tensor_names
     total = st.total_bytes
-    bufs = {n: _aligned(st.info(n).nbytes) for n in names}
+    bufs = {n: aligned_buffer(st.info(n).nbytes) for n in names}
     cold_ok = can_drop()
 
     rows = [
