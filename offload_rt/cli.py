@@ -22,6 +22,7 @@ def _fail(message: str, debug: bool, code: int = 2) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="offload_rt", prog_name="offload-run", message="%(prog)s %(version)s")
 @click.argument("model", required=False)
 @click.option("--prompt", "-p", help="Answer this prompt and exit.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the prompt from a file.")
@@ -41,7 +42,7 @@ def _fail(message: str, debug: bool, code: int = 2) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--stats", is_flag=True, help="Print one JSON line of run statistics on stderr at the end.")
 @click.option("--rebuild-store", is_flag=True, help="Convert the checkpoint again even if a store exists.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for compute.")
+@click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="CPU threads for compute.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence (benchmarks).")
 @click.option("--plan", "plan_only", is_flag=True, help="Print the placement plan and predicted speed; run nothing.")
 @click.option("--profile", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -102,8 +103,10 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
         from offload_rt import app
 
         code = app.main(cfg, prompt=prompt, interactive=interactive, stats=stats, plan_only=plan_only)
-    except UserError as e:
+    except _user_errors() as e:  # (evaluated when an exception arrives: storage is imported by then)
         _fail(str(e), debug)
+    except BrokenPipeError:
+        _reader_left()
     except KeyboardInterrupt:
         if debug:
             raise
@@ -112,6 +115,31 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
     except MemoryError:
         _fail("out of memory; lower --cpu-mem/--gpu-mem so more streams from disk, or use a smaller --dtype", debug)
     sys.exit(code)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can fix: ours, and the storage layer's own (storage must not depend on offload_rt).
+
+    storage's are looked up only once it has been imported (it imports torch: ``--help`` stays fast);
+    before that, none of its errors can have been raised.
+    """
+    errors = sys.modules.get("storage.errors")
+    return (UserError, errors.StorageError) if errors is not None else (UserError,)
+
+
+def _reader_left() -> None:
+    """stdout's reader went away (``offload-run ... | head``): stop quietly, exit 0.
+
+    stdout now points at /dev/null so the interpreter's final flush of what is still buffered
+    does not fail a second time (and print a traceback) on the way out.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no real file (embedded use): nothing will flush to it
+        pass
+    sys.exit(0)
 
 
 def _given_options() -> set[str]:
@@ -123,6 +151,9 @@ def _given_options() -> set[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; click's own usage errors are also reduced to one line, exit 2."""
+    from offload_rt.threads import configure_process
+
+    configure_process()  # before torch/numba load OpenMP: idle workers must not spin on a shared CPU
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         run_command.main(args=argv, prog_name="offload-run", standalone_mode=False)
@@ -133,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except BrokenPipeError:
-        os._exit(0)
+        _reader_left()
 
 
 if __name__ == "__main__":

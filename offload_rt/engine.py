@@ -9,8 +9,9 @@ know which.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
@@ -84,7 +85,7 @@ class Engine:
 
     def __init__(self, args: LlamaArgs, source: WeightSource, dtype: torch.dtype, *,
                  max_tokens: int | None = None, prefill_chunk: int = 512, tracer=None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", thread_tuner=None):
         self.args, self.source, self.dtype = args, source, dtype
         self.device = torch.device(device)
         self.max_tokens = max_tokens or args.max_position_embeddings
@@ -95,12 +96,17 @@ class Engine:
         self.tokens: list[int] = []  # ids whose K/V are in the cache, in order
         self.tracer = tracer or NullTracer()
         self.passes = 0  # forward passes run (trace "pass" numbers)
+        self.thread_tuner = thread_tuner  # picks decode threads from step times (None: keep the current count)
 
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Run ids (appended after the cached tokens) through the model; logits of the last one."""
         start = self.cache.offset
         tr, k = self.tracer, self.passes
-        scope = decode_scope() if len(ids) == 1 and self.device.type == "cpu" else nullcontext()
+        decode = len(ids) == 1 and self.device.type == "cpu"
+        tuner = self.thread_tuner if decode else None
+        n_threads = tuner.next() if tuner is not None else None
+        t0 = time.perf_counter()
+        scope = decode_scope(n_threads) if decode else nullcontext()
         with scope, tr.span("compute", "forward", tokens=len(ids), **{"pass": k}):
             with tr.span("compute", "embed", group="embed", **{"pass": k}):
                 t = torch.tensor(list(ids), dtype=torch.long, device=self.device)
@@ -113,6 +119,8 @@ class Engine:
                         x = llama.layer_forward(self.args, w, x, self.cache, group.index, rope, start)
                     else:
                         logits = llama.head_forward(self.args, w, x[-1:])[0]
+        if tuner is not None:
+            tuner.record(n_threads, time.perf_counter() - t0)
         self.passes += 1
         self.cache.commit(len(ids))
         self.tokens.extend(ids)

@@ -34,3 +34,7 @@ class ContextLengthError(UserError):
 
 class BudgetError(UserError):
     """A memory budget is below the minimum working set."""
+
+
+class ChatTemplateError(UserError):
+    """The model's chat template refused the conversation (its ``raise_exception``) or cannot be rendered."""

@@ -103,9 +103,11 @@ def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_n
                 logits = engine.forward([tid])
                 if on_token:
                     on_token(res.new_tokens, time.perf_counter() - ts)
-        if res.stop_reason != "stop_string" and len(dec.text) > emitted:
-            yield dec.text[emitted:]  # text held back for a stop string that never came
-            emitted = len(dec.text)
+        if res.stop_reason != "stop_string":
+            dec.finish()  # an incomplete last character is part of the answer too (U+FFFD, as transformers decodes it)
+            if len(dec.text) > emitted:
+                yield dec.text[emitted:]  # text held back for a stop string that never came
+                emitted = len(dec.text)
     except GeneratorExit:
         res.stop_reason = "interrupted"
         raise

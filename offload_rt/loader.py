@@ -81,10 +81,24 @@ def open_store(cfg: RunConfig):
     return path, storage.open_or_convert(path, cfg.store_dir, rebuild=cfg.rebuild_store, progress=cfg.progress)
 
 
+def check_tensors(store, args: LlamaArgs, path: Path) -> None:
+    """Every tensor the config implies is in the store with that shape (else a checkpoint/config mismatch)."""
+    for name, shape in args.tensor_shapes().items():
+        if name not in store:
+            raise ModelSourceError(f"{path} has no tensor {name}, which its config.json implies "
+                                   f"({args.model_type}, tie_word_embeddings={args.tie_word_embeddings}); "
+                                   "re-download the checkpoint or correct config.json")
+        got = tuple(store.info(name).shape)
+        if got != shape:
+            raise ModelSourceError(f"{path}: tensor {name} has shape {list(got)} but config.json implies "
+                                   f"{list(shape)}; re-download the checkpoint or correct config.json")
+
+
 def open_model(cfg: RunConfig) -> LoadedModel:
     """The model's store, config, tokenizer and compute dtype; no weights loaded yet."""
     path, store = open_store(cfg)
     args = LlamaArgs.from_config(store.model_config)
+    check_tensors(store, args, path)
     kind = store.manifest["source"]["kind"]
     dtype = compute_dtype(cfg.dtype, args.torch_dtype, kind)
     tok = Tokenizer(store.tokenizer_file, store.tokenizer_meta)
@@ -99,8 +113,12 @@ def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=Non
         source = ResidentWeights(model.groups, lambda n: store.load(n).to(device=device, dtype=dtype), llama.EMBED)
     from offload_rt.runtime import context_tokens
 
+    from offload_rt.threads import ThreadTuner
+
+    # --threads fixes the count; otherwise decode picks it from measured step times (a busy machine).
+    tuner = ThreadTuner(torch.get_num_threads()) if device == "cpu" and not cfg.threads else None
     model.engine = Engine(model.args, source, model.dtype, prefill_chunk=cfg.prefill_chunk, tracer=tracer,
-                          device=device, max_tokens=context_tokens(model.args, cfg.ctx_size))
+                          device=device, max_tokens=context_tokens(model.args, cfg.ctx_size), thread_tuner=tuner)
     return model.engine
 
 

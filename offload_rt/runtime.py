@@ -28,17 +28,32 @@ DEFAULT_CTX = 4096  # context window (and KV budget) when --ctx-size is not give
 
 
 def _nbytes(store, name: str, dtype: torch.dtype) -> int:
+    """Bytes of one stored tensor once loaded at ``dtype`` (what residency holds)."""
     info = store.info(name)
     return int(torch.Size(info.shape).numel()) * dtype.itemsize
 
 
 def group_specs(store, groups: list[Group], dtype: torch.dtype, args: LlamaArgs) -> list[GroupSpec]:
-    """Bytes per group at the compute dtype; a tied embedding is left to plan(tied=True)."""
+    """Per group: bytes held at the compute dtype, bytes stored, and one staging slot.
+
+    Every tensor of the group's sweep step counts, a tied embedding in the head included
+    (the head's output matrix). The slot is the scheduler's own layout of the stored
+    tensors (aligned offsets for O_DIRECT), so the plan reserves what the run will.
+    """
+    from offload_rt.scheduler import _Layout
+
     specs = []
     for g in groups:
-        names = [n for _k, n in g.tensors if not (args.tie_word_embeddings and n == llama.EMBED)]
-        specs.append(GroupSpec(g.name, g.kind, sum(_nbytes(store, n, dtype) for n in names)))
+        names = list(dict.fromkeys(n for _k, n in g.tensors))
+        specs.append(GroupSpec(g.name, g.kind, sum(_nbytes(store, n, dtype) for n in names),
+                               stored_bytes=sum(int(store.info(n).nbytes) for n in names),
+                               slot_bytes=_Layout(store, g).nbytes))
     return specs
+
+
+def untied_embed_bytes(store, args: LlamaArgs, dtype: torch.dtype) -> int:
+    """The embedding table as a separate resident tensor (0 when tied: it is the head's matrix)."""
+    return 0 if args.tie_word_embeddings else _nbytes(store, llama.EMBED, dtype)
 
 
 def context_tokens(args: LlamaArgs, ctx_size: int | None) -> int:
@@ -61,6 +76,19 @@ def activation_bytes(args: LlamaArgs, prefill_chunk: int) -> int:
     return 4 * (prefill_chunk * per_token + args.vocab_size)
 
 
+def embed_tier(placement: Placement, args: LlamaArgs, cuda: bool) -> str:
+    """Where the run keeps the embedding table: as the plan placed it, or (tied) beside the head's copy.
+
+    A tied table is the head's output matrix: shared while the head is resident where
+    compute runs, otherwise read by rows (with CUDA a head kept in host RAM is a copy
+    that is streamed up, not one the embedding lookup on the device can use).
+    """
+    if not args.tie_word_embeddings:
+        return placement.embed_tier or "disk"
+    head = placement.tiers["head"]
+    return head if head == ("device" if cuda else "host") else "disk"
+
+
 @dataclass
 class Prepared:
     placement: Placement
@@ -79,12 +107,8 @@ class Prepared:
             tiers = Tiers(host_budget=self.budgets.host, device_budget=self.budgets.device, cuda=cuda)
             tiers.get(placement.kv_tier).reserve("kv", placement.kv_bytes)
             tiers.host.reserve("activations", placement.activation_bytes)
-            head_tier = placement.tiers["head"]
-            embed_tier = head_tier if args.tie_word_embeddings and head_tier != "disk" else "disk"
-            if not args.tie_word_embeddings and all(t != "disk" for t in placement.tiers.values()):
-                embed_tier = "device" if cuda else "host"  # all fits: keep the table too
             return StreamingWeights(store, groups, placement.tiers, dtype, embed_name=llama.EMBED,
-                                    embed_tier=embed_tier, tiers=tiers, device=device,
+                                    embed_tier=embed_tier(placement, args, cuda), tiers=tiers, device=device,
                                     depth=placement.prefetch_depth, tracer=tracer)
 
         return build
@@ -103,11 +127,11 @@ def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: 
         bw = calibrate.load_or_measure(cfg.store_dir, progress=cfg.progress, cuda=cuda)
     bw = bw.for_dtype(str(dtype).replace("torch.", ""))
     specs = group_specs(store, groups, dtype, args)
-    embed_bytes = _nbytes(store, llama.EMBED, dtype)
     # At least two slots in flight: with one, the reader idles while each streamed layer computes
     # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
     kv_bytes = kv_reserve_bytes(args, dtype, context_tokens(args, cfg.ctx_size))
     placement = plan(specs, bud, bw, kv_bytes=kv_bytes, prefetch_depth=cfg.prefetch_depth,
-                     activation_bytes=activation_bytes(args, cfg.prefill_chunk), embed_bytes=embed_bytes,
-                     tied=args.tie_word_embeddings, depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
+                     activation_bytes=activation_bytes(args, cfg.prefill_chunk),
+                     embed_bytes=untied_embed_bytes(store, args, dtype),
+                     depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
     return Prepared(placement, bw, specs, bud, device)

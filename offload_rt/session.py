@@ -6,8 +6,6 @@ chat template (unless raw), checks the context length and streams the text.
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Iterator
 
 from offload_rt.config import RunConfig
@@ -15,6 +13,9 @@ from offload_rt.generate import GenResult, check_context, generate
 from offload_rt.loader import LoadedModel
 from offload_rt.sampling import make_sampler
 from offload_rt.stats import stats_record
+from offload_rt.status import StatusLine
+
+PREFILL_PROGRESS_TOKENS = 2048  # prompts at least this long show prefill progress
 
 
 class Session:
@@ -40,27 +41,14 @@ class Session:
         ids = self.prompt_ids(messages_or_text, raw=raw)
         check_context(len(ids), self.model.engine.max_tokens)
         self.last = GenResult()
-        return generate(self.model.engine, self.model.tokenizer, ids, max_new_tokens=self.cfg.max_new_tokens,
-                        sampler=self.sampler, stop_strings=self.cfg.stop, result=self.last,
-                        ignore_eos=self.cfg.ignore_eos,
-                        on_prefill=self._prefill_progress(len(ids)), on_token=self._slow_token)
-
-    def _prefill_progress(self, n: int):
-        if not self.cfg.progress or n < 2048 or not sys.stderr.isatty():
-            return None
-        start = time.perf_counter()
-
-        def report(done: int, total: int) -> None:
-            rate = done / max(1e-9, time.perf_counter() - start)
-            end = "\n" if done >= total else ""
-            print(f"\rprefill {done}/{total} tokens ({rate:.0f} tok/s)", end=end, file=sys.stderr, flush=True)
-
-        return report
-
-    def _slow_token(self, n: int, seconds: float) -> None:
-        # Slow streaming must never look like a hang: say so when a token takes over a second.
-        if self.cfg.progress and seconds > 1.0:
-            print(f"[token {n} took {seconds:.1f} s]", file=sys.stderr, flush=True)
+        status = StatusLine(enabled=self.cfg.progress)
+        pieces = generate(self.model.engine, self.model.tokenizer, ids, max_new_tokens=self.cfg.max_new_tokens,
+                          sampler=self.sampler, stop_strings=self.cfg.stop, result=self.last,
+                          ignore_eos=self.cfg.ignore_eos,
+                          on_prefill=status.prefill_progress() if len(ids) >= PREFILL_PROGRESS_TOKENS else None)
+        # Progress and "waiting" notices live on one status line until the first token, never per token:
+        # the answer's text is never split.
+        return status.until_first_token(pieces)
 
     def stats(self) -> dict:
         c = self.counters

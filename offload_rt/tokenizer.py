@@ -1,24 +1,67 @@
 """Tokenizer and chat template: ``tokenizers`` for the vocabulary, jinja2 for templates.
 
-The chat template is rendered the way Hugging Face does (sandboxed jinja2,
-trim_blocks/lstrip_blocks, ``raise_exception``), so prompts tokenize identically.
+The chat template is rendered the way Hugging Face transformers' ``apply_chat_template``
+does (sandboxed jinja2, trim_blocks/lstrip_blocks, loop controls, ``{% generation %}``,
+its ``tojson``, ``raise_exception``, ``strftime_now``; ``tools``/``documents`` None; the
+special tokens), so prompts tokenize identically. A template that refuses a conversation
+(``raise_exception``) or fails on it raises :class:`ChatTemplateError`, a user error.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from jinja2.exceptions import TemplateError
+from jinja2 import nodes
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from offload_rt.errors import ModelSourceError
+from offload_rt.errors import ChatTemplateError, ModelSourceError
+
+
+class _Refusal(TemplateError):
+    """What a template's ``raise_exception(message)`` raises."""
 
 
 def _raise(message: str):
-    raise TemplateError(message)
+    raise _Refusal(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # transformers' filter: jinja2's own escapes HTML characters and sorts keys
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def compile_chat_template(source: str):
+    """A jinja2 template in the environment transformers renders chat templates in."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _Generation])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the model's chat template is broken (line {e.lineno}: {e.message}); fix its "
+                                "chat_template or send plain text with --raw") from None
 
 
 class Tokenizer:
@@ -58,17 +101,24 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to ``messages`` ([{"role", "content"}])."""
+        """The chat template applied to ``messages`` ([{"role", "content"}]), as transformers renders it.
+
+        Raises ChatTemplateError when the template refuses the conversation or fails on it.
+        """
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            self._template = compile_chat_template(self.chat_template)
+        specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v is not None}
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **specials)
+        except _Refusal as e:
+            raise ChatTemplateError(f"the model's chat template refused the conversation: {e.message}") from None
+        except Exception as e:  # the template's own code failed (undefined name, bad type...) on these messages
+            raise ChatTemplateError(f"the model's chat template failed on this conversation "
+                                    f"({type(e).__name__}: {e}); send plain text with --raw") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template writes any BOS itself (as Hugging Face's apply_chat_template does).
@@ -88,6 +138,13 @@ class StreamDecoder:
         full = self.tok.decode(self.ids)
         if full.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
+        new = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text = full
+        return new
+
+    def finish(self) -> str:
+        """The text held back at the end (a character the answer stopped in the middle of, as U+FFFD)."""
+        full = self.tok.decode(self.ids)
         new = full[len(self.text):] if full.startswith(self.text) else ""
         self.text = full
         return new

@@ -9,7 +9,8 @@ array metadata through zarr (so ``zarr.open(store)[name][:]`` reads the values b
 straight to the chunk files in large sequential writes (zarr's array writes are ~2x slower), with
 a crc32 per chunk into the manifest. Everything is fsync'ed, then the directory is renamed into
 place. Any exception (KeyboardInterrupt included) removes the temporary directory; temporaries
-of dead processes are removed by the next conversion.
+of dead processes are removed by the next conversion. Before anything is written, the free space
+of the store directory's filesystem is checked against the store's size (:func:`check_free_space`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from offload_rt.errors import ModelSourceError, UserError
+from storage.errors import NoSpaceError, StorageError
 from storage.manifest import (CHUNK_LIMIT, FORMAT_VERSION, STORAGE_DTYPES, chunk_rows_for, crc_tag, n_chunks,
                               write_manifest)
 from storage.sources import TensorSource, open_source
 from storage.store import WeightStore
 
 IO_BLOCK = 16 << 20  # bytes per read/write when copying a raw byte range
+STORE_METADATA_BYTES = 8 << 20  # beside the tensors: tokenizer.json, manifest.json, the group's zarr.json
+TENSOR_METADATA_BYTES = 32 << 10  # per tensor: its zarr.json and chunk directories (filesystem blocks)
 _TMP_RE = re.compile(r"\.zarr\.tmp-(\d+)$")
 
 
@@ -101,12 +105,13 @@ def _lock_for(final: Path) -> threading.Lock:
 
 
 def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: bool, progress: bool) -> WeightStore:
+    clean_stale_tmp(cache_dir)  # (dead converters' leftovers count against the free space)
+    check_free_space(src, cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the store directory {cache_dir}: {e.strerror}; "
                         "choose a writable directory for the weight store") from None
-    clean_stale_tmp(cache_dir)
     tmp = cache_dir / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -119,6 +124,35 @@ def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: 
                             "free disk space or choose another store directory") from None
         raise
     return WeightStore.open(final)
+
+
+def store_bytes(tensors: list[TensorSource]) -> int:
+    """Disk bytes a store of ``tensors`` takes: their raw bytes (chunks are uncompressed) and its metadata."""
+    return sum(t.nbytes for t in tensors) + len(tensors) * TENSOR_METADATA_BYTES + STORE_METADATA_BYTES
+
+
+def check_free_space(src, cache_dir: Path) -> None:
+    """NoSpaceError (needed and free bytes) when ``cache_dir``'s filesystem cannot hold ``src``'s store.
+
+    A rebuilt store is written beside the old one before replacing it, so the whole size is needed either way.
+    """
+    needed = store_bytes(src.tensors())
+    where = cache_dir
+    while not where.exists() and where != where.parent:  # the directory may not exist yet: its filesystem does
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:  # cannot tell (no permission to look): creating the directory will say what is wrong
+        return
+    if free < needed:
+        raise NoSpaceError(
+            f"not enough free space for the weight store of {src.display_name}: it needs {_human(needed)} "
+            f"({needed} bytes) but {cache_dir} has {_human(free)} ({free} bytes) free; free some space or choose "
+            "another --offload-dir", needed=needed, free=free, directory=cache_dir)
+
+
+def _human(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _install(tmp: Path, final: Path, *, replace: bool) -> None:
@@ -329,7 +363,7 @@ def main(argv=None) -> int:  # python -m storage.convert SOURCE CACHE_DIR
     a = ap.parse_args(argv)
     try:
         store = open_or_convert(a.source, a.cache_dir, rebuild=a.rebuild)
-    except UserError as e:
+    except (UserError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(store.path)

@@ -234,17 +234,12 @@ class HFSource:
         for at in tok.get("added_tokens") or []:
             ids[at["content"]] = at["id"]
 
-        template = tcfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-        if template is None and (self.path / "chat_template.jinja").is_file():
-            template = (self.path / "chat_template.jinja").read_text(encoding="utf-8")
-        if template is None and (self.path / "chat_template.json").is_file():
-            template = (_load_json(self.path / "chat_template.json", "chat template") or {}).get("chat_template")
-
-        bos = _token_content(tcfg.get("bos_token"))
-        eos = _token_content(tcfg.get("eos_token"))
+        template = self._chat_template(tcfg)
+        smap = {}  # legacy special_tokens_map.json: transformers reads special tokens there too
+        if (self.path / "special_tokens_map.json").is_file():
+            smap = _load_json(self.path / "special_tokens_map.json", "tokenizer") or {}
+        bos = _token_content(tcfg.get("bos_token", smap.get("bos_token")))
+        eos = _token_content(tcfg.get("eos_token", smap.get("eos_token")))
         bos_id = ids.get(bos) if bos is not None else None
         if bos_id is None and isinstance(cfg.get("bos_token_id"), int):
             bos_id = cfg["bos_token_id"]
@@ -261,6 +256,22 @@ class HFSource:
             add_bos = _post_processor_adds_bos(tok.get("post_processor"))
         return {"file": "tokenizer.json", "chat_template": template, "bos_token": bos, "eos_token": eos,
                 "bos_token_id": bos_id, "eos_token_ids": eos_ids, "add_bos_token": add_bos}
+
+    def _chat_template(self, tcfg: dict) -> str | None:
+        """The default chat template, with transformers' precedence: chat_template.jinja over tokenizer_config.json."""
+        if (self.path / "chat_template.jinja").is_file():
+            try:
+                return (self.path / "chat_template.jinja").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelSourceError(f"cannot read {self.path / 'chat_template.jinja'}: "
+                                       f"{getattr(e, 'strerror', None) or e}; repair or re-download it") from None
+        template = tcfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (self.path / "chat_template.json").is_file():
+            template = (_load_json(self.path / "chat_template.json", "chat template") or {}).get("chat_template")
+        return template if isinstance(template, str) else None
 
 
 def _post_processor_adds_bos(pp) -> bool:

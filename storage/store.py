@@ -178,9 +178,11 @@ class WeightStore:
                 got = os.preadv(fd, [view[off:off + min(READ_BLOCK, n - off)]], off)
                 if got <= 0:
                     raise self._corrupt(name, "has a truncated chunk file")
+                if drop_cache and _FADV:  # block by block: the page cache of a read never grows past one block
+                    os.posix_fadvise(fd, off, got, os.POSIX_FADV_DONTNEED)
                 off += got
             if drop_cache and _FADV:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # and whatever was read ahead
         finally:
             os.close(fd)
 

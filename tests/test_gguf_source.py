@@ -18,15 +18,9 @@ import storage
 from offload_rt.errors import ModelSourceError
 from storage.gguf_tokenizer import build_tokenizer, bytes_to_unicode
 from storage.sources import GGUFSource, gguf_to_hf_name, parse_gguf_header
+from tests.gguf_models import llama_cpp_permute
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 64, 4, 2, 16, 96, 300
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute, written out independently of storage.sources."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
 def add_gpt2_tokenizer(w: GGUFWriter) -> None:

@@ -22,8 +22,10 @@ def test_matvec_matches_float64_reference(dtype, shape):
     out = mv.matvec(w, x)
     assert out.shape == (shape[0],) and out.dtype == torch.float32
     assert nmse(out, ref) < 1e-10  # float32 accumulation of exact inputs
-    # and no worse than torch's own result in that dtype
-    assert nmse(out, ref) <= max(1e-10, 10 * nmse(torch.nn.functional.linear(x[None], w)[0].float(), ref))
+    # and no worse than torch on the same values in float32 (bf16 is widened, as the kernel does):
+    # both are ~1e-14, far below the bound above, so this fails on its own for a sloppier kernel
+    torch_err = nmse(torch.nn.functional.linear(x[None].float(), w.float())[0], ref)
+    assert nmse(out, ref) <= 4 * torch_err
 
 
 def test_linear_dispatch_and_bias():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -10,9 +11,11 @@ from hypothesis import strategies as st
 
 from offload_rt.errors import BudgetError
 from offload_rt.memory.plan import (
+    CUDA_HOST_SLOTS,
     Bandwidths,
     Budgets,
     GroupSpec,
+    _group_costs,
     _pipelined,
     cli_size,
     format_plan,
@@ -31,20 +34,25 @@ def model(n_layers=24, layer=100 * MiB, head=60 * MiB) -> list[GroupSpec]:
 
 
 def host_used(p, groups) -> int:
-    """Recount the host side from the tiers alone (independent of the planner's own sums)."""
-    sizes = p.group_bytes
-    resident = sum(sizes[g.name] for g in groups if p.tiers[g.name] == "host")
-    disk = [sizes[g.name] for g in groups if p.tiers[g.name] == "disk"]
+    """Recount the host side from the tiers and the specs alone (independent of the planner's own sums):
+    resident groups as held, staging slots as the scheduler allocates them, KV, activations, embedding."""
+    resident = sum(g.nbytes for g in groups if p.tiers[g.name] == "host")
+    disk = [g.slot for g in groups if p.tiers[g.name] == "disk"]
+    if p.cuda:  # two pinned host slots, sized by the largest group that is not on the device
+        staging = CUDA_HOST_SLOTS * max(g.slot for g in groups if p.tiers[g.name] != "device") if disk else 0
+    else:
+        staging = p.prefetch_depth * max(disk, default=0)
     kv = p.kv_bytes if p.kv_tier == "host" else 0
-    return resident + p.prefetch_depth * max(disk, default=0) + kv + p.activation_bytes
+    embed = p.embed_bytes if p.embed_tier == "host" else 0
+    return resident + staging + kv + p.activation_bytes + embed
 
 
 def device_used(p, groups) -> int:
-    sizes = p.group_bytes
-    resident = sum(sizes[g.name] for g in groups if p.tiers[g.name] == "device")
-    fetched = [sizes[g.name] for g in groups if p.tiers[g.name] != "device"]
+    resident = sum(g.nbytes for g in groups if p.tiers[g.name] == "device")
+    fetched = [g.slot for g in groups if p.tiers[g.name] != "device"]
     kv = p.kv_bytes if p.kv_tier == "device" else 0
-    return resident + p.prefetch_depth * max(fetched, default=0) + kv
+    embed = p.embed_bytes if p.embed_tier == "device" else 0
+    return resident + p.prefetch_depth * max(fetched, default=0) + kv + embed
 
 
 def test_everything_resident_when_budget_is_large():
@@ -120,8 +128,9 @@ def test_interleaving_beats_a_contiguous_block():
     block = ["disk" if i < k else "host" for i in range(24)]
     spaced = ["disk" if i in set(spread(k, 24)) else "host" for i in range(24)]
     bw = Bandwidths(disk_read=1.3e9, mem_read=2.4e10, matvec=4e9)
-    t_block = _pipelined(sizes, block, bw, 2, False)
-    t_spaced = _pipelined(sizes, spaced, bw, 2, False)
+    groups = [GroupSpec(f"layers.{i}", "layer", b) for i, b in enumerate(sizes)]
+    t_block = _pipelined(_group_costs(groups, block, bw, 2, False), block, 2, False)
+    t_spaced = _pipelined(_group_costs(groups, spaced, bw, 2, False), spaced, 2, False)
     assert t_spaced < t_block
     # interleaved, the reader is never idle here: the sweep takes as long as the slower link
     assert t_spaced == pytest.approx(max(sum(sizes) / bw.matvec, k * sizes[0] / bw.disk_read), rel=1e-6)
@@ -152,13 +161,94 @@ def test_cuda_fills_device_first_then_host_then_disk():
     assert "device" not in r.tiers.values() and r.h2d_bytes_per_token == 0
 
 
-def test_tied_embedding_joins_the_head_untied_is_ignored():
-    groups = model(n_layers=4, layer=10 * MiB, head=1 * MiB)
-    big = Budgets(None, 10 * GiB)
-    tied = plan(groups, big, CPU_BW, kv_bytes=0, embed_bytes=50 * MiB, tied=True)
-    untied = plan(groups, big, CPU_BW, kv_bytes=0, embed_bytes=50 * MiB, tied=False)
-    assert tied.group_bytes["head"] == 51 * MiB and untied.group_bytes["head"] == 1 * MiB
-    assert tied.tier_bytes["host"] - untied.tier_bytes["host"] == 50 * MiB
+def test_untied_embedding_is_counted_where_it_is_kept():
+    """Regression (issue 8, bug 1): a resident untied table is part of the host use the plan reports,
+    and a budget that cannot hold it as well reads its rows instead of overcommitting."""
+    groups = model(n_layers=4, layer=10 * MiB, head=8 * MiB)
+    E, kv, act = 30 * MiB, 2 * MiB, 1 * MiB
+    everything = 48 * MiB + kv + act + E
+    p = plan(groups, Budgets(None, everything), CPU_BW, kv_bytes=kv, activation_bytes=act, embed_bytes=E)
+    assert set(p.tiers.values()) == {"host"} and p.embed_tier == "host" and p.embed_bytes == E
+    assert p.host_used_bytes == everything == host_used(p, groups)
+    assert p.tier_bytes["host"] == 48 * MiB + E
+    # one byte less: the groups stay resident (they cost per token), the table's rows are read instead
+    q = plan(groups, Budgets(None, everything - 1), CPU_BW, kv_bytes=kv, activation_bytes=act, embed_bytes=E)
+    assert set(q.tiers.values()) == {"host"} and q.embed_tier == "disk" and q.embed_bytes == 0
+    assert q.host_used_bytes == everything - E == host_used(q, groups)
+    assert q.predicted_s_per_token == pytest.approx(p.predicted_s_per_token)
+    # once anything streams, the table is never kept
+    r = plan(groups, Budgets(None, 40 * MiB), CPU_BW, kv_bytes=kv, activation_bytes=act, embed_bytes=E)
+    assert r.streamed and r.embed_tier == "disk" and r.host_used_bytes == host_used(r, groups) <= 40 * MiB
+    # tied (embed_bytes 0: the table is inside the head's bytes): nothing separate to place
+    t = plan(groups, Budgets(None, everything), CPU_BW, kv_bytes=kv, activation_bytes=act)
+    assert t.embed_tier == "" and t.embed_bytes == 0
+    assert "embedding table on host (30.00 MiB)" in format_plan(p, groups, CPU_BW)
+    assert "embedding rows read from disk" in format_plan(q, groups, CPU_BW)
+
+
+def test_untied_embedding_on_the_device_with_cuda():
+    groups = model(n_layers=4, layer=10 * MiB, head=8 * MiB)
+    p = plan(groups, Budgets(device=1 * GiB, host=1 * GiB), GPU_BW, kv_bytes=0, embed_bytes=30 * MiB)
+    assert set(p.tiers.values()) == {"device"} and p.embed_tier == "device"
+    assert p.device_used_bytes == 78 * MiB == device_used(p, groups)
+    q = plan(groups, Budgets(device=78 * MiB - 1, host=1 * GiB), GPU_BW, kv_bytes=0, embed_bytes=30 * MiB)
+    assert set(q.tiers.values()) == {"device"} and q.embed_tier == "disk"
+
+
+def test_stored_bytes_cross_the_links_held_bytes_fill_memory():
+    """Regression (issue 8, bug 3): a bf16 store computed in float32 holds twice what it reads.
+    Disk and host→device time count the stored bytes; tier budgets the held ones; slots the slot bytes."""
+    def specs(n=8):
+        return [GroupSpec(f"layers.{i}", "layer", 200 * MiB, stored_bytes=100 * MiB, slot_bytes=100 * MiB + 4096)
+                for i in range(n)] + [GroupSpec("head", "head", 40 * MiB, stored_bytes=20 * MiB)]
+    groups = specs()
+    bw = Bandwidths(disk_read=1e9, mem_read=2e10, matvec=1e10)
+    p = plan(groups, Budgets(None, 1 * GiB), bw, kv_bytes=0, prefetch_depth=2)
+    disk = [g for g in groups if p.tiers[g.name] == "disk"]
+    assert disk and p.stream_bytes_per_token == sum(g.stored for g in disk) == len(disk) * 100 * MiB
+    for g in disk:
+        cost = p.per_group[g.name]
+        assert cost.disk_s == pytest.approx(100 * MiB / 1e9)  # stored bytes over the disk
+        # the mat-vec reads the float32 copy; the slot is cast to it on the CPU first
+        assert cost.compute_s == pytest.approx(200 * MiB / 1e10 + 300 * MiB / 2e10)
+    resident = [g for g in groups if p.tiers[g.name] == "host"]
+    assert p.tier_bytes["host"] == sum(g.nbytes for g in resident)  # held
+    assert p.buffer_bytes == 2 * (100 * MiB + 4096)  # two slots of the stored layout
+    assert p.host_used_bytes == host_used(p, groups) <= 1 * GiB
+    # with CUDA the copy engine moves the stored bytes too
+    q = plan(groups, Budgets(device=1 * GiB, host=1 * GiB), Bandwidths(1e9, 2e10, 1e11, h2d=2e10), kv_bytes=0)
+    fetched = [g for g in groups if q.tiers[g.name] != "device"]
+    assert fetched and q.h2d_bytes_per_token == sum(g.stored for g in fetched)
+    assert all(q.per_group[g.name].h2d_s == pytest.approx(g.stored / 2e10) for g in fetched)
+
+
+def test_cuda_host_staging_is_two_slots_of_the_largest_fetched_group():
+    groups = [GroupSpec(f"layers.{i}", "layer", 100 * MiB) for i in range(8)] + [GroupSpec("head", "head", 150 * MiB)]
+    p = plan(groups, Budgets(device=600 * MiB, host=400 * MiB), GPU_BW, kv_bytes=0, prefetch_depth=3)
+    assert p.streamed and "host" in p.tiers.values()
+    fetched = [g.slot for g in groups if p.tiers[g.name] != "device"]
+    assert p.buffer_bytes == CUDA_HOST_SLOTS * max(fetched)
+    assert p.device_buffer_bytes == 3 * max(fetched)
+    assert p.host_used_bytes == host_used(p, groups) <= 400 * MiB
+    assert p.device_used_bytes == device_used(p, groups) <= 600 * MiB
+
+
+def test_fixed_costs_per_layer_and_per_token_are_added():
+    groups = model(n_layers=6, layer=50 * MiB, head=20 * MiB)
+    base = Bandwidths(disk_read=1e9, mem_read=2e10, matvec=1e10)
+    fixed = Bandwidths(disk_read=1e9, mem_read=2e10, matvec=1e10, layer_s=0.002, token_s=0.001)
+    p = plan(groups, Budgets(None, 1 * GiB), base, kv_bytes=0)
+    q = plan(groups, Budgets(None, 1 * GiB), fixed, kv_bytes=0)
+    assert q.tiers == p.tiers
+    assert q.predicted_s_per_token == pytest.approx(p.predicted_s_per_token + 6 * 0.002 + 0.001)
+    assert q.per_group["head"].compute_s == pytest.approx(20 * MiB / 1e10)  # the head is one mat-vec
+    assert q.overlapped_s_per_token == pytest.approx(q.predicted_s_per_token)  # all resident: nothing overlaps
+    assert "0.002 ms" not in format_plan(q, groups, fixed) and "2.000 ms per layer" in format_plan(q, groups, fixed)
+    # per dtype: the figures measured for the compute dtype are taken
+    by = Bandwidths(1e9, 2e10, 1e10, matvec_by_dtype={"float32": 2e10}, layer_s=0.5,
+                    layer_s_by_dtype={"float32": 0.003})
+    assert by.for_dtype("float32").layer_s == 0.003 and by.for_dtype("float32").matvec == 2e10
+    assert by.for_dtype("float16").layer_s == 0.5 and by.for_dtype("float16").matvec == 1e10
 
 
 def test_given_prefetch_depth_is_used():
@@ -189,35 +279,60 @@ def test_cli_size():
 sizes_st = st.integers(min_value=1 * MiB, max_value=400 * MiB)
 
 
+def _specs(layers, head, ratio, pad):
+    """Layers and head held at ``ratio`` × their stored bytes (a store read at another dtype), slots padded."""
+    return [GroupSpec(f"layers.{i}", "layer", int(b * ratio), stored_bytes=b, slot_bytes=b + pad)
+            for i, b in enumerate(layers)] + [GroupSpec("head", "head", int(head * ratio), stored_bytes=head,
+                                                        slot_bytes=head + pad)]
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     layers=st.lists(sizes_st, min_size=1, max_size=24),
     head=sizes_st,
+    ratio=st.sampled_from([1.0, 2.0, 0.5]),
+    pad=st.integers(min_value=0, max_value=64 * 4096),
+    embed=st.one_of(st.just(0), sizes_st),
     host=st.integers(min_value=0, max_value=8 * GiB),
     device=st.one_of(st.none(), st.integers(min_value=0, max_value=6 * GiB)),
     kv=st.integers(min_value=0, max_value=1 * GiB),
     act=st.integers(min_value=0, max_value=64 * MiB),
     depth=st.one_of(st.none(), st.integers(min_value=1, max_value=4)),
 )
-def test_budgets_are_never_exceeded(layers, head, host, device, kv, act, depth):
-    groups = [GroupSpec(f"layers.{i}", "layer", b) for i, b in enumerate(layers)] + [GroupSpec("head", "head", head)]
+def test_budgets_are_never_exceeded(layers, head, ratio, pad, embed, host, device, kv, act, depth):
+    groups = _specs(layers, head, ratio, pad)
     bw = GPU_BW if device else CPU_BW
+
+    def at(h):
+        return plan(groups, Budgets(device, h), bw, kv_bytes=kv, activation_bytes=act, prefetch_depth=depth,
+                    embed_bytes=embed)
+
     try:
-        p = plan(groups, Budgets(device, host), bw, kv_bytes=kv, activation_bytes=act, prefetch_depth=depth)
+        p = at(host)
     except BudgetError as e:
-        assert "minimum working set" in str(e)
-        # the minimum really is infeasible: one buffer of the largest group plus KV/activations
-        if not device:
-            assert host < max(layers + [head]) * (depth or 1) + kv + act
+        msg = str(e)
+        assert "minimum working set" in msg
+        if msg.startswith("--cpu-mem"):
+            # "raise it to at least X" is true: X runs
+            from offload_rt.config import parse_size
+
+            at(parse_size(re.search(r"at least (\S+)$", msg).group(1)))
         return
+    # the minimum working set is exact: it plans, one byte less does not
+    assert at(p.min_working_set).host_used_bytes <= p.min_working_set <= host
+    with pytest.raises(BudgetError):
+        at(p.min_working_set - 1)
     assert host_used(p, groups) <= host
     assert p.host_used_bytes == host_used(p, groups)
     if device:
-        assert device_used(p, groups) <= device
+        assert p.device_used_bytes == device_used(p, groups) <= device
     else:
-        assert "device" not in p.tiers.values()
-    assert sum(p.tier_bytes.values()) == sum(layers) + head
-    assert p.stream_bytes_per_token == p.tier_bytes["disk"]
+        assert "device" not in p.tiers.values() and p.embed_tier != "device"
+    assert p.embed_tier in (("disk", "host", "device") if embed else ("",))
+    assert p.embed_tier in ("", "disk") or not p.streamed  # a table is kept only when nothing streams
+    held = sum(g.nbytes for g in groups if p.tiers[g.name] != "disk")
+    assert sum(p.tier_bytes.values()) == held + p.tier_bytes["disk"] + p.embed_bytes
+    assert p.stream_bytes_per_token == p.tier_bytes["disk"] == sum(g.stored for g in groups if p.tiers[g.name] == "disk")
     assert p.predicted_s_per_token >= p.pipelined_s_per_token * (1 - 1e-9) or p.prefetch_depth == 1
     assert p.pipelined_s_per_token >= p.overlapped_s_per_token * (1 - 1e-9)
     assert p.bound in ("disk", "h2d", "compute")
@@ -263,3 +378,64 @@ def test_kv_budget_follows_the_context_window():
     assert kv_reserve_bytes(args, torch.float32, 1000) == 1000 * 2 * 2 * 2 * 16 * 4
     small = dataclasses.replace(args, max_position_embeddings=2048)
     assert context_tokens(small, None) == 2048
+
+
+# ---------------------------------------------------------------------------- what the cost model is fed
+
+
+def test_layer_cost_fit_recovers_a_line():
+    from offload_rt.memory.calibrate import fit_layer_cost
+
+    rate, fixed = 2.5e10, 3e-4
+    points = [(b, fixed + b / rate) for b in (14 * MiB, 88 * MiB, 176 * MiB)]
+    got_rate, got_fixed = fit_layer_cost(points)
+    assert got_rate == pytest.approx(rate) and got_fixed == pytest.approx(fixed)
+    # noise that makes the big layer no slower than the small one: the big layer's plain rate, no fixed part
+    assert fit_layer_cost([(10 * MiB, 0.002), (100 * MiB, 0.001)]) == (100 * MiB / 0.001, 0.0)
+    # a negative intercept is clamped to zero, never below
+    assert fit_layer_cost([(10 * MiB, 0.0001), (100 * MiB, 0.01)])[1] == 0.0
+    assert fit_layer_cost([(10 * MiB, 0.001)]) == (10 * MiB / 0.001, 0.0)
+
+
+@pytest.mark.parametrize("dtype, numba", [("float32", True), ("bfloat16", True), ("float16", False)])
+def test_calibration_times_the_kernel_decode_runs(monkeypatch, dtype, numba):
+    """Regression (issue 8, bug 3): the mat-vec figure came from torch F.linear while decode runs the Numba
+    kernels. The calibration now times layer_forward itself, so its mat-vecs go where decode's go."""
+    import torch
+
+    import kernels_cpu.matvec as mv
+    from offload_rt.memory import calibrate
+
+    calls = []
+    real = mv.matvec
+    monkeypatch.setattr(mv, "matvec", lambda w, x: calls.append(w.dtype) or real(w, x))
+    shape = (256, 512, 4, 1)  # every projection above kernels_cpu.matvec.MIN_BYTES in float32
+    nbytes, seconds = calibrate.measure_decode_layer(dtype, shape, sweep_bytes=1, reps=1)
+    tensors = calibrate.layer_tensors(*shape)
+    assert nbytes == sum(math.prod(s) for s in tensors.values()) * getattr(torch, dtype).itemsize
+    assert seconds > 0
+    if numba:  # the Numba kernels ran, on weights of the measured dtype
+        assert calls and set(calls) == {getattr(torch, dtype)}
+    else:  # float16 decodes through F.linear, and so is it measured
+        assert calls == []
+
+
+def test_old_cached_figures_are_measured_again(monkeypatch, tmp_path):
+    """Figures cached by an older calibration (the F.linear mat-vec) are not reused; new ones round-trip."""
+    import json
+
+    from offload_rt.memory import calibrate
+
+    monkeypatch.delenv(calibrate.ENV_OVERRIDE, raising=False)
+    monkeypatch.setenv("OFFLOAD_RT_CACHE", str(tmp_path))
+    key = calibrate.cache_key(tmp_path)
+    old = {"disk_read": 1e9, "mem_read": 2e10, "matvec": 6e9, "h2d": None, "matvec_by_dtype": {"bfloat16": 6e9}}
+    (tmp_path / calibrate.CACHE_FILE).write_text(json.dumps({"version": 1, "entries": {key: old}}))
+    new = Bandwidths(1e9, 2e10, 2.6e10, None, {"bfloat16": 2.6e10}, layer_s=2e-4, token_s=1e-4,
+                     layer_s_by_dtype={"bfloat16": 2e-4, "float32": 3e-4})
+    calls = []
+    measured = calibrate.load_or_measure(tmp_path, progress=False, measure=lambda *a, **k: calls.append(1) or new)
+    assert calls == [1] and measured == new
+    again = calibrate.load_or_measure(tmp_path, progress=False, measure=lambda *a, **k: pytest.fail("measured"))
+    assert again == new and again.layer_s_by_dtype == new.layer_s_by_dtype and again.token_s == 1e-4
+    assert again.for_dtype("float32").layer_s == 3e-4

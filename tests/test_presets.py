@@ -10,7 +10,7 @@ import pytest
 
 from offload_rt import presets
 from offload_rt.errors import UsageError
-from offload_rt.memory import budgets, calibrate, plan
+from offload_rt.memory import baseline, budgets, calibrate, plan
 from offload_rt.memory.plan import Bandwidths
 
 MiB = 1 << 20
@@ -45,7 +45,8 @@ def test_defaults_agree_with_the_code():
     assert b["cpu_margin_min"] == budgets.CPU_MARGIN_MIN_BYTES
     assert b["gpu_margin_fraction"] == budgets.GPU_MARGIN_FRACTION
     assert b["gpu_margin_min"] == budgets.GPU_MARGIN_MIN_BYTES
-    assert b["runtime_overhead"] == budgets.RUNTIME_OVERHEAD_BYTES
+    assert b["runtime_slack"] == baseline.RUNTIME_SLACK_BYTES
+    assert b["cgroup_margin_min"] == budgets.CGROUP_MARGIN_MIN_BYTES
     assert d["io"]["read_chunk"] == calibrate.READ_CHUNK_BYTES
     assert d["calibrate"]["disk_test_bytes"] == calibrate.DISK_TEST_BYTES
     assert d["calibrate"]["mem_test_bytes"] == calibrate.MEM_TEST_BYTES
@@ -121,6 +122,40 @@ def test_merge_cli_wins_and_none_means_not_given():
     assert merged["gpu_mem"] == preset["gpu_mem"]
     assert merged["bandwidths"] == {"disk_read": 3e9, "h2d": preset["bandwidths"]["h2d"]}
     assert preset["cpu_mem"] == 10 * GiB  # the preset itself is untouched
+
+
+def test_apply_preset_fills_in_what_the_command_line_left_out():
+    from offload_rt.config import RunConfig
+
+    cfg = presets.apply_preset(RunConfig(cpu_mem=4 * GiB, threads=3), "laptop-8gb-gpu", given={"cpu_mem", "threads"})
+    assert (cfg.device, cfg.gpu_mem, cfg.prefetch_depth) == ("cuda", int(6.5 * GiB), 2)  # from the preset
+    assert cfg.bandwidth_hints == {"disk_read": 2.0e9, "h2d": 1.2e10}
+    assert (cfg.cpu_mem, cfg.threads) == (4 * GiB, 3)  # typed on the command line: kept
+    assert cfg.config_file == presets.CONFIG_DIR / "laptop-8gb-gpu.toml"
+    assert presets.apply_preset(RunConfig(), "laptop-8gb-gpu").cpu_mem == 10 * GiB
+    assert presets.apply_preset(RunConfig(), "cpu-nvme").cpu_mem == "auto"
+
+
+def test_a_presets_budgets_give_a_plan_on_all_three_tiers_within_them():
+    """The laptop preset on a 48-layer, 8B-wide bf16 model (~22 GB): what fits its 6.5G GPU is there, the rest of
+    what fits its 10G of RAM is on the host, the remainder streams from disk; neither budget is exceeded
+    and neither tier could take one more layer."""
+    p = presets.load_preset("laptop-8gb-gpu")
+    hidden, inter, kv_dim, vocab, n_layers = 4096, 14336, 1024, 128256, 48
+    layer = 2 * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter + 2 * hidden)
+    head = 2 * (vocab * hidden + hidden)
+    specs = [plan.GroupSpec(f"layer.{i}", "layer", layer) for i in range(n_layers)] + [plan.GroupSpec("head", "head", head)]
+    kv = n_layers * 2 * 4096 * kv_dim * 2
+    bw = Bandwidths(disk_read=p["bandwidths"]["disk_read"], mem_read=2e10, matvec=1e10, h2d=p["bandwidths"]["h2d"])
+    got = plan.plan(specs, plan.Budgets(device=p["gpu_mem"], host=p["cpu_mem"]), bw, kv_bytes=kv,
+                    prefetch_depth=p["prefetch_depth"])
+    assert got.prefetch_depth == 2
+    count = {t: sum(1 for v in got.tiers.values() if v == t) for t in ("device", "host", "disk")}
+    assert all(count.values()), count
+    assert got.tier_bytes["device"] + got.tier_bytes["host"] + got.tier_bytes["disk"] == n_layers * layer + head
+    assert got.tier_bytes["disk"] == count["disk"] * layer == got.stream_bytes_per_token
+    assert got.device_used_bytes <= p["gpu_mem"] < got.device_used_bytes + layer
+    assert got.host_used_bytes <= p["cpu_mem"] < got.host_used_bytes + layer
 
 
 # ---------------------------------------------------------------------------- budgets

@@ -1,6 +1,8 @@
-"""The chat REPL in a real pseudo-terminal: multi-turn, commands, Ctrl-C keeps the chat, Ctrl-D exits."""
+"""The chat REPL: in a real pseudo-terminal (multi-turn, commands, Ctrl-C keeps the chat, Ctrl-D exits),
+and in-process over a fake session (what each turn's prompt carries)."""
 
 import fcntl
+import io
 import os
 import pty
 import select
@@ -8,8 +10,12 @@ import subprocess
 import sys
 import termios
 import time
+from types import SimpleNamespace
 
 import pytest
+
+from offload_rt.errors import ContextLengthError
+from offload_rt.repl import ChatREPL
 
 ENV = {"OFFLOAD_RT_BANDWIDTHS": "disk=1.3e9,mem=2.4e10,matvec=1.5e10"}
 
@@ -91,36 +97,97 @@ def test_chat_turns_commands_interrupt_and_exit(term):
     assert term.proc.wait(60) == 0
 
 
-def test_full_context_keeps_the_chat_and_suggests_reset():
-    """A turn that no longer fits the context window is an error for that turn only; /reset recovers."""
-    import io
-    from types import SimpleNamespace
+class FakeSession:
+    """Stands in for Session: records the messages each turn is asked to answer; answers from a script.
 
-    from offload_rt.errors import ContextLengthError
-    from offload_rt.repl import ChatREPL
+    An answer is a list of pieces; a KeyboardInterrupt in it is raised there, as Ctrl-C would be mid-stream.
+    A conversation whose text grows past ``context`` characters is a ContextLengthError, as a full
+    context window is.
+    """
 
-    class FakeSession:
-        model = SimpleNamespace(name="fake", tokenizer=SimpleNamespace(chat_template="{{ x }}"))
+    model = SimpleNamespace(name="fake", tokenizer=SimpleNamespace(chat_template="{{ x }}"))
 
-        def answer(self, messages, raw=False):
-            if sum(len(m["content"]) for m in messages) > 20:
-                raise ContextLengthError("the prompt is 30 tokens but the context is 24 tokens; shorten the prompt")
-            yield "ok"
+    def __init__(self, answers=(), context=None):
+        self.answers = list(answers)
+        self.context = context
+        self.prompts: list[list[dict]] = []
 
-        def stats(self):
-            return {}
+    def answer(self, messages, raw=False):
+        assert not raw
+        self.prompts.append([dict(m) for m in messages])  # a copy: what this turn's prompt was
+        if self.context is not None and sum(len(m["content"]) for m in messages) > self.context:
+            raise ContextLengthError("the prompt is 30 tokens but the context is 24 tokens; shorten the prompt")
+        pieces = self.answers.pop(0) if self.answers else ["ok"]
 
-    lines = iter(["a question that is too long", "/reset", "hi"])
+        def stream():
+            for piece in pieces:
+                if piece is KeyboardInterrupt:
+                    raise KeyboardInterrupt
+                yield piece
+
+        return stream()
+
+    def stats(self):
+        return {}
+
+
+def chat(session, *lines):
+    """Run a ChatREPL over ``lines`` (then Ctrl-D); returns (repl, stdout text, stderr text)."""
+    it = iter(lines)
 
     def read_line(_prompt):
         try:
-            return next(lines)
+            return next(it)
         except StopIteration:
             raise EOFError from None
 
     out, err = io.StringIO(), io.StringIO()
-    repl = ChatREPL(FakeSession(), out=out, err=err, read_line=read_line)
+    repl = ChatREPL(session, out=out, err=err, read_line=read_line)
     assert repl.run() == 0
-    assert "context is 24 tokens" in err.getvalue() and "/reset to start a new conversation" in err.getvalue()
+    return repl, out.getvalue(), err.getvalue()
+
+
+def test_history_reaches_the_next_turns_prompt():
+    session = FakeSession(answers=[["Paris", "."], ["About 2.1 million."]])
+    chat(session, "What is the capital of France?", "How many people live there?")
+    assert session.prompts[1] == [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "How many people live there?"},
+    ]
+
+
+def test_system_prompt_reaches_the_prompt():
+    session = FakeSession()
+    repl, _, err = chat(session, "hello", "/system You answer in French.", "Bonjour?", "/system", "hi")
+    assert "system prompt set" in err
+    assert session.prompts[0] == [{"role": "user", "content": "hello"}]
+    # setting it starts a new conversation that begins with it
+    assert session.prompts[1] == [{"role": "system", "content": "You answer in French."},
+                                  {"role": "user", "content": "Bonjour?"}]
+    assert session.prompts[2] == [{"role": "user", "content": "hi"}]  # /system alone clears it
+
+
+def test_ctrl_c_keeps_the_partial_answer_in_the_history():
+    session = FakeSession(answers=[["Once upon", " a time", KeyboardInterrupt, " never sent"], ["ok"]])
+    repl, out, err = chat(session, "Tell me a long story.", "Go on.")
+    assert "(stopped)" in err
+    assert "Once upon a time" in out and "never sent" not in out
+    assert session.prompts[1] == [
+        {"role": "user", "content": "Tell me a long story."},
+        {"role": "assistant", "content": "Once upon a time"},
+        {"role": "user", "content": "Go on."},
+    ]
+
+
+def test_full_context_keeps_the_chat_and_suggests_reset():
+    """A turn that no longer fits the context window is an error for that turn only; /reset recovers."""
+    session = FakeSession(context=20)
+    long_question = "q" * 17  # fits alone, with its answer "ok" it fills the window
+    repl, out, err = chat(session, long_question, "hi", "/reset", "hi")
+    assert "context is 24 tokens" in err and "/reset to start a new conversation" in err
+    assert "(conversation cleared)" in err
+    # the failed "hi" left no trace; after /reset the same "hi" is asked alone (and fits)
+    assert session.prompts[-1] == [{"role": "user", "content": "hi"}]
     assert repl.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    assert out.getvalue().rstrip().endswith("ok")
+    assert out.rstrip().endswith("ok")

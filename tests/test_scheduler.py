@@ -1,6 +1,6 @@
 """The pipeline scheduler: identical outputs for every placement, budgets held, real overlap."""
 
-import random
+import threading
 
 import pytest
 import torch
@@ -18,7 +18,6 @@ from offload_rt.scheduler import StreamingWeights
 from offload_rt.trace import Tracer
 from tests.fake_store import FakeStore
 from tests.hf_models import tiny_model
-from tools.report_analysis import union_length as _union
 
 _MODELS = {}
 
@@ -91,9 +90,12 @@ def test_random_budgets_give_identical_tokens(data):
     except BudgetError:
         return
     ref, _, _ = run_with({n: "host" for n in names()}, embed_tier="host")
-    out, src, tiers = run_with(dict(p.tiers), depth=p.prefetch_depth, host_budget=host)
+    # Tiers left unbounded here (a bounded one raises before it could exceed): the assertions are the check.
+    out, src, tiers = run_with(dict(p.tiers), depth=p.prefetch_depth, host_budget=None)
     assert out == ref
-    assert tiers.host.peak <= host  # the host tier never exceeded its budget
+    assert tiers.host.peak <= host  # what the scheduler placed fits the budget the plan was made for
+    weights = sum(b for what, b in tiers.host.items.items() if what.startswith("weight."))
+    assert weights == p.tier_bytes["host"]  # and it kept resident exactly what the plan said
 
 
 def test_host_budget_is_enforced():
@@ -102,32 +104,63 @@ def test_host_budget_is_enforced():
         run_with({n: "host" for n in names()}, embed_tier="host", host_budget=1000)
 
 
-def test_pipeline_overlaps_slow_reads_with_compute(monkeypatch):
-    """With an artificially slow reader and slow compute, the pass takes about max(load, compute),
-    not their sum. Judged on the trace's intervals (busy time per track vs the span of the run)."""
-    import time as _time
+class _ReadLog(FakeStore):
+    """A FakeStore that counts, per group, the streamed reads that have begun (and lets a thread wait for one)."""
 
+    def __init__(self, tensors, group_of):
+        super().__init__(tensors)
+        self.group_of = group_of  # tensor name -> group name
+        self.begun: dict[str, int] = {}
+        self.cond = threading.Condition()
+
+    def read_many(self, items, **kw):
+        with self.cond:
+            g = self.group_of[items[0][0]]
+            self.begun[g] = self.begun.get(g, 0) + 1
+            self.cond.notify_all()
+        return super().read_many(items, **kw)
+
+    def wait_begun(self, group: str, count: int, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.begun.get(group, 0) >= count, timeout)
+
+
+def test_pipeline_reads_the_next_group_while_a_layer_computes(monkeypatch):
+    """Streamed reads overlap compute: in every pass, the read of group i+1 begins before layer i's
+    compute ends. Judged on the order of the trace's events, not on durations.
+
+    So that the order does not depend on the machine's speed, layer i's compute waits until the read of
+    group i+1 has begun (bounded, a guard against hanging): a pipeline lets it begin at once, a loader
+    that fetched each group only when compute asked for it could not, and that order shows in the trace.
+    """
     args, sd = tiny(False)
+    groups = model_groups(args)
+    store = _ReadLog(sd, {name: g.name for g in groups for _key, name in g.tensors})
+    following = {g.index: groups[i + 1].name for i, g in enumerate(groups[:-1])}  # layer index -> next group
+    calls: dict[int, int] = {}
+    stalled = []
+    ref = run_with({n: "host" for n in names()}, embed_tier="host")[0]
     real_layer = llama.layer_forward
 
-    def slow_layer(*a, **k):
-        _time.sleep(0.012)
-        return real_layer(*a, **k)
+    def layer_waiting_for_next_read(a, w, x, cache, index, *rest):
+        calls[index] = calls.get(index, 0) + 1  # this is pass calls[index] of layer `index`
+        if not stalled and not store.wait_begun(following[index], calls[index], timeout=20.0):
+            stalled.append(index)  # not overlapped: stop waiting, the order below fails
+        return real_layer(a, w, x, cache, index, *rest)
 
-    monkeypatch.setattr(llama, "layer_forward", slow_layer)
-    store = FakeStore(sd, read_delay_s=0.004)  # 9 tensors per layer on 4 reader threads: ~10 ms per layer
+    monkeypatch.setattr(llama, "layer_forward", layer_waiting_for_next_read)
     tracer = Tracer()
-    run_with({n: "disk" for n in names()}, store=store, tracer=tracer, depth=2)
+    out, _, _ = run_with({n: "disk" for n in names()}, store=store, tracer=tracer, depth=2)
+    assert out == ref
     ev = [e for e in tracer.events if e.get("ph") == "X"]
-    span = lambda e: (e["ts"], e["ts"] + e["dur"])
-    reads = [span(e) for e in ev if e["cat"] == "disk"]
-    computes = [span(e) for e in ev if e["cat"] == "compute" and e["name"].startswith(("layer.", "head"))]
-    fwd = [span(e) for e in ev if e["name"] == "forward"]
-    load, compute = _union(reads), _union(computes)
-    wall = max(b for _, b in fwd) - min(a for a, _ in fwd)
-    assert load > 0.5 * compute and compute > 0.5 * load  # comparable, so overlap matters
-    assert wall < 0.8 * (load + compute)  # serial execution would take the sum
-    assert wall >= 0.95 * max(load, compute)  # sanity: cannot beat the slower side
-    # the disk track was busy while layers computed
-    both = sum(max(0.0, min(r[1], c[1]) - max(r[0], c[0])) for r in reads for c in computes)
-    assert both > 0.4 * min(load, compute)
+    reads: dict[str, list[float]] = {}  # group -> start of each read, in order (one per pass)
+    for e in sorted((e for e in ev if e["cat"] == "disk"), key=lambda e: e["ts"]):
+        reads.setdefault(e["args"]["group"], []).append(e["ts"])
+    computes = [e for e in ev if e["cat"] == "compute" and e["name"].startswith("layer.")]
+    passes = 1 + max(e["args"]["pass"] for e in computes)
+    assert passes > 2 and all(len(reads[g.name]) >= passes for g in groups)
+    for e in computes:
+        layer = int(e["name"].split(".")[1])
+        next_read = reads[following[layer]][e["args"]["pass"]]
+        assert next_read < e["ts"] + e["dur"], (e["name"], e["args"]["pass"])
+    assert not stalled

@@ -163,6 +163,14 @@ def trace_disk_link(trace: Path):
     return {ln.name: ln for ln in analyse(load_trace(trace)).links}.get("disk")
 
 
+def publish(text: str, out: Path | None) -> None:
+    """Print a benchmark's markdown and append it to ``out`` (docs/BENCHMARKS.md) when given."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write("\n" + text)
+
+
 def _rates(runs) -> str:
     return ", ".join(f"{r['decode_tok_s']:.3f}" for r in runs)
 
@@ -271,11 +279,7 @@ def main(argv=None) -> int:
             s.add_argument("--cpu-mem", default="auto")
             s.add_argument("--max-memory", default="1000MiB")
     a = p.parse_args(argv)
-    text = r1(a) if a.which == "r1" else d1(a)
-    print(text)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write("\n" + text)
+    publish(r1(a) if a.which == "r1" else d1(a), a.out)
     return 0
 
 

@@ -6,39 +6,40 @@
 ``auto`` means *measured free memory minus a margin*:
 
 * cpu: ``psutil.virtual_memory().available``, capped by the cgroup memory limit
-  that applies to this process (limit − usage + reclaimable page cache, walked
-  up the cgroup hierarchy, v1 or v2), minus ``max(10 %, 512 MiB)``;
+  that applies to this process (limit − usage + reclaimable page cache, i.e.
+  inactive and not mapped, walked up the cgroup hierarchy, v1 or v2), minus
+  ``RUNTIME_SLACK_BYTES``, minus ``max(10 %, 512 MiB)`` of the rest (``max(10 %, 64 MiB)``
+  of a cgroup's headroom: that limit is this process's own);
 * gpu: free memory of the CUDA device (nvidia-ml-py) minus ``max(10 %, 768 MiB)``
   of its total (CUDA context, allocator slack); None when there is no GPU.
 
 The host budget covers what the planner places in RAM (resident weights,
 staging buffers, host KV cache, activations). It does **not** cover the
-process's fixed cost — the interpreter, torch, numba, zarr, the tokenizer —
-which is :data:`RUNTIME_OVERHEAD_BYTES`. Peak RSS should stay within
-``cpu_mem + RUNTIME_OVERHEAD_BYTES``.
+process's own cost — the interpreter, torch, numba, the tokenizer — which is
+measured in the running process (:mod:`offload_rt.memory.baseline`) before the
+budgets are resolved: it is already resident when ``auto`` reads the free memory,
+so ``auto`` leaves it out, and the run's promise is
+``peak RSS ≤ baseline + cpu_mem + RUNTIME_SLACK_BYTES``. ``auto`` also keeps
+``RUNTIME_SLACK_BYTES`` free for that slack.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from offload_rt import cgroups
 from offload_rt.config import AUTO, parse_size
 from offload_rt.errors import UsageError
 
 MiB = 1 << 20
 
-# Fixed RSS not counted in --cpu-mem. Measured on the 2-core CI machine (torch 2.x CPU, Python 3.11):
-#   python -c "import torch, offload_rt"                                   ≈ 224 MiB peak RSS
-#   + offload_rt.app, numba, zarr, tokenizers and one numba JIT compile    ≈ 353 MiB
-# The rest is headroom for a large tokenizer (a 128k vocabulary ≈ 50–100 MiB), torch's
-# thread pools and malloc arenas. Kept equal to [budgets] runtime_overhead in configs/defaults.toml.
-RUNTIME_OVERHEAD_BYTES = 512 * MiB
-
 # "auto" margins, kept equal to [budgets] in configs/defaults.toml.
 CPU_MARGIN_FRACTION = 0.10  # of available memory
 CPU_MARGIN_MIN_BYTES = 512 * MiB
+CGROUP_MARGIN_MIN_BYTES = 64 * MiB  # under a cgroup memory limit (the limit is this process's own)
 GPU_MARGIN_FRACTION = 0.10  # of the device's total memory
 GPU_MARGIN_MIN_BYTES = 768 * MiB  # CUDA context + caching-allocator slack
 
@@ -72,9 +73,32 @@ def available_host_memory() -> int:
 
 
 def auto_cpu_budget() -> int:
-    avail = available_host_memory()
-    margin = max(int(avail * CPU_MARGIN_FRACTION), CPU_MARGIN_MIN_BYTES)
-    return max(0, avail - margin)
+    """Free host memory now, less the run-time slack the budget does not cover, less a margin.
+
+    The process's measured baseline is already resident when this runs, so it is not in the
+    free figure. The margin differs by what limits us: the machine's free memory is shared with
+    every other program (``max(10 %, 512 MiB)`` is left to them); a cgroup limit is this
+    process's own (``max(10 %, 64 MiB)`` keeps the cgroup clear of its cap, where the kernel
+    would reclaim on every allocation).
+    """
+    import psutil
+
+    from offload_rt.memory.baseline import RUNTIME_SLACK_BYTES
+
+    def after(avail: int, fraction: float, minimum: int) -> int:
+        avail = max(0, avail - RUNTIME_SLACK_BYTES)
+        return max(0, avail - max(int(avail * fraction), minimum))
+
+    budget = after(int(psutil.virtual_memory().available), CPU_MARGIN_FRACTION, CPU_MARGIN_MIN_BYTES)
+    cg = cgroup_memory()
+    if cg is not None:
+        # Pages this process maps may be charged to another cgroup today (a library another program
+        # loaded first) and to ours after any reclaim: count the whole resident set as ours.
+        from offload_rt.memory.baseline import rss_bytes
+
+        room = min(cg.headroom, max(0, cg.limit - max(cg.unreclaimable, rss_bytes())))
+        budget = min(budget, after(room, CPU_MARGIN_FRACTION, CGROUP_MARGIN_MIN_BYTES))
+    return budget
 
 
 def auto_gpu_budget(index: int | None = None) -> int | None:
@@ -131,58 +155,88 @@ def _read_int(path: Path) -> int | None:
     return None if n >= _NO_LIMIT else n
 
 
-def _reclaimable(stat: Path, keys: tuple[str, ...]) -> int:
+@dataclass(frozen=True)
+class CgroupMemory:
+    """One memory cgroup with a limit, as its files say now."""
+
+    path: Path
+    limit: int  # bytes
+    usage: int  # bytes charged (anonymous + page cache + kernel)
+    cache: int  # page cache charged
+    inactive_file: int  # page cache on the inactive list (reclaimed first)
+    mapped_file: int  # page cache mapped by processes (library code, mmaps): in use, not reclaimable
+
+    @property
+    def reclaimable(self) -> int:
+        """Page cache the kernel can take back without hurting anyone: inactive and not mapped."""
+        return max(0, self.inactive_file - self.mapped_file)
+
+    @property
+    def unreclaimable(self) -> int:
+        return max(0, self.usage - self.reclaimable)
+
+    @property
+    def headroom(self) -> int:
+        return max(0, min(self.limit, self.limit - self.unreclaimable))
+
+
+def _stat(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
     try:
-        for line in stat.read_text().splitlines():
+        for line in path.read_text().splitlines():
             k, _, v = line.partition(" ")
-            if k in keys:
-                return int(v)
-    except (OSError, ValueError):
+            try:
+                out[k] = int(v)
+            except ValueError:
+                pass
+    except OSError:
         pass
+    return out
+
+
+def _first(stat: dict[str, int], *keys: str) -> int:
+    for k in keys:
+        if k in stat:
+            return stat[k]
     return 0
 
 
+def _memory_cgroups(proc_cgroup: Path, root: Path) -> list[CgroupMemory]:
+    """This process's memory cgroup and its ancestors that have a limit (v1 or v2)."""
+    found: list[CgroupMemory] = []
+    for d, v2 in cgroups.directories("memory", proc_cgroup, root):
+        limit = _read_int(d / ("memory.max" if v2 else "memory.limit_in_bytes"))
+        if limit is None:
+            continue
+        st = _stat(d / "memory.stat")
+        usage = _read_int(d / ("memory.current" if v2 else "memory.usage_in_bytes")) or 0
+        if v2:
+            cache, inactive, mapped = _first(st, "file"), _first(st, "inactive_file"), _first(st, "file_mapped")
+        else:  # hierarchical totals where the kernel gives them
+            cache = _first(st, "total_cache", "cache")
+            inactive = _first(st, "total_inactive_file", "inactive_file")
+            mapped = _first(st, "total_mapped_file", "mapped_file")
+        found.append(CgroupMemory(d, limit, usage, cache, inactive, mapped))
+    return found
+
+
+def cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                  root: Path = Path("/sys/fs/cgroup")) -> CgroupMemory | None:
+    """The limited memory cgroup (this process's or an ancestor) with the least headroom; None if none."""
+    cgs = _memory_cgroups(proc_cgroup, root)
+    return min(cgs, key=lambda c: c.headroom) if cgs else None
+
+
 def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Smallest (limit − usage + inactive file cache) over this process's memory cgroup and its ancestors.
+    """Smallest (limit − usage + reclaimable page cache) over this process's memory cgroup and its ancestors.
 
     None when no limit applies. Handles cgroup v2 (``memory.max``, ``memory.current``)
     and v1 (``memory.limit_in_bytes``, ``memory.usage_in_bytes``). A path from
     /proc/self/cgroup that does not exist under ``root`` (a cgroup namespace) is
-    also tried from ``root`` itself.
+    also tried from ``root`` itself. Reclaimable = inactive page cache minus mapped files:
+    the pages of the libraries this process runs are in use even when the kernel lists them
+    inactive, and counting them as free memory overcommits by their size (≈ 0.3 GB with the
+    CUDA build of torch).
     """
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    dirs: list[tuple[Path, tuple]] = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, rel = parts
-        rel = rel.strip().lstrip("/")
-        if controllers == "":  # v2 unified hierarchy
-            base = root if (root / "cgroup.controllers").exists() else root / "unified"
-            files = ("memory.max", "memory.current", ("inactive_file",))
-        elif "memory" in controllers.split(","):
-            base = root / "memory"
-            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", ("total_inactive_file", "inactive_file"))
-        else:
-            continue
-        leaf = base / rel if (base / rel).is_dir() else base
-        d = leaf
-        while True:
-            dirs.append((d, files))
-            if d == base or base not in d.parents:
-                break
-            d = d.parent
-    best: int | None = None
-    for d, (limit_f, usage_f, inactive_keys) in dirs:
-        limit = _read_int(d / limit_f)
-        if limit is None:
-            continue
-        usage = _read_int(d / usage_f) or 0
-        room = max(0, limit - usage + _reclaimable(d / "memory.stat", inactive_keys))
-        room = min(room, limit)
-        best = room if best is None else min(best, room)
-    return best
+    cg = cgroup_memory(proc_cgroup, root)
+    return cg.headroom if cg is not None else None

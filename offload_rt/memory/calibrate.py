@@ -5,20 +5,28 @@
   into one preallocated page-aligned (mmap) buffer, with ``O_DIRECT`` where the
   filesystem allows it (buffered reads otherwise), then deleted;
 * memory read: torch ``sum`` over 256 MiB of float32;
-* mat-vec: ``F.linear`` of a [1, 2048] activation with a few 5632×2048 weights,
-  float32 and bfloat16 (effective weight bytes/s);
+* decode layer: what decode runs, timed — ``models.llama.layer_forward`` on one token
+  (its mat-vecs through ``kernels_cpu.matvec.linear``: the Numba kernels for float32 and
+  bfloat16, ``F.linear`` for float16, as in decode), inside ``decode_scope``, over enough
+  distinct layers that the weights stream from RAM; fastest of several reps. Two layer
+  sizes per dtype give a line ``seconds = layer_s + bytes / matvec``: the mat-vec rate
+  (``matvec_by_dtype``) and the rest of a layer (``layer_s_by_dtype``: norms, RoPE,
+  attention over a short context, kernel calls);
+* per token: ``Engine.forward`` on a model without layers (a tiny head) plus the
+  greedy argmax over a full vocabulary (``token_s``: embedding, RoPE tables, the sweep);
 * host→device: pinned 256 MiB copies, only with ``cuda=True``.
 
 :func:`load_or_measure` caches the result as JSON in ``<cache>/bandwidth.json``
 (``<cache>`` = offload_rt.config.default_cache_dir(), ``OFFLOAD_RT_CACHE``
-respected), keyed by hostname, the ``st_dev`` of the offload dir and the CPU
-count. ``OFFLOAD_RT_BANDWIDTHS="disk=1.3e9,mem=2.4e10,matvec=1.5e10[,h2d=2.5e10]"``
+respected), keyed by hostname, the ``st_dev`` of the offload dir, the CPU count
+and the compute threads. ``OFFLOAD_RT_BANDWIDTHS="disk=1.3e9,mem=2.4e10,matvec=1.5e10[,h2d=2.5e10]"``
 overrides everything (tests use it; nothing is measured).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import socket
@@ -36,7 +44,7 @@ from offload_rt.memory.plan import Bandwidths
 
 ENV_OVERRIDE = "OFFLOAD_RT_BANDWIDTHS"
 CACHE_FILE = "bandwidth.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: decode-layer figures from the kernel decode runs (1 timed F.linear)
 
 MiB = 1 << 20
 DISK_TEST_BYTES = 512 * MiB  # kept equal to [calibrate] in configs/defaults.toml
@@ -46,8 +54,14 @@ PARALLEL_READERS = 8  # as the scheduler's reader pool
 PROBE_FILES = 8  # the disk probe is several files, like a weight store
 MEM_TEST_BYTES = 256 * MiB
 H2D_TEST_BYTES = 256 * MiB
-MATVEC_SHAPE = (5632, 2048)  # out × in: a Llama-1B-ish MLP projection
-MATVEC_WEIGHTS = 4  # distinct weights per pass, so they do not sit in cache
+# Decoder layers timed per dtype (hidden, intermediate, heads, KV heads; head_dim 64): a small and a large
+# Llama layer (SmolLM2-135M's, and a Llama-1B-class one), so the fit spans the models this runs.
+LAYER_SHAPES = ((576, 1536, 9, 3), (2048, 5632, 32, 4))
+HEAD_DIM = 64
+SWEEP_BYTES = 256 * MiB  # distinct weight bytes per timed sweep: more than a CPU cache holds, as in decode
+CONTEXT_TOKENS = 32  # tokens already in the KV cache of a timed layer (a short conversation)
+MATVEC_DTYPES = ("float32", "bfloat16", "float16")
+TOKEN_VOCAB = 49152  # logits the timed argmax of token_s runs over (the default model's vocabulary)
 DEFAULT_MATVEC_DTYPE = "bfloat16"  # Bandwidths.matvec; the others in matvec_by_dtype
 
 _ENV_KEYS = {
@@ -108,11 +122,13 @@ def bandwidths_from_env(value: str | None = None) -> Bandwidths | None:
 
 
 def cache_key(offload_dir: Path) -> str:
-    """hostname / st_dev of the offload dir (its nearest existing ancestor) / CPU count."""
+    """hostname / st_dev of the offload dir (its nearest existing ancestor) / CPU count / compute threads."""
+    import torch
+
     p = Path(offload_dir).expanduser().resolve()
     while not p.exists() and p != p.parent:
         p = p.parent
-    return f"{socket.gethostname()}:{os.stat(p).st_dev}:{os.cpu_count()}"
+    return f"{socket.gethostname()}:{os.stat(p).st_dev}:{os.cpu_count()}:t{torch.get_num_threads()}"
 
 
 def _to_json(bw: Bandwidths) -> dict:
@@ -122,6 +138,9 @@ def _to_json(bw: Bandwidths) -> dict:
         "matvec": bw.matvec,
         "h2d": bw.h2d,
         "matvec_by_dtype": dict(bw.matvec_by_dtype),
+        "layer_s": bw.layer_s,
+        "token_s": bw.token_s,
+        "layer_s_by_dtype": dict(bw.layer_s_by_dtype),
     }
 
 
@@ -132,6 +151,9 @@ def _from_json(d: dict) -> Bandwidths:
         matvec=float(d["matvec"]),
         h2d=None if d.get("h2d") is None else float(d["h2d"]),
         matvec_by_dtype={str(k): float(v) for k, v in (d.get("matvec_by_dtype") or {}).items()},
+        layer_s=float(d.get("layer_s") or 0.0),
+        token_s=float(d.get("token_s") or 0.0),
+        layer_s_by_dtype={str(k): float(v) for k, v in (d.get("layer_s_by_dtype") or {}).items()},
     )
 
 
@@ -318,23 +340,143 @@ def measure_mem_read(nbytes: int = MEM_TEST_BYTES, reps: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def measure_matvec(dtype: str, *, shape: tuple[int, int] = MATVEC_SHAPE, weights: int = MATVEC_WEIGHTS, reps: int = 5) -> float:
-    """Decode mat-vec throughput in weight bytes/s for ``dtype`` (median pass of ``reps``)."""
+def layer_tensors(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int = HEAD_DIM) -> dict[str, tuple]:
+    """Shapes of one Llama decoder layer's tensors, by the names ``models.llama.layer_forward`` reads."""
+    return {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+    }
+
+
+def _layer_args(hidden: int, inter: int, heads: int, kv_heads: int, layers: int, vocab: int = 1):
+    from offload_rt.models.llama import LlamaArgs
+
+    return LlamaArgs(model_type="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=HEAD_DIM, vocab_size=vocab,
+                     max_position_embeddings=CONTEXT_TOKENS + 8)
+
+
+def _weights(shapes: dict[str, tuple], dtype) -> dict:
+    """Tensors of these shapes with every page written (values do not change a mat-vec's speed)."""
     import torch
-    import torch.nn.functional as F
+
+    return {k: torch.empty(shape, dtype=dtype).fill_(1.0 if len(shape) == 1 else 0.02) for k, shape in shapes.items()}
+
+
+def _layer_sweep(dtype: str, shape: tuple[int, int, int, int], sweep_bytes: int) -> tuple[int, int, Callable]:
+    """(weight bytes per layer, layers, sweep): ``sweep()`` runs one decode token through enough distinct
+    decoder layers of ``shape`` to pass ``sweep_bytes``, as decode runs them (``layer_forward``, its
+    mat-vecs through ``kernels_cpu.matvec.linear``); call it inside ``decode_scope`` and inference mode."""
+    import torch
+
+    from offload_rt.kv_cache import KVCache
+    from offload_rt.models import llama
 
     dt = getattr(torch, dtype)
+    hidden, inter, heads, kv_heads = shape
+    shapes = layer_tensors(hidden, inter, heads, kv_heads)
+    per_layer = sum(math.prod(s) for s in shapes.values()) * dt.itemsize
+    n = max(2, -(-sweep_bytes // per_layer))
+    args = _layer_args(hidden, inter, heads, kv_heads, n)
+    layers = [_weights(shapes, dt) for _ in range(n)]
+    cache = KVCache(n, kv_heads, HEAD_DIM, dt, CONTEXT_TOKENS + 1)
+    kv = torch.full((CONTEXT_TOKENS, kv_heads, HEAD_DIM), 0.1, dtype=dt)
+    for i in range(n):
+        cache.update_and_fetch(i, kv, kv)
+    cache.commit(CONTEXT_TOKENS)
+    rope = llama.Rope(args, dt).tables(CONTEXT_TOKENS, 1)
+    x = torch.full((1, hidden), 0.1, dtype=dt)
+
+    def sweep():
+        for i, w in enumerate(layers):
+            llama.layer_forward(args, w, x, cache, i, rope, CONTEXT_TOKENS)  # rewrites the same KV slot
+
+    return per_layer, n, sweep
+
+
+def measure_layer_points(dtype: str, shapes=LAYER_SHAPES, *, sweep_bytes: int = SWEEP_BYTES,
+                         reps: int = 15) -> list[tuple[int, float]]:
+    """(weight bytes, seconds) of one decoder layer per shape at one decode token, run as decode runs it
+    (torch single-threaded in ``decode_scope``). The shapes' sweeps alternate and each keeps its fastest
+    rep, so a burst of other work on the machine neither favours one shape nor inflates the figures."""
+    import torch
+
+    from kernels_cpu.matvec import decode_scope
+
     with torch.inference_mode():
-        ws = [torch.randn(shape, dtype=torch.float32).to(dt) for _ in range(weights)]
-        x = torch.randn(1, shape[1], dtype=torch.float32).to(dt)
+        sweeps = [_layer_sweep(dtype, s, sweep_bytes) for s in shapes]
+        best = [math.inf] * len(sweeps)
+        with decode_scope():
+            for _, _, sweep in sweeps:
+                sweep()  # warm: kernels compiled, pages touched
+            for _ in range(reps):
+                for i, (_, _, sweep) in enumerate(sweeps):
+                    best[i] = min(best[i], _timed(sweep))
+    return [(per_layer, t / n) for (per_layer, n, _), t in zip(sweeps, best)]
 
-        def one_pass():
-            for w in ws:
-                F.linear(x, w)
 
-        one_pass()
-        t = statistics.median(_timed(one_pass) for _ in range(reps))
-    return sum(w.numel() * w.element_size() for w in ws) / t
+def measure_decode_layer(dtype: str, shape: tuple[int, int, int, int], *, sweep_bytes: int = SWEEP_BYTES,
+                         reps: int = 7) -> tuple[int, float]:
+    """(weight bytes, seconds) of one decoder layer of ``shape`` at one decode token (fastest rep)."""
+    return measure_layer_points(dtype, [shape], sweep_bytes=sweep_bytes, reps=reps)[0]
+
+
+def fit_layer_cost(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(bytes/s, fixed seconds) of the line ``seconds = fixed + bytes / rate`` through measured points
+    (least squares). The fixed part is clamped to [0, the smallest point's time]; a degenerate fit
+    (noise: the larger layer no slower) falls back to the largest point's plain rate."""
+    if not points:
+        raise ValueError("fit_layer_cost needs at least one point")
+    big = max(points)
+    if len({b for b, _ in points}) < 2:
+        return big[0] / big[1], 0.0
+    mb = statistics.fmean(b for b, _ in points)
+    mt = statistics.fmean(t for _, t in points)
+    slope = sum((b - mb) * (t - mt) for b, t in points) / sum((b - mb) ** 2 for b, _ in points)
+    if slope <= 0:
+        return big[0] / big[1], 0.0
+    fixed = min(max(0.0, mt - slope * mb), min(t for _, t in points))
+    return 1.0 / slope, fixed
+
+
+def measure_layer_costs(dtype: str, shapes=LAYER_SHAPES, **kw) -> tuple[float, float]:
+    """(mat-vec bytes/s, fixed seconds per layer) for ``dtype`` from decode layers of ``shapes``."""
+    return fit_layer_cost(measure_layer_points(dtype, shapes, **kw))
+
+
+def measure_token_overhead(dtype: str, *, vocab: int = TOKEN_VOCAB, reps: int = 7) -> float:
+    """Seconds per decode token outside the layers and the head mat-vec, timed directly: ``Engine.forward``
+    of one token on a model with no layers and a tiny head (embedding, RoPE tables, ``decode_scope``,
+    the sweep), plus the greedy argmax over a ``vocab``-sized row of logits."""
+    import torch
+
+    from offload_rt.engine import Engine, ResidentWeights, model_groups
+    from offload_rt.models import llama
+
+    dt = getattr(torch, dtype)
+    hidden, tiny_vocab = 64, 64
+    args = _layer_args(hidden, hidden, 1, 1, 0, tiny_vocab)
+    tensors = _weights({llama.EMBED: (tiny_vocab, hidden), llama.LM_HEAD: (tiny_vocab, hidden),
+                        llama.FINAL_NORM: (hidden,)}, dt)
+    logits = torch.zeros(vocab, dtype=torch.float32)
+    with torch.inference_mode():
+        engine = Engine(args, ResidentWeights(model_groups(args), tensors.__getitem__, llama.EMBED), dt,
+                        max_tokens=8)
+
+        def step():
+            engine.forward([1])
+            engine.reset()
+            int(logits.argmax())
+
+        step()
+        return min(_timed(step) for _ in range(reps))
 
 
 def measure_h2d(nbytes: int = H2D_TEST_BYTES, reps: int = 5) -> float:
@@ -366,17 +508,18 @@ def measure_bandwidths(
     disk_bytes: int = DISK_TEST_BYTES,
     mem_bytes: int = MEM_TEST_BYTES,
 ) -> Bandwidths:
-    """Measure everything the planner needs (a few seconds; the disk probe dominates)."""
-    dtypes = ("float32", "bfloat16")
-    with _progress(progress and sys.stderr is not None, 2 + len(dtypes) + int(cuda)) as step:
+    """Measure everything the planner needs (several seconds; the disk probe dominates)."""
+    with _progress(progress and sys.stderr is not None, 3 + len(MATVEC_DTYPES) + int(cuda)) as step:
         step("disk read")
         disk = measure_disk_read(Path(offload_dir), disk_bytes)
         step("memory read")
         mem = measure_mem_read(mem_bytes)
-        by_dtype = {}
-        for d in dtypes:
-            step(f"mat-vec {d}")
-            by_dtype[d] = measure_matvec(d)
+        by_dtype, layer_by_dtype = {}, {}
+        for d in MATVEC_DTYPES:
+            step(f"decode layer {d}")
+            by_dtype[d], layer_by_dtype[d] = measure_layer_costs(d)
+        step("per token")
+        token = measure_token_overhead(DEFAULT_MATVEC_DTYPE)
         h2d = None
         if cuda:
             step("host→device")
@@ -388,4 +531,7 @@ def measure_bandwidths(
         matvec=by_dtype[DEFAULT_MATVEC_DTYPE],
         h2d=h2d,
         matvec_by_dtype=by_dtype,
+        layer_s=layer_by_dtype[DEFAULT_MATVEC_DTYPE],
+        token_s=token,
+        layer_s_by_dtype=layer_by_dtype,
     )

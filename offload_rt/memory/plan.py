@@ -14,16 +14,31 @@ Tiers
 ``disk``    the zarr weight store, read again on every forward pass into
             reusable staging buffers.
 
+Three sizes per group (:class:`GroupSpec`)
+------------------------------------------
+``nbytes``  held: the group at the compute dtype. What residency costs and what
+            the mat-vec reads.
+``stored``  the group as stored. What crosses the disk and the host→device link
+            (a bf16 store run in float32 moves half the bytes it holds).
+``slot``    one staging slot for the group: its stored tensors, each at an
+            O_DIRECT-aligned offset (the scheduler's slot layout).
+
 Cost model (decode, one token, after FlexGen)
 ---------------------------------------------
 For every group g, in sweep order::
 
-    compute_g = nbytes_g / matvec                      (mat-vec reads every weight once)
-    disk_g    = nbytes_g / disk_read   if g streams from disk, else 0
-    h2d_g     = nbytes_g / h2d         if CUDA and g is not device-resident, else 0
+    compute_g = nbytes_g / matvec  (+ layer_s for a decoder layer)
+                (+ (stored_g + nbytes_g) / mem_read when g streams without CUDA and stored ≠ held: the cast)
+    disk_g    = stored_g / disk_read   if g streams from disk, else 0
+    h2d_g     = stored_g / h2d         if CUDA and g is not device-resident, else 0
     time_g    = max(compute_g, disk_g, h2d_g)
 
-    predicted_s_per_token = Σ_g time_g
+    predicted_s_per_token = token_s + Σ_g time_g
+
+``matvec`` is the measured weight bytes/s of a decode layer's mat-vecs at the compute
+dtype, ``layer_s`` the measured rest of a decode layer (norms, RoPE, attention over a
+short context, kernel calls), ``token_s`` the measured per-token work outside the
+sweep (embedding, sampling); see offload_rt.memory.calibrate.
 
 A group's transfers are assumed to overlap with compute (the scheduler loads
 group g while earlier groups compute), but transfers are never assumed to hide
@@ -34,7 +49,7 @@ finished computing, so it pays ``compute_g + transfer_g``.
 
 Two more figures are reported beside it:
 
-* ``overlapped_s_per_token = max(Σ compute, Σ disk, Σ h2d)`` — the fully
+* ``overlapped_s_per_token = token_s + max(Σ compute, Σ disk, Σ h2d)`` — the fully
   overlapped lower bound: every link busy all the time.
 * ``pipelined_s_per_token`` — a small discrete-event simulation of the
   scheduler (disk reader, copy engine and compute as serial resources, at most
@@ -45,15 +60,22 @@ Two more figures are reported beside it:
 (each group's time attributed to its largest term): ``disk``, ``h2d`` or
 ``compute``.
 
-Budgets
--------
-Host:   host-resident groups + host staging buffers (depth × largest disk group)
-        + KV (when on host) + ``activation_bytes``.
-Device: device-resident groups + device staging buffers (depth × largest
-        group not on device) + KV (when on device).
+Budgets (every byte the run reserves in its Tiers, nothing else)
+----------------------------------------------------------------
+Host:   host-resident groups (held) + host staging slots + KV (when on host)
+        + ``activation_bytes`` + the untied embedding table when it is kept on the host.
+        Staging slots: without CUDA ``depth`` slots of the largest disk group; with
+        CUDA ``CUDA_HOST_SLOTS`` slots of the largest fetched group, when any group
+        is on disk.
+Device: device-resident groups (held) + ``depth`` device slots of the largest
+        fetched group + KV (when on device) + the untied embedding table when kept there.
 
 KV goes on the device when it fits there beside one staging buffer, otherwise
 it lives on the host (CPU attention over host KV). Without CUDA it is on the host.
+
+An untied embedding table (``embed_bytes``) is kept where compute runs only when no
+group streams from disk and it fits; otherwise its rows are read from the store per
+token (a few KiB). A tied one is the head's output matrix and belongs to the head group.
 """
 
 from __future__ import annotations
@@ -69,6 +91,9 @@ from offload_rt.errors import BudgetError
 # (tests/test_presets.py checks they agree).
 MIN_PREFETCH_DEPTH = 1
 MAX_PREFETCH_DEPTH = 4
+# Host staging slots with CUDA when anything streams from disk: the scheduler double-buffers
+# disk → pinned host and copies each slot up on its copy stream (offload_rt/scheduler.py).
+CUDA_HOST_SLOTS = 2
 
 Tier = Literal["device", "host", "disk"]
 TIERS: tuple[str, ...] = ("device", "host", "disk")
@@ -79,32 +104,46 @@ _EPS = 1e-9  # relative tolerance when comparing predicted times
 class GroupSpec:
     """One unit of placement: a decoder layer or the head, in sweep order.
 
-    ``nbytes`` counts the bytes the group owns in the store. For ``kind="head"``
-    that is the final norm plus ``lm_head`` when it is untied; when the embedding
-    is tied, :func:`plan` adds ``embed_bytes`` to the head (the head mat-vec reads
-    the whole embedding matrix every token).
+    Sizes count every tensor the group's sweep step uses, a tied embedding included in
+    the head (the head mat-vec reads the whole embedding matrix every token).
     """
 
     name: str  # unique, e.g. "layers.0" or "head"
     kind: Literal["layer", "head"]
-    nbytes: int  # bytes of the group's tensors at the compute dtype
+    nbytes: int  # held: bytes of the group's tensors at the compute dtype (residency, mat-vec)
+    stored_bytes: int | None = None  # bytes as stored: what a fetch moves over disk / host→device (None: nbytes)
+    slot_bytes: int | None = None  # one staging slot: stored tensors at aligned offsets (None: stored)
+
+    @property
+    def stored(self) -> int:
+        return int(self.nbytes if self.stored_bytes is None else self.stored_bytes)
+
+    @property
+    def slot(self) -> int:
+        return int(self.stored if self.slot_bytes is None else self.slot_bytes)
 
 
 @dataclass(frozen=True)
 class Bandwidths:
-    """Measured (or hinted) speeds in bytes/s; see offload_rt.memory.calibrate."""
+    """Measured (or hinted) speeds in bytes/s and fixed costs in s; see offload_rt.memory.calibrate."""
 
     disk_read: float  # cold sequential read of the weight store, large reads
     mem_read: float  # RAM read bandwidth (torch sum), all threads
-    matvec: float  # effective weight bytes/s of a decode mat-vec at the compute dtype
+    matvec: float  # weight bytes/s of a decode layer's mat-vecs at the compute dtype (the kernel decode runs)
     h2d: float | None = None  # pinned host→device copy; None = no CUDA
     matvec_by_dtype: Mapping[str, float] = field(default_factory=dict, compare=False)  # "float32" → bytes/s
+    layer_s: float = 0.0  # seconds per decoder layer per decode token besides its mat-vec bytes
+    token_s: float = 0.0  # seconds per decode token outside the sweep (embedding, sampling, the loop)
+    layer_s_by_dtype: Mapping[str, float] = field(default_factory=dict, compare=False)  # "float32" → s
 
     def for_dtype(self, dtype: str | None) -> "Bandwidths":
-        """The same bandwidths with ``matvec`` taken for ``dtype`` when it was measured."""
+        """The same figures with ``matvec`` and ``layer_s`` taken for ``dtype`` where it was measured."""
+        out = self
         if dtype and dtype in self.matvec_by_dtype:
-            return replace(self, matvec=float(self.matvec_by_dtype[dtype]))
-        return self
+            out = replace(out, matvec=float(self.matvec_by_dtype[dtype]))
+        if dtype and dtype in self.layer_s_by_dtype:
+            out = replace(out, layer_s=float(self.layer_s_by_dtype[dtype]))
+        return out
 
 
 @dataclass(frozen=True)
@@ -130,26 +169,28 @@ class Placement:
     """The plan: where every weight group lives and what that costs per decode token."""
 
     tiers: Mapping[str, str]  # group name → "device" | "host" | "disk"
-    tier_bytes: Mapping[str, int]  # "device"/"host"/"disk" → weight bytes placed there
-    stream_bytes_per_token: int  # bytes read from disk per decode token
+    tier_bytes: Mapping[str, int]  # "device"/"host"/"disk" → weight bytes held there (disk: as stored)
+    stream_bytes_per_token: int  # bytes read from disk per decode token (as stored)
     h2d_bytes_per_token: int  # bytes copied host→device per decode token (0 without CUDA)
     prefetch_depth: int  # fetched groups in flight (staging buffers per tier)
-    buffer_bytes: int  # host staging: depth × largest disk group (inside the host budget)
-    device_buffer_bytes: int  # device staging: depth × largest group not on the device
+    buffer_bytes: int  # host staging slots (inside the host budget)
+    device_buffer_bytes: int  # device staging: depth × the largest slot of a group not on the device
     kv_bytes: int  # KV cache bytes
     kv_tier: str  # "device" | "host"
     activation_bytes: int  # counted in the host budget
     host_used_bytes: int  # everything counted against the host budget
     device_used_bytes: int  # everything counted against the device budget (0 without one)
-    min_working_set: int  # smallest host budget that can run at all (bytes)
-    predicted_s_per_token: float  # Σ_g max(compute_g, disk_g, h2d_g)
+    min_working_set: int  # smallest host budget any placement of this model can run in (bytes)
+    predicted_s_per_token: float  # token_s + Σ_g max(compute_g, disk_g, h2d_g)
     predicted_tok_s: float
-    overlapped_s_per_token: float  # max(Σ compute, Σ disk, Σ h2d): lower bound
+    overlapped_s_per_token: float  # token_s + max(Σ compute, Σ disk, Σ h2d): lower bound
     pipelined_s_per_token: float  # scheduler simulation with prefetch_depth buffers
     bound: str  # "disk" | "h2d" | "compute"
     per_group: Mapping[str, GroupCost]
-    group_bytes: Mapping[str, int]  # effective bytes per group (tied embedding added to the head)
+    group_bytes: Mapping[str, int]  # held bytes per group (a tied embedding inside the head)
     cuda: bool  # a device tier was planned
+    embed_tier: str = ""  # untied embedding table: "device" | "host" resident, "disk" = rows read; "" = none (tied)
+    embed_bytes: int = 0  # bytes of the resident untied embedding table (0 when its rows are read)
 
     @property
     def streamed(self) -> list[str]:
@@ -194,10 +235,15 @@ def _largest(sizes: Iterable[int]) -> int:
     return max(sizes, default=0)
 
 
+def _is_fetched(tier: str, cuda: bool) -> bool:
+    """Moved every pass: from disk, and with CUDA also from host RAM up to the device."""
+    return tier != "device" if cuda else tier == "disk"
+
+
 class _Candidate:
     """One feasible assignment under evaluation (internal)."""
 
-    __slots__ = ("tiers", "depth", "predicted", "pipelined", "costs")
+    __slots__ = ("tiers", "depth", "predicted", "pipelined", "costs", "host_used", "device_used")
 
     def __init__(self, tiers: list[str], depth: int):
         self.tiers = tiers
@@ -207,14 +253,17 @@ class _Candidate:
 # ---------------------------------------------------------------------------- cost model
 
 
-def _group_costs(sizes: Sequence[int], tiers: Sequence[str], bw: Bandwidths, depth: int, cuda: bool) -> list[GroupCost]:
+def _group_costs(groups: Sequence[GroupSpec], tiers: Sequence[str], bw: Bandwidths, depth: int,
+                 cuda: bool) -> list[GroupCost]:
     out: list[GroupCost] = []
-    n = len(sizes)
-    fetched = [t != "device" if cuda else t == "disk" for t in tiers]
-    for i, (b, t) in enumerate(zip(sizes, tiers)):
-        c = b / bw.matvec
-        d = b / bw.disk_read if t == "disk" else 0.0
-        h = b / bw.h2d if (cuda and t != "device" and bw.h2d) else 0.0
+    n = len(groups)
+    fetched = [_is_fetched(t, cuda) for t in tiers]
+    for i, (g, t) in enumerate(zip(groups, tiers)):
+        c = g.nbytes / bw.matvec + (bw.layer_s if g.kind == "layer" else 0.0)
+        if t == "disk" and not cuda and g.stored != g.nbytes:
+            c += (g.stored + g.nbytes) / bw.mem_read  # the slot is cast to the compute dtype on the CPU
+        d = g.stored / bw.disk_read if t == "disk" else 0.0
+        h = g.stored / bw.h2d if (cuda and t != "device" and bw.h2d) else 0.0
         time = max(c, d, h)
         if depth == 1 and fetched[i] and n > 1 and fetched[i - 1]:
             # one buffer: this load waits until the previous fetched group has computed
@@ -223,38 +272,39 @@ def _group_costs(sizes: Sequence[int], tiers: Sequence[str], bw: Bandwidths, dep
     return out
 
 
-def _pipelined(sizes: Sequence[int], tiers: Sequence[str], bw: Bandwidths, depth: int, cuda: bool) -> float:
+def _pipelined(costs: Sequence[GroupCost], tiers: Sequence[str], depth: int, cuda: bool) -> float:
     """Steady-state seconds per sweep of a simulated scheduler.
 
     Resources are serial: the disk reader, the host→device copy engine (CUDA) and
     compute. A fetched group (not resident where compute runs) goes disk → [h2d] →
     compute; its first transfer may start only once the fetched group ``depth``
     places earlier has finished computing (its buffer is then free). Three sweeps
-    run back to back; the third one's duration is the steady state.
+    run back to back; the third one's duration is the steady state. Each stage takes
+    the group's ``disk_s``, ``h2d_s`` and ``compute_s`` from ``costs``.
     """
-    n = len(sizes)
+    n = len(costs)
     if n == 0:
         return 0.0
     disk_free = h2d_free = compute_free = 0.0
     done: list[float] = []  # compute end time of each fetched job, in order
     ends = []
     for _sweep in range(3):
-        for b, t in zip(sizes, tiers):
-            fetched = t != "device" if cuda else t == "disk"
+        for c, t in zip(costs, tiers):
+            fetched = _is_fetched(t, cuda)
             ready = 0.0
             if fetched:
                 k = len(done)
                 ready = done[k - depth] if k >= depth else 0.0
                 if t == "disk":
                     start = max(disk_free, ready)
-                    disk_free = start + b / bw.disk_read
+                    disk_free = start + c.disk_s
                     ready = disk_free
-                if cuda and bw.h2d:
+                if cuda and c.h2d_s:
                     start = max(h2d_free, ready)
-                    h2d_free = start + b / bw.h2d
+                    h2d_free = start + c.h2d_s
                     ready = h2d_free
             start = max(compute_free, ready)
-            compute_free = start + b / bw.matvec
+            compute_free = start + c.compute_s
             if fetched:
                 done.append(compute_free)
         ends.append(compute_free)
@@ -267,6 +317,25 @@ def _bound(costs: Sequence[GroupCost]) -> str:
         name = max((("compute", g.compute_s), ("disk", g.disk_s), ("h2d", g.h2d_s)), key=lambda kv: kv[1])[0]
         acc[name] += g.time_s
     return max(acc, key=lambda k: (acc[k], k == "compute"))
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def host_staging_bytes(groups: Sequence[GroupSpec], tiers: Sequence[str], depth: int, cuda: bool) -> int:
+    """Host slots the scheduler reserves for a placement (see the module docstring)."""
+    if not any(t == "disk" for t in tiers):
+        return 0
+    if cuda:
+        return CUDA_HOST_SLOTS * _largest(g.slot for g, t in zip(groups, tiers) if t != "device")
+    return depth * _largest(g.slot for g, t in zip(groups, tiers) if t == "disk")
+
+
+def device_staging_bytes(groups: Sequence[GroupSpec], tiers: Sequence[str], depth: int, cuda: bool) -> int:
+    """Device slots the scheduler reserves for a placement: ``depth`` of the largest fetched group."""
+    if not cuda:
+        return 0
+    return depth * _largest(g.slot for g, t in zip(groups, tiers) if t != "device")
 
 
 # ---------------------------------------------------------------------------- choosing
@@ -296,7 +365,6 @@ def plan(
     prefetch_depth: int | None = None,
     activation_bytes: int = 0,
     embed_bytes: int = 0,
-    tied: bool = False,
     depth_bounds: tuple[int, int] = (MIN_PREFETCH_DEPTH, MAX_PREFETCH_DEPTH),
 ) -> Placement:
     """Place ``groups`` (sweep order: layers 0..N-1, then the head) on device/host/disk.
@@ -317,8 +385,10 @@ def plan(
     cost is independent of the host budget and a larger budget only admits more
     candidates, the prediction never gets worse as ``--cpu-mem`` grows.
 
-    ``embed_bytes``/``tied``: an untied embedding is read by rows (cost ~0) and
-    never needs residency, so it is ignored; a tied one is added to the head group.
+    ``embed_bytes``: an untied embedding table at the compute dtype (0 when tied or
+    absent). It costs ~nothing per token either way (a few rows), so it never displaces
+    a group: it is kept resident, where compute runs, only when no group streams from
+    disk and it fits beside everything else; otherwise its rows are read from the store.
 
     Raises BudgetError when a budget cannot hold the minimum working set
     (one group in flight, its staging buffer, KV cache and activations).
@@ -328,8 +398,10 @@ def plan(
     names = [g.name for g in groups]
     if len(set(names)) != len(names):
         raise ValueError("group names must be unique")
-    sizes = [int(g.nbytes) + (int(embed_bytes) if (tied and g.kind == "head") else 0) for g in groups]
-    if any(s < 0 for s in sizes) or kv_bytes < 0 or activation_bytes < 0:
+    groups = list(groups)
+    held = [int(g.nbytes) for g in groups]
+    slots = [g.slot for g in groups]
+    if any(min(g.nbytes, g.stored, g.slot) < 0 for g in groups) or min(kv_bytes, activation_bytes, embed_bytes) < 0:
         raise ValueError("sizes must not be negative")
     cuda = budgets.device is not None and budgets.device > 0
     if cuda and not bw.h2d:
@@ -346,127 +418,135 @@ def plan(
     layers = [i for i, g in enumerate(groups) if g.kind != "head"]
     head = [i for i, g in enumerate(groups) if g.kind == "head"]
     layer_set, head_set = set(layers), set(head)
-    total = sum(sizes)
+    total = sum(held)
     H, D = int(budgets.host), int(budgets.device or 0)
 
     # KV: on the device when it fits there beside one staging buffer (or beside everything).
     kv_on_device = False
     if cuda:
-        kv_on_device = kv_bytes + (0 if total + kv_bytes <= D else _largest(sizes)) <= D
+        kv_on_device = kv_bytes + (0 if total + kv_bytes <= D else _largest(slots)) <= D
     kv_dev = kv_bytes if kv_on_device else 0
     kv_host = 0 if kv_on_device else kv_bytes
 
     # Level 1 (CUDA only): which groups leave the device ("fetched"). Depends on the device budget only.
-    def device_level(depth: int) -> list[int] | None:
+    def device_level(depth: int) -> tuple[list[int], int] | None:
         if not cuda:
-            return list(range(n))
+            return list(range(n)), 0
         best = None
         for cand in _streaming_sets(layers, head):
-            down = sum(sizes[i] for i in cand)
-            used = total - down + depth * _largest(sizes[i] for i in cand) + kv_dev
+            down = sum(held[i] for i in cand)
+            used = total - down + depth * _largest(slots[i] for i in cand) + kv_dev
             if used <= D and (best is None or down < best[0]):
-                best = (down, cand)
-        return None if best is None else best[1]
+                best = (down, cand, used)
+        return None if best is None else (best[1], best[2])
 
     # Level 2: which of the fetched groups stream from disk; the rest stay in host RAM.
     best: _Candidate | None = None
     device_ok = False
     min_ws_host = None
     for depth in depths:
-        fetched = device_level(depth)
-        if fetched is None:
+        level = device_level(depth)
+        if level is None:
             continue
+        fetched, dev_used = level
         device_ok = True
         f_layers = [i for i in fetched if i in layer_set]
         f_head = [i for i in fetched if i in head_set]
-        fetched_bytes = sum(sizes[i] for i in fetched)
-        ws = kv_host + activation_bytes + depth * _largest(sizes[i] for i in fetched)
-        if not fetched:
-            ws = kv_host + activation_bytes
-        min_ws_host = ws if min_ws_host is None else min(min_ws_host, ws)
+        fset = set(fetched)
         for cand in _streaming_sets(f_layers, f_head):
             disk = set(cand)
-            host_resident = fetched_bytes - sum(sizes[i] for i in disk)
-            used = host_resident + depth * _largest(sizes[i] for i in disk) + kv_host + activation_bytes
+            tiers = ["disk" if i in disk else ("host" if (i in fset or not cuda) else "device") for i in range(n)]
+            used = (sum(held[i] for i in fset - disk) + host_staging_bytes(groups, tiers, depth, cuda)
+                    + kv_host + activation_bytes)
+            min_ws_host = used if min_ws_host is None else min(min_ws_host, used)  # the smallest that runs
             if used > H:
                 continue
-            fset = set(fetched)
-            tiers = ["disk" if i in disk else ("host" if (i in fset or not cuda) else "device") for i in range(n)]
             c = _Candidate(tiers, depth)
-            c.costs = _group_costs(sizes, tiers, bw, depth, cuda)
-            c.predicted = sum(g.time_s for g in c.costs)
+            c.host_used, c.device_used = used, dev_used
+            c.costs = _group_costs(groups, tiers, bw, depth, cuda)
+            c.predicted = bw.token_s + sum(g.time_s for g in c.costs)
             c.pipelined = None
             if best is None or c.predicted < best.predicted * (1 - _EPS):
                 best = c
             elif c.predicted <= best.predicted * (1 + _EPS):
-                c.pipelined = _pipelined(sizes, tiers, bw, depth, cuda)
+                c.pipelined = _pipelined(c.costs, tiers, depth, cuda)
                 if best.pipelined is None:
-                    best.pipelined = _pipelined(sizes, best.tiers, bw, best.depth, cuda)
+                    best.pipelined = _pipelined(best.costs, best.tiers, best.depth, cuda)
                 if c.pipelined < best.pipelined * (1 - _EPS) or (
                     c.pipelined <= best.pipelined * (1 + _EPS) and c.depth > best.depth
                 ):
                     best = c
 
     if not device_ok:
-        need = kv_dev + min(depths) * _largest(sizes)
+        need = kv_dev + min(depths) * _largest(slots)
         raise BudgetError(
             f"--gpu-mem {cli_size(D)} is below the minimum working set of {format_size(need)} "
             f"({_in_flight(min(depths))}, buffers{' and KV cache' if kv_dev else ''}); "
             f"raise it to at least {cli_size(need, round_up=True)} or use --device cpu"
         )
     if best is None:
-        need = min_ws_host if min_ws_host is not None else kv_host + activation_bytes + _largest(sizes)
+        need = min_ws_host if min_ws_host is not None else kv_host + activation_bytes + _largest(slots)
         raise BudgetError(
             f"--cpu-mem {cli_size(H)} is below the minimum working set of {format_size(need)} "
             f"({_in_flight(min(depths))}, buffers and KV cache); raise it to at least {cli_size(need, round_up=True)}"
         )
-    return _placement(best, groups, sizes, bw, cuda, kv_bytes, kv_on_device, activation_bytes, min_ws_host, prefetch_depth)
+    return _placement(best, groups, bw, cuda, kv_bytes, kv_on_device, activation_bytes, min_ws_host,
+                      prefetch_depth, embed_bytes, H, D)
 
 
 def _in_flight(depth: int) -> str:
     return "one layer in flight" if depth == 1 else f"{depth} layers in flight"
 
 
-def _placement(best, groups, sizes, bw, cuda, kv_bytes, kv_on_device, activation_bytes, min_ws, asked_depth) -> Placement:
+def _placement(best, groups, bw, cuda, kv_bytes, kv_on_device, activation_bytes, min_ws, asked_depth,
+               embed_bytes, H, D) -> Placement:
     tiers = best.tiers
     depth = best.depth
-    tier_bytes = {t: 0 for t in TIERS}
-    for b, t in zip(sizes, tiers):
-        tier_bytes[t] += b
-    disk_sizes = [b for b, t in zip(sizes, tiers) if t == "disk"]
-    fetched_sizes = [b for b, t in zip(sizes, tiers) if t != "device"] if cuda else []
-    nothing_fetched = not disk_sizes and not fetched_sizes
-    if nothing_fetched and asked_depth is None:
+    fetched = [g for g, t in zip(groups, tiers) if _is_fetched(t, cuda)]
+    if not fetched and asked_depth is None:
         depth = MIN_PREFETCH_DEPTH  # nothing streams: depth is moot
-    buffer_bytes = depth * _largest(disk_sizes)
-    device_buffer_bytes = depth * _largest(fetched_sizes)
+    tier_bytes = {t: 0 for t in TIERS}
+    for g, t in zip(groups, tiers):
+        tier_bytes[t] += g.stored if t == "disk" else g.nbytes
+    host_used, device_used = best.host_used, best.device_used
+    # The untied embedding table: resident where compute runs when nothing streams from disk and it fits.
+    embed_tier, embed_res = ("disk" if embed_bytes else ""), 0
+    if embed_bytes and not any(t == "disk" for t in tiers):
+        if cuda and device_used + embed_bytes <= D:
+            embed_tier, embed_res, device_used = "device", embed_bytes, device_used + embed_bytes
+        elif not cuda and host_used + embed_bytes <= H:
+            embed_tier, embed_res, host_used = "host", embed_bytes, host_used + embed_bytes
+    if embed_res:
+        tier_bytes[embed_tier] += embed_res
     costs = best.costs
-    predicted = sum(g.time_s for g in costs)
-    pipelined = best.pipelined if best.pipelined is not None else _pipelined(sizes, tiers, bw, best.depth, cuda)
-    overlapped = max(sum(g.compute_s for g in costs), sum(g.disk_s for g in costs), sum(g.h2d_s for g in costs))
-    kv_host = 0 if kv_on_device else kv_bytes
+    predicted = best.predicted
+    pipelined = best.pipelined if best.pipelined is not None else _pipelined(costs, tiers, best.depth, cuda)
+    overlapped = bw.token_s + max(sum(g.compute_s for g in costs), sum(g.disk_s for g in costs),
+                                  sum(g.h2d_s for g in costs))
     return Placement(
         tiers={g.name: t for g, t in zip(groups, tiers)},
         tier_bytes=tier_bytes,
-        stream_bytes_per_token=sum(disk_sizes),
-        h2d_bytes_per_token=sum(fetched_sizes),
+        stream_bytes_per_token=sum(g.stored for g, t in zip(groups, tiers) if t == "disk"),
+        h2d_bytes_per_token=sum(g.stored for g in fetched) if cuda else 0,
         prefetch_depth=depth,
-        buffer_bytes=buffer_bytes,
-        device_buffer_bytes=device_buffer_bytes,
+        buffer_bytes=host_staging_bytes(groups, tiers, depth, cuda),
+        device_buffer_bytes=device_staging_bytes(groups, tiers, depth, cuda),
         kv_bytes=kv_bytes,
         kv_tier="device" if kv_on_device else "host",
         activation_bytes=activation_bytes,
-        host_used_bytes=tier_bytes["host"] + buffer_bytes + kv_host + activation_bytes,
-        device_used_bytes=(tier_bytes["device"] + device_buffer_bytes + (kv_bytes if kv_on_device else 0)) if cuda else 0,
+        host_used_bytes=host_used,
+        device_used_bytes=device_used if cuda else 0,
         min_working_set=int(min_ws or 0),
         predicted_s_per_token=predicted,
         predicted_tok_s=(1.0 / predicted) if predicted > 0 else math.inf,
         overlapped_s_per_token=overlapped,
-        pipelined_s_per_token=pipelined,
+        pipelined_s_per_token=bw.token_s + pipelined,
         bound=_bound(costs),
         per_group={g.name: c for g, c in zip(groups, costs)},
-        group_bytes={g.name: b for g, b in zip(groups, sizes)},
+        group_bytes={g.name: int(g.nbytes) for g in groups},
         cuda=cuda,
+        embed_tier=embed_tier,
+        embed_bytes=embed_res,
     )
 
 
@@ -506,7 +586,9 @@ def format_plan(placement: Placement, groups: Sequence[GroupSpec], bw: Bandwidth
     lines = ["placement: " + ", ".join(_runs(groups, p.tiers))]
     tb = p.tier_bytes
     per_tier = [f"{t} {format_size(tb.get(t, 0))}" for t in TIERS if p.cuda or t != "device"]
-    lines.append("weights: " + ", ".join(per_tier) + f" ({len(p.streamed)} of {len(groups)} groups streamed)")
+    embed = {"disk": "; embedding rows read from disk"}.get(
+        p.embed_tier, f"; embedding table on {p.embed_tier} ({format_size(p.embed_bytes)})" if p.embed_tier else "")
+    lines.append("weights: " + ", ".join(per_tier) + f" ({len(p.streamed)} of {len(groups)} groups streamed)" + embed)
     lines.append(
         f"staging buffers: {p.prefetch_depth} in flight, host {format_size(p.buffer_bytes)}"
         + (f", device {format_size(p.device_buffer_bytes)}" if p.cuda else "")
@@ -514,8 +596,8 @@ def format_plan(placement: Placement, groups: Sequence[GroupSpec], bw: Bandwidth
         + (f"; activations {format_size(p.activation_bytes)}" if p.activation_bytes else "")
     )
     lines.append(
-        f"memory used: host {format_size(p.host_used_bytes)}"
-        + (f", device {format_size(p.device_used_bytes)}" if p.cuda else "")
+        f"memory used: host {format_size(p.host_used_bytes)} ({p.host_used_bytes} bytes)"
+        + (f", device {format_size(p.device_used_bytes)} ({p.device_used_bytes} bytes)" if p.cuda else "")
         + f"; minimum working set {format_size(p.min_working_set)}"
     )
     lines.append(
@@ -529,5 +611,7 @@ def format_plan(placement: Placement, groups: Sequence[GroupSpec], bw: Bandwidth
     lines.append(
         f"bandwidths: disk {_rate(bw.disk_read)}, memory {_rate(bw.mem_read)}, matvec {_rate(bw.matvec)}"
         + (f", h2d {_rate(bw.h2d)}" if bw.h2d else "")
+        + (f"; fixed costs: {bw.layer_s * 1e3:.3f} ms per layer, {bw.token_s * 1e3:.3f} ms per token"
+           if bw.layer_s or bw.token_s else "")
     )
     return "\n".join(lines)

@@ -20,12 +20,18 @@ from kernels_cpu.matvec import linear as _fast_linear
 from offload_rt.errors import ModelSourceError
 
 # model_type values this file implements, with the per-family switches they imply.
-FAMILIES: dict[str, dict[str, bool]] = {
+# sliding: how config.json's sliding_window applies, as transformers reads it: "all" layers (Mistral),
+# "gated" (Qwen: only with use_sliding_window, on the layers config.layer_types marks sliding), or
+# absent (Llama has no sliding-window attention; the key is ignored).
+FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
-    "mistral": {},
-    "qwen2": {"qkv_bias": True},
-    "qwen3": {"qk_norm": True},
+    "mistral": {"sliding": "all"},
+    "qwen2": {"qkv_bias": True, "sliding": "gated"},
+    "qwen3": {"qk_norm": True, "sliding": "gated"},
 }
+SLIDING, FULL = "sliding_attention", "full_attention"  # config.layer_types values
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config default for max_window_layers
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -52,7 +58,8 @@ class LlamaArgs:
     o_bias: bool = False  # o_proj carries a bias (Llama attention_bias)
     mlp_bias: bool = False  # MLP projections carry biases
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
-    sliding_window: int | None = None  # Mistral/Qwen2 local attention window, None = full
+    sliding_window: int | None = None  # local attention window of the sliding layers, None = full attention
+    sliding_layers: tuple[bool, ...] | None = None  # per layer: uses sliding_window; None = every layer does
     torch_dtype: str | None = None  # the checkpoint's dtype name
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # unknown keys, kept
 
@@ -72,9 +79,11 @@ class LlamaArgs:
             rope = dict(cfg.get("rope_parameters") or {})
             rope_theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
             scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-            window = cfg.get("sliding_window")
-            if mt == "qwen2" and not cfg.get("use_sliding_window", False):
-                window = None
+            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ModelSourceError(f"unsupported rope scaling {kind!r} in config.json; offload_rt supports "
+                                       f"{', '.join(ROPE_TYPES)}")
+            window, sliding_layers = _sliding_window(fam.get("sliding"), cfg, int(cfg["num_hidden_layers"]))
             attn_bias = bool(cfg.get("attention_bias", False))
             return cls(
                 model_type=mt,
@@ -94,11 +103,18 @@ class LlamaArgs:
                 o_bias=attn_bias,
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 qk_norm=fam.get("qk_norm", False),
-                sliding_window=int(window) if window else None,
+                sliding_window=window,
+                sliding_layers=sliding_layers,
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelSourceError(f"config.json is missing or has a bad value for {e}; is this a complete checkpoint?") from None
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of decoder layer ``layer`` (None: it attends to the whole context)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
 
     def layer_suffixes(self) -> list[str]:
         """Tensor names of one decoder layer, relative to ``model.layers.{i}.``."""
@@ -126,6 +142,46 @@ class LlamaArgs:
     def head_names(self) -> list[str]:
         """Tensors used after the last layer (final norm and output projection)."""
         return [FINAL_NORM, EMBED if self.tie_word_embeddings else LM_HEAD]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the forward pass reads, with the shape this config implies (Hugging Face names)."""
+        h, d, inter = self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        layer = {
+            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (h,), "self_attn.q_norm.weight": (d,),
+            "self_attn.k_norm.weight": (d,), "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+            "mlp.down_proj.weight": (h, inter), "mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,),
+            "mlp.down_proj.bias": (h,),
+        }
+        out = {EMBED: (self.vocab_size, h), FINAL_NORM: (h,), LM_HEAD: (self.vocab_size, h)}
+        out = {n: out[n] for n in [EMBED, *self.head_names()]}
+        for i in range(self.num_hidden_layers):
+            out.update({LAYER_PREFIX.format(i) + s: layer[s] for s in self.layer_suffixes()})
+        return out
+
+
+def _sliding_window(rule: str | None, cfg: Mapping[str, Any], n_layers: int) -> tuple[int | None, tuple | None]:
+    """(window, per-layer sliding flags or None for all layers) as transformers applies config.json."""
+    window = cfg.get("sliding_window")
+    if rule is None or not window:
+        return None, None
+    if rule == "all":
+        return int(window), None
+    if not cfg.get("use_sliding_window", False):  # Qwen2.5/Qwen3 configs carry a window they switch off
+        return None, None
+    types = cfg.get("layer_types")
+    if not types:
+        first = int(cfg.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
+        types = [SLIDING if i >= first else FULL for i in range(n_layers)]
+    if len(types) != n_layers or not set(types) <= {SLIDING, FULL}:
+        raise ValueError("layer_types")
+    flags = tuple(t == SLIDING for t in types)
+    if not any(flags):
+        return None, None
+    return int(window), (None if all(flags) else flags)
 
 
 # ---------------------------------------------------------------- RoPE
@@ -228,15 +284,24 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
     GQA without expanding K/V: the query heads sharing a KV head are batched together
     (two bmm calls), softmax in float32 as in Hugging Face's eager attention.
+
+    bfloat16/float16 K/V are widened to float32 first. torch's half-precision CPU bmm goes
+    through oneDNN, which JIT-compiles a kernel for every new shape and never frees it: the
+    context grows by one token per step, so RSS grew by ~1 MB per generated token (300 tokens
+    of the default model in bfloat16: +360 MB). The float32 bmm has no per-shape state; the
+    widening costs ~0.5 ms per layer at 4k tokens until a CPU attention kernel replaces this.
     """
     nh, d = q.shape
     nkv = keys.shape[0]
     if window is not None and keys.shape[1] > window:
         keys, values = keys[:, -window:], values[:, -window:]
+    out_dtype = q.dtype
+    if q.dtype != torch.float32 and q.device.type == "cpu":
+        q, keys, values = q.float(), keys.float(), values.float()
     qg = q.reshape(nkv, nh // nkv, d)
     scores = torch.bmm(qg, keys.transpose(1, 2)) * (d ** -0.5)
     p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.bmm(p, values).reshape(1, nh * d)
+    return torch.bmm(p, values).reshape(1, nh * d).to(out_dtype)
 
 
 def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor, cache, layer: int,
@@ -258,10 +323,11 @@ def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tenso
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.update_and_fetch(layer, k, v)
+    window = args.window(layer)
     if T == 1:
-        o = decode_attention(q[0], keys, values, args.sliding_window)
+        o = decode_attention(q[0], keys, values, window)
     else:
-        mask = attention_mask(start, T, keys.shape[1], args.sliding_window, x.device)
+        mask = attention_mask(start, T, keys.shape[1], window, x.device)
         o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
                                            enable_gqa=nh != nkv)
         o = o.transpose(0, 1).reshape(T, nh * d)

@@ -1,0 +1,23 @@
+"""The storage layer's own errors: problems a user can fix, each message saying what to do.
+
+storage sits below offload_rt and does not import it; the CLI maps these to its contract
+(one line on stderr, exit status 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class StorageError(Exception):
+    """A problem with the weight store or where it is written that the user can fix."""
+
+
+class NoSpaceError(StorageError):
+    """The filesystem of the store directory has less free space than a conversion needs."""
+
+    def __init__(self, message: str, *, needed: int, free: int, directory: Path):
+        super().__init__(message)
+        self.needed = needed  # bytes the new store will take (estimate, from the source's tensors)
+        self.free = free  # bytes free on the store directory's filesystem
+        self.directory = directory  # the store directory (--offload-dir)

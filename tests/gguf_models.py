@@ -1,0 +1,123 @@
+"""GGUF files from tiny transformers models, written the way llama.cpp's convert_hf_to_gguf.py writes them.
+
+Tensor names come from gguf-py's own ``TensorNameMap`` (llama.cpp's table), metadata from
+``TextModel.set_gguf_parameters`` (+ ``LlamaModel``'s vocab size and RoPE dimension count), and Q/K
+rows are permuted for ``llama`` only: llama.cpp keeps Qwen2/Qwen3's rotate-half (NEOX) layout as is.
+Nothing here imports ``storage``: the files are what a user would bring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+
+from storage.gguf_tokenizer import bytes_to_unicode
+from tests.ggml_kquants import BLOCK_BYTES, quantize_k
+
+_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+ASCII_MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, written out independently of storage.sources."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def ascii_tokens(vocab_size: int) -> tuple[list[str], list[int]]:
+    """A byte-level BPE vocabulary of printable ASCII only (any id sequence decodes to plain text),
+    padded to ``vocab_size`` with ``[PAD{i}]`` tokens as convert_hf_to_gguf.py pads a short vocabulary."""
+    spell = bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [spell[b] for b in range(0x20, 0x7F)]
+    tokens += ["".join(m.split(" ")) for m in ASCII_MERGES]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    if len(tokens) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} < {len(tokens)} tokens")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(5)  # UNUSED
+    return tokens, types
+
+
+def add_ascii_tokenizer(w: GGUFWriter, vocab_size: int, pre: str) -> None:
+    tokens, types = ascii_tokens(vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(ASCII_MERGES)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+
+
+def write_hf_gguf(path: Path, hf, arch: str, qtype_of: Callable[[str, np.ndarray], Q] = lambda name, a: Q.F32,
+                  file_type: int = 0) -> dict[str, np.ndarray]:
+    """Write transformers model ``hf`` to ``path`` as a GGUF of ``arch``; return what the file holds.
+
+    ``qtype_of(gguf_name, array)`` picks each tensor's type: F32, F16 or a K-quant (Q4_K, Q5_K, Q6_K).
+    The result maps Hugging Face names to the float32 weights a correct reader must produce
+    (K-quant tensors: the float64 decoding of their codes, rounded to float32).
+    """
+    c = hf.config
+    hp = c.to_dict()
+    tmap = gguf.get_tensor_name_map(_ARCH[arch], c.num_hidden_layers)
+    w = GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[_ARCH[arch]])
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if hp.get("head_dim") is not None:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    if arch == "llama":
+        w.add_vocab_size(c.vocab_size)
+        w.add_rope_dimension_count(hp.get("head_dim") or c.hidden_size // c.num_attention_heads)
+    w.add_file_type(file_type)
+    add_ascii_tokenizer(w, c.vocab_size, "llama-bpe" if arch == "llama" else "qwen2")
+
+    held: dict[str, np.ndarray] = {}
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # a tied head is not in the checkpoint; llama.cpp writes no output.weight
+        arr = t.detach().float().numpy()
+        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gname is not None, name
+        qtype = qtype_of(gname, arr)
+        if qtype in BLOCK_BYTES:
+            data, decoded = quantize_k(arr, qtype)
+            held[name] = decoded.astype(np.float32)
+        else:
+            data = arr.astype(np.float16 if qtype == Q.F16 else np.float32)
+            held[name] = data.astype(np.float32)
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
+            data = llama_cpp_permute(data, c.num_attention_heads)
+        elif arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
+            data = llama_cpp_permute(data, c.num_attention_heads, c.num_key_value_heads)
+        w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=qtype if qtype in BLOCK_BYTES else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held
+
+
+def load_into(hf, weights: dict[str, np.ndarray]) -> None:
+    """Give transformers model ``hf`` exactly the weights a GGUF holds (as returned by write_hf_gguf)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name in weights:
+                p.copy_(torch.from_numpy(weights[name]))
