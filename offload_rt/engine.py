@@ -20,6 +20,7 @@ from kernels_cpu.matvec import decode_scope
 from offload_rt.kv_cache import KVCache
 from offload_rt.models import llama
 from offload_rt.models.llama import LlamaArgs
+from offload_rt.threads import torch_threads
 from offload_rt.trace import NullTracer
 
 
@@ -85,7 +86,8 @@ class Engine:
 
     def __init__(self, args: LlamaArgs, source: WeightSource, dtype: torch.dtype, *,
                  max_tokens: int | None = None, prefill_chunk: int = 512, tracer=None,
-                 device: torch.device | str = "cpu", thread_tuner=None):
+                 device: torch.device | str = "cpu", thread_tuner=None, prefill_threads: int | None = None,
+                 on_warm: Callable[[], object] | None = None):
         self.args, self.source, self.dtype = args, source, dtype
         self.device = torch.device(device)
         self.max_tokens = max_tokens or args.max_position_embeddings
@@ -97,6 +99,8 @@ class Engine:
         self.tracer = tracer or NullTracer()
         self.passes = 0  # forward passes run (trace "pass" numbers)
         self.thread_tuner = thread_tuner  # picks decode threads from step times (None: keep the current count)
+        self.prefill_threads = prefill_threads  # torch threads for prefill passes (None: torch's current count)
+        self.on_warm = on_warm  # called after each of the first two forward passes (the app drops library page cache)
 
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Run ids (appended after the cached tokens) through the model; logits of the last one."""
@@ -106,7 +110,12 @@ class Engine:
         tuner = self.thread_tuner if decode else None
         n_threads = tuner.next() if tuner is not None else None
         t0 = time.perf_counter()
-        scope = decode_scope(n_threads) if decode else nullcontext()
+        if decode:
+            scope = decode_scope(n_threads)
+        elif self.prefill_threads and self.device.type == "cpu":
+            scope = torch_threads(self.prefill_threads)
+        else:
+            scope = nullcontext()
         with scope, tr.span("compute", "forward", tokens=len(ids), **{"pass": k}):
             with tr.span("compute", "embed", group="embed", **{"pass": k}):
                 t = torch.tensor(list(ids), dtype=torch.long, device=self.device)
@@ -122,6 +131,8 @@ class Engine:
         if tuner is not None:
             tuner.record(n_threads, time.perf_counter() - t0)
         self.passes += 1
+        if self.passes <= 2 and self.on_warm is not None:
+            self.on_warm()  # after the first prefill and the first decode pass: new code paths were touched
         self.cache.commit(len(ids))
         self.tokens.extend(ids)
         return logits

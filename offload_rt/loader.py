@@ -106,7 +106,8 @@ def open_model(cfg: RunConfig) -> LoadedModel:
     return LoadedModel(name, path, store, args, tok, dtype, model_groups(args))
 
 
-def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=None, device: str = "cpu") -> Engine:
+def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=None, device: str = "cpu",
+                  on_warm=None) -> Engine:
     """Build the engine over ``source`` (default: every tensor resident)."""
     if source is None:
         store, dtype = model.store, model.dtype
@@ -116,9 +117,11 @@ def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=Non
     from offload_rt.threads import ThreadTuner
 
     # --threads fixes the count; otherwise decode picks it from measured step times (a busy machine).
-    tuner = ThreadTuner(torch.get_num_threads()) if device == "cpu" and not cfg.threads else None
+    n = torch.get_num_threads()
+    tuner = ThreadTuner(n) if device == "cpu" and not cfg.threads else None
     model.engine = Engine(model.args, source, model.dtype, prefill_chunk=cfg.prefill_chunk, tracer=tracer,
-                          device=device, max_tokens=context_tokens(model.args, cfg.ctx_size), thread_tuner=tuner)
+                          device=device, max_tokens=context_tokens(model.args, cfg.ctx_size), thread_tuner=tuner,
+                          prefill_threads=n, on_warm=on_warm)
     return model.engine
 
 

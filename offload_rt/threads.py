@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from offload_rt import cgroups
@@ -96,36 +97,81 @@ class ThreadTuner:
 
     The right count depends on what else runs: quiet, every core helps; with a busy program
     on one of two cores, a two-thread join waits for the descheduled thread every region, and
-    one thread is faster. Each decode step runs with :meth:`next`'s count and reports its time
-    to :meth:`record`. Every ``explore_every`` steps one step tries another candidate (the
-    least recently measured one); the count used is the candidate with the lowest estimate,
-    an exponential average of its step times (a tried candidate keeps its last time until it
-    is tried again). So a change in load is followed within about ``explore_every`` steps,
-    and exploring costs one step in ``explore_every``.
+    one thread is faster (measured: a two-thread step 4x as slow as a one-thread step). Each
+    decode step runs with :meth:`next`'s count and reports its time to :meth:`record`.
+
+    * Every candidate (max, max/2, ..., 1) is tried once at the start.
+    * The count used is the candidate with the lowest estimate: an exponential average of its
+      step times while it is used; a candidate tried in passing keeps its last time.
+    * Another candidate is tried again after ``explore_every`` steps; when it was clearly slower
+      (by ``slower``), its wait doubles, up to ``max_interval`` steps, so exploring a bad count
+      costs little (at most one step in ``max_interval``). A switch, or the current count's time
+      changing by ``slower`` either way since it was chosen (the load changed), brings every wait
+      back to ``explore_every``.
     """
 
-    def __init__(self, max_threads: int, *, explore_every: int = 12, alpha: float = 0.3):
+    def __init__(self, max_threads: int, *, explore_every: int = 12, max_interval: int = 96,
+                 alpha: float = 0.3, slower: float = 1.25):
         n, cands = max(1, max_threads), []
         while n >= 1 and n not in cands:
             cands.append(n)
             n //= 2
         self.candidates = cands  # max, max/2, ..., 1
-        self.explore_every = max(2, explore_every)
-        self.alpha = alpha
+        self.explore_every, self.max_interval = max(2, explore_every), max_interval
+        self.alpha, self.slower = alpha, slower
         self.current = cands[0]
         self.estimate: dict[int, float] = {}
-        self._last_tried: dict[int, int] = {}
         self.steps = 0
+        self._last_tried: dict[int, int] = {}
+        self._interval = {c: self.explore_every for c in cands}
+        self._chosen_at: float | None = None  # the current count's estimate when it was chosen
 
     def next(self) -> int:
-        if len(self.candidates) > 1 and self.steps % self.explore_every == self.explore_every - 1:
-            others = [c for c in self.candidates if c != self.current]
-            return min(others, key=lambda c: self._last_tried.get(c, -1))
-        return self.current
+        for c in self.candidates:
+            if c not in self.estimate:
+                return c
+        due = [c for c in self.candidates
+               if c != self.current and self.steps - self._last_tried[c] >= self._interval[c]]
+        return min(due, key=lambda c: self._last_tried[c]) if due else self.current
 
     def record(self, n: int, seconds: float) -> None:
         self.steps += 1
         self._last_tried[n] = self.steps
         old = self.estimate.get(n)
-        self.estimate[n] = seconds if old is None or n != self.current else old + self.alpha * (seconds - old)
-        self.current = min(self.estimate, key=self.estimate.__getitem__)
+        if old is not None and n == self.current:
+            self.estimate[n] = old + self.alpha * (seconds - old)
+        else:
+            self.estimate[n] = seconds
+            cur = self.estimate.get(self.current)
+            if n != self.current and cur is not None:  # an exploring step: back off from a clearly slower count
+                slow = seconds > self.slower * cur
+                self._interval[n] = min(2 * self._interval[n], self.max_interval) if slow else self.explore_every
+        best = min(self.estimate, key=self.estimate.__getitem__)
+        if best != self.current or self._chosen_at is None:
+            self.current, self._chosen_at = best, self.estimate[best]
+            self._reset_waits()
+        elif not self._chosen_at / self.slower <= self.estimate[best] <= self.slower * self._chosen_at:
+            self._chosen_at = self.estimate[best]  # the load changed: look around again soon
+            self._reset_waits()
+
+    def _reset_waits(self) -> None:
+        self._interval = {c: self.explore_every for c in self.candidates}
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch intra-op threads = n inside (prefill's matrix products); restored after.
+
+    While a run serves, torch stays at one thread: decode's torch ops (norms, RoPE, attention
+    over a short context, sampling) are too small to gain from a pool, and an idle pool worker
+    competes for the cores whenever another program is busy."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)

@@ -332,7 +332,8 @@ def test_budgets_are_never_exceeded(layers, head, ratio, pad, embed, host, devic
     assert p.embed_tier in ("", "disk") or not p.streamed  # a table is kept only when nothing streams
     held = sum(g.nbytes for g in groups if p.tiers[g.name] != "disk")
     assert sum(p.tier_bytes.values()) == held + p.tier_bytes["disk"] + p.embed_bytes
-    assert p.stream_bytes_per_token == p.tier_bytes["disk"] == sum(g.stored for g in groups if p.tiers[g.name] == "disk")
+    streamed = sum(g.stored for g in groups if p.tiers[g.name] == "disk")
+    assert p.stream_bytes_per_token == p.tier_bytes["disk"] == streamed
     assert p.predicted_s_per_token >= p.pipelined_s_per_token * (1 - 1e-9) or p.prefetch_depth == 1
     assert p.pipelined_s_per_token >= p.overlapped_s_per_token * (1 - 1e-9)
     assert p.bound in ("disk", "h2d", "compute")

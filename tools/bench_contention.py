@@ -9,8 +9,11 @@ busy processes (``python -c 'while True: pass'``, started before the run and kil
 every configuration runs once per repeat, configurations alternating, the best of the repeats
 kept. Configurations:
 
-* offload_rt as shipped (threads: available cores; idle OpenMP workers sleep, PASSIVE);
-* offload_rt with ``OMP_WAIT_POLICY=ACTIVE`` (spinning workers: the behaviour before);
+* offload_rt as shipped (idle OpenMP workers poll at most 10k times, then sleep; decode
+  thread count picked by offload_rt.threads.ThreadTuner);
+* offload_rt as before this change: libgomp's default spinning (GOMP_SPINCOUNT=300000), both
+  cores, no tuner;
+* offload_rt with OMP_WAIT_POLICY=PASSIVE (workers sleep at once) and the tuner;
 * offload_rt ``--threads 1``;
 * llama.cpp (llama-cpp-python) at 2 threads and at 1 thread, when ``--llama-python`` names an
   interpreter that has ``llama_cpp`` (it is not a project dependency: its build takes minutes).
@@ -56,7 +59,7 @@ def busy(n: int) -> list[subprocess.Popen]:
 def run_ours(tokens: int, store_dir: Path, *, env: dict | None = None, extra=()) -> float:
     cmd = [sys.executable, "-m", "offload_rt", "--raw", "--prompt", PROMPT, "-n", str(tokens), "--ignore-eos",
            "--stats", "--offload-dir", str(store_dir), "--cpu-mem", "4G", *extra]
-    e = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     e.update(env or {})
     p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=1800)
     if p.returncode != 0:
@@ -87,9 +90,11 @@ def main(argv=None) -> int:
     store_dir = Path(a.work) / "stores"
     run_ours(4, store_dir)  # convert + compile once
     configs = {
-        "offload_rt (default: PASSIVE, all cores)": lambda: run_ours(a.tokens, store_dir),
-        "offload_rt, OMP_WAIT_POLICY=ACTIVE (spinning, as before)":
-            lambda: run_ours(a.tokens, store_dir, env={"OMP_WAIT_POLICY": "ACTIVE"}),
+        "offload_rt as shipped (spin ≤ 10k polls, thread tuner)": lambda: run_ours(a.tokens, store_dir),
+        "offload_rt as before (libgomp default spin, 2 threads fixed)":
+            lambda: run_ours(a.tokens, store_dir, env={"GOMP_SPINCOUNT": "300000"}, extra=("--threads", "2")),
+        "offload_rt, OMP_WAIT_POLICY=PASSIVE, thread tuner":
+            lambda: run_ours(a.tokens, store_dir, env={"OMP_WAIT_POLICY": "PASSIVE"}),
         "offload_rt --threads 1": lambda: run_ours(a.tokens, store_dir, extra=("--threads", "1")),
     }
     if a.llama_python:

@@ -144,6 +144,17 @@ def store_read_passes(store_dir: Path, model: Path, groups: set[str], threads: i
     return out
 
 
+def sweep_in_subprocess(store_dir: Path, model: Path, groups: set[str]) -> list[float]:
+    """store_read_passes in a child process. The benchmark's own process never imports torch: a parent
+    that maps the same libraries would share their pages with the measured run, and a shared page is
+    not paged out (offload_rt.memory.baseline.page_out_mapped_files), so the run would look bigger."""
+    p = sh([sys.executable, "-m", "tools.bench_decode", "sweep", "--store-dir", store_dir, "--model", model,
+            "--groups", ",".join(sorted(groups))])
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def streamed_groups(trace: Path) -> set[str]:
     """Groups a run read from disk again and again (resident groups are read once, at load)."""
     data = json.loads(Path(trace).read_text())
@@ -169,6 +180,16 @@ def publish(text: str, out: Path | None) -> None:
     if out:
         with open(out, "a") as f:
             f.write("\n" + text)
+
+
+def _peaks(runs) -> str:
+    """The cgroup peak of each run, from memcap's closing line."""
+    out = []
+    for r in runs:
+        line = r.get("memcap") or ""
+        peak = next((w.split("=", 1)[1] for w in line.split() if w.startswith("peak=")), "?")
+        out.append(f"{int(peak) / 1e6:.0f}" if peak.isdigit() else peak)
+    return ", ".join(out)
 
 
 def _rates(runs) -> str:
@@ -220,9 +241,14 @@ def d1(a) -> str:
                "--cpu-mem", "1G", "--plan"])
     if plan.returncode != 0:
         raise RuntimeError(plan.stderr)
-    from offload_rt.memory import calibrate
-
-    probe_bw = calibrate.load_or_measure(store_dir, progress=False).disk_read
+    probe = sh([sys.executable, "-c", "import sys; from offload_rt.memory import calibrate; "
+                "print(calibrate.load_or_measure(sys.argv[1], progress=False).disk_read)", store_dir])
+    if probe.returncode != 0:
+        raise RuntimeError(probe.stderr[-2000:])
+    probe_bw = float(probe.stdout.strip().splitlines()[-1])
+    if "torch" in sys.modules:
+        print("warning: torch is loaded in the benchmark's own process; measured runs share its library "
+              "pages and show a larger baseline", file=sys.stderr)
     offload = work / "accelerate-offload"
     o_runs, h_runs, sweeps = [], [], []
     for i in range(a.repeats):
@@ -230,7 +256,7 @@ def d1(a) -> str:
         o_runs.append(ours(syn, dtype="bfloat16", tokens=a.tokens, cpu_mem=a.cpu_mem, store_dir=store_dir, cap=a.cap,
                            extra=("--profile", trace)))
         # the same bytes, read the same way, right after the run: the disk's limit for this pattern now
-        sweeps.append(store_read_passes(store_dir, syn, streamed_groups(trace)))
+        sweeps.append(sweep_in_subprocess(store_dir, syn, streamed_groups(trace)))
         shutil.rmtree(offload, ignore_errors=True)
         h_runs.append(baseline(syn, dtype="bfloat16", tokens=a.tokens, max_memory=a.max_memory,
                                offload_folder=offload, cap=a.cap))
@@ -252,10 +278,11 @@ def d1(a) -> str:
            "| | decode tok/s | disk bytes/token | peak memory (cgroup) | notes |\n|---|---|---|---|---|\n"
            f"| offload_rt `--cpu-mem {a.cpu_mem}` | {o['decode_tok_s']:.3f} | {sbt / 1e9:.2f} GB planned, "
            f"{o['disk_read_bytes'] / max(1, o['new_tokens'] + 1) / 1e9:.2f} GB measured avg | {o['memcap']} | "
-           f"runs {_rates(o_runs)} tok/s; placement {json.dumps(o['placement'])}, depth {o.get('prefetch_depth')}, "
+           f"runs {_rates(o_runs)} tok/s, cgroup peaks {_peaks(o_runs)} MB; baseline RSS "
+           f"{o.get('baseline_rss_bytes', 0) / 1e6:.0f} MB; placement {json.dumps(o['placement'])}, depth {o.get('prefetch_depth')}, "
            f"predicted {o.get('predicted_tok_s')} tok/s |\n"
            f"| accelerate `max_memory={{'cpu': '{a.max_memory}'}}` | {h['decode_tok_s']:.3f} | — | {h['memcap']} | "
-           f"runs {_rates(h_runs)} tok/s |\n\n"
+           f"runs {_rates(h_runs)} tok/s, cgroup peaks {_peaks(h_runs)} MB |\n\n"
            f"Ratio offload_rt / accelerate (best runs): **{o['decode_tok_s'] / h['decode_tok_s']:.2f}×**. "
            f"Disk-bound limit at the peak: {limit:.3f} tok/s → offload_rt reaches "
            f"**{100 * o['decode_tok_s'] / limit:.0f}%** of it. Per run against the sweep right after it: {per_run}.\n"
@@ -278,7 +305,14 @@ def main(argv=None) -> int:
             s.add_argument("--cap", default="1800M")
             s.add_argument("--cpu-mem", default="auto")
             s.add_argument("--max-memory", default="1000MiB")
+    sw = sub.add_parser("sweep", help="(internal) store_read_passes; prints a JSON list of bytes/s")
+    sw.add_argument("--store-dir", type=Path, required=True)
+    sw.add_argument("--model", type=Path, required=True)
+    sw.add_argument("--groups", required=True)
     a = p.parse_args(argv)
+    if a.which == "sweep":
+        print(json.dumps(store_read_passes(a.store_dir, a.model, set(a.groups.split(",")))))
+        return 0
     publish(r1(a) if a.which == "r1" else d1(a), a.out)
     return 0
 

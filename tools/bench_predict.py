@@ -8,8 +8,8 @@ offload-run with ``--stats`` (models and runs as tools/bench_decode.py makes the
 ``predicted_tok_s`` and ``decode_tok_s`` from the same run; the ratio predicted / measured
 is printed per run and for the fastest run of each case (the one least disturbed by anything
 else on the machine). A ratio above 1 means the plan promised more than the run delivered.
-The machine's figures are measured again first (``calibrate``), so that the prediction and
-the runs see the same machine; ``--no-calibrate`` keeps the cached ones.
+The machine's figures are measured again by the first run (its cached entry is dropped), so
+that the prediction and the runs see the same machine; ``--no-calibrate`` keeps the cached ones.
 """
 
 from __future__ import annotations
@@ -37,20 +37,27 @@ def ratio(rec: dict) -> float:
     return rec["predicted_tok_s"] / rec["decode_tok_s"]
 
 
-def calibrate_now(store_dir: Path):
-    """Measure this machine's figures again, now, under the conditions the runs will see (and cache them
-    where the runs read them: same offload dir, same thread count)."""
+def recalibrate(store_dir: Path) -> int:
+    """Forget this machine's cached figures: the first run measures them again, in an offload-run process
+    set up as every run is (threads, OpenMP waiting), under the conditions the runs will see."""
+    from offload_rt.memory import calibrate
+
+    return calibrate.forget(store_dir)
+
+
+def cached_figures(store_dir: Path):
+    """The figures the runs used: this machine's cached entry for ``THREADS`` compute threads."""
     import torch
 
-    from kernels_cpu.matvec import set_threads
     from offload_rt.memory import calibrate
 
     torch.set_num_threads(THREADS)
-    set_threads(THREADS)
-    return calibrate.load_or_measure(store_dir, progress=False, remeasure=True)
+    return calibrate.cached(store_dir)
 
 
 def figures(bw) -> str:
+    if bw is None:
+        return "calibration: none cached for this machine (OFFLOAD_RT_BANDWIDTHS set?)"
     per = ", ".join(f"{d} {bw.matvec_by_dtype[d] / 1e9:.1f} GB/s + {bw.layer_s_by_dtype.get(d, 0) * 1e3:.3f} ms"
                     for d in bw.matvec_by_dtype)
     return (f"calibration: disk {bw.disk_read / 1e9:.2f} GB/s, memory {bw.mem_read / 1e9:.1f} GB/s; "
@@ -63,7 +70,8 @@ def run(a) -> str:
     store_dir = work / "stores"
     rows = []
     todo = cases(work, a.stream_mem)  # make the synthetic checkpoint first (not while calibrating)
-    bw = calibrate_now(store_dir) if a.calibrate else None
+    if a.calibrate:
+        recalibrate(store_dir)
     for label, model, dtype, cpu_mem in todo:
         ours(model, dtype=dtype, tokens=4, cpu_mem=cpu_mem, store_dir=store_dir)  # convert + calibrate once
         runs = [ours(model, dtype=dtype, tokens=a.tokens, cpu_mem=cpu_mem, store_dir=store_dir)
@@ -77,7 +85,7 @@ def run(a) -> str:
             f"{a.repeats} runs per case (all runs: measured tok/s (ratio))\n\n"
             "| case | dtype | placement | bound | predicted tok/s | measured tok/s | predicted / measured | runs |\n"
             "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
-            + (f"\n{figures(bw)}\n" if bw else ""))
+            + f"\n{figures(cached_figures(store_dir))}\n")
 
 
 def main(argv=None) -> int:
