@@ -42,8 +42,9 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         # the kernels are in, and before `auto` budgets read the free memory (so they leave it out).
         startup_peak = peak_rss_bytes()
         base = baseline.measure()
-        baseline.reset_peak_rss()  # from here on, VmHWM is the run's own peak
         prepared = runtime.prepare(cfg, model.store, model.args, model.dtype, model.groups, device)
+        startup_peak = max(startup_peak, peak_rss_bytes())  # a first run on this machine calibrates in prepare
+        baseline.reset_peak_rss()  # from here on, VmHWM is the run's own peak
         if plan_only:
             print(f"model: {model.name} ({model.args.model_type}, {model.args.num_hidden_layers} layers, "
                   f"{str(model.dtype).replace('torch.', '')}, device {device})")
