@@ -96,7 +96,7 @@ def auto_cpu_budget() -> int:
         # loaded first) and to ours after any reclaim: count the whole resident set as ours.
         from offload_rt.memory.baseline import rss_bytes
 
-        room = min(cg.headroom, max(0, cg.limit - max(cg.unreclaimable, rss_bytes())))
+        room = max(0, cg.limit - max(cg.unreclaimable, rss_bytes()))  # headroom, the whole RSS counted
         budget = min(budget, after(room, CPU_MARGIN_FRACTION, CGROUP_MARGIN_MIN_BYTES))
     return budget
 
