@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,3 +26,10 @@ def assert_user_error(proc, *needles):
     for n in needles:
         assert n in err, (n, err)
     return err
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child a test interrupts: SIGINT back to its default disposition. A shell runs
+    background jobs (`make test &`, nohup) with SIGINT ignored, children inherit that, and Python then
+    never installs its KeyboardInterrupt handler, so Ctrl-C tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests import plan_report as pr
-from tests.cli_helpers import assert_user_error, run_cli
+from tests.cli_helpers import assert_user_error, default_sigint, run_cli
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 
@@ -131,7 +131,7 @@ def _answering(tiny):
     env = dict(os.environ, OFFLOAD_RT_BANDWIDTHS="disk=1.3e9,mem=2.4e10,matvec=1.5e10")
     proc = subprocess.Popen([sys.executable, "-m", "offload_rt", str(ckpt), "--offload-dir", str(stores),
                              "--prompt", "Tell me a long story.", "-n", "1000", "--ignore-eos"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     assert proc.stdout.read(1), proc.stderr.read().decode()  # the answer is streaming
     return proc
 

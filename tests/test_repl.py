@@ -16,6 +16,7 @@ import pytest
 
 from offload_rt.errors import ContextLengthError
 from offload_rt.repl import ChatREPL
+from tests.cli_helpers import default_sigint
 
 ENV = {"OFFLOAD_RT_BANDWIDTHS": "disk=1.3e9,mem=2.4e10,matvec=1.5e10"}
 
@@ -23,6 +24,7 @@ ENV = {"OFFLOAD_RT_BANDWIDTHS": "disk=1.3e9,mem=2.4e10,matvec=1.5e10"}
 def _controlling_tty():
     # after setsid: make the pty (fd 0) this session's terminal, so Ctrl-C sends SIGINT
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    default_sigint()
 
 
 class Term:

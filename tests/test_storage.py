@@ -23,6 +23,7 @@ import storage
 import storage.convert as convert_mod
 from offload_rt.errors import CorruptStoreError, ModelSourceError
 from storage.sources import HFSource
+from tests.cli_helpers import default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
@@ -263,7 +264,7 @@ def test_sigint_during_conversion_leaves_nothing(tmp_path):
         c._write_tensor = slow
         c.open_or_convert({str(src)!r}, {str(cache)!r}, progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     deadline = time.time() + 30
     while time.time() < deadline:
         if any(len(list(p.glob("*/c/0/0"))) >= 3 for p in cache.glob("*.zarr.tmp-*")):
