@@ -17,7 +17,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml
-	@echo "installing $(TORCH_SPEC) ($(if $(HAS_NVIDIA),NVIDIA driver found: CUDA build,no NVIDIA driver: CPU build); override with TORCH_SPEC=...)"
+	@echo "installing $(TORCH_SPEC) ($(if $(filter file,$(origin TORCH_SPEC)),$(if $(HAS_NVIDIA),NVIDIA driver found: CUDA build,no NVIDIA driver: CPU build); override with TORCH_SPEC=...,as given))"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps "$(SMOLLM_SPEC)"
