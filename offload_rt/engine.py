@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 import torch
 
 from kernels_cpu.matvec import decode_scope
-from offload_rt.kv_cache import KVCache
+from offload_rt.kv.dense import DenseKV
 from offload_rt.models import llama
 from offload_rt.models.llama import LlamaArgs
 from offload_rt.threads import torch_threads
@@ -88,13 +88,15 @@ class Engine:
                  max_tokens: int | None = None, prefill_chunk: int = 512, tracer=None,
                  device: torch.device | str = "cpu", thread_tuner=None, prefill_threads: int | None = None,
                  on_warm: Callable[[], object] | None = None, kv_device: torch.device | str | None = None,
-                 synchronize: Callable[[], None] | None = None):
+                 synchronize: Callable[[], None] | None = None, cache=None):
         self.args, self.source, self.dtype = args, source, dtype
         self.device = torch.device(device)
         self.max_tokens = max_tokens or args.max_position_embeddings
-        # The cache lives where the plan put it (kv_device), compute reads it on self.device.
-        self.cache = KVCache(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, self.max_tokens,
-                             device=self.device if kv_device is None else kv_device, compute_device=self.device)
+        # The cache the run built where the plan put the KV (offload_rt.kv); by default one dense
+        # buffer per layer on kv_device (the compute device unless given).
+        self.cache = cache if cache is not None else DenseKV(
+            args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, self.max_tokens,
+            device=self.device if kv_device is None else kv_device, compute_device=self.device)
         self._synchronize = synchronize
         self.rope = llama.Rope(args, dtype, self.device)
         self.prefill_chunk = max(1, prefill_chunk)

@@ -16,7 +16,7 @@ from offload_rt.accel import HostAccel, make_accel
 from offload_rt.config import RunConfig, format_size
 from offload_rt.engine import Group
 from offload_rt.errors import BudgetError, UsageError
-from offload_rt.kv_cache import KVCache
+from offload_rt import kv as kv_mod
 from offload_rt.memory import budgets as budgets_mod
 from offload_rt.memory import gpu as gpu_mod
 from offload_rt.memory import calibrate
@@ -71,7 +71,7 @@ def context_tokens(args: LlamaArgs, ctx_size: int | None) -> int:
 
 
 def kv_reserve_bytes(args: LlamaArgs, dtype: torch.dtype, tokens: int) -> int:
-    return tokens * KVCache.bytes_per_token(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype)
+    return tokens * kv_mod.bytes_per_token(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype)
 
 
 def activation_bytes(args: LlamaArgs, prefill_chunk: int) -> int:

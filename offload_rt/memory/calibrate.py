@@ -440,7 +440,7 @@ def _layer_sweep(dtype: str, shape: tuple[int, int, int, int], sweep_bytes: int,
     ``decode_scope``). On a GPU ``sweep()`` returns once its kernels are queued."""
     import torch
 
-    from offload_rt.kv_cache import KVCache
+    from offload_rt.kv.dense import DenseKV
     from offload_rt.models import llama
 
     dt = getattr(torch, dtype)
@@ -450,10 +450,10 @@ def _layer_sweep(dtype: str, shape: tuple[int, int, int, int], sweep_bytes: int,
     n = max(2, -(-sweep_bytes // per_layer))
     args = _layer_args(hidden, inter, heads, kv_heads, n)
     layers = [_weights(shapes, dt, device) for _ in range(n)]
-    cache = KVCache(n, kv_heads, HEAD_DIM, dt, CONTEXT_TOKENS + 1, device=device)
+    cache = DenseKV(n, kv_heads, HEAD_DIM, dt, CONTEXT_TOKENS + 1, device=device)
     kv = torch.full((CONTEXT_TOKENS, kv_heads, HEAD_DIM), 0.1, dtype=dt, device=device)
     for i in range(n):
-        cache.update_and_fetch(i, kv, kv)
+        cache.store(i, kv, kv)
     cache.commit(CONTEXT_TOKENS)
     rope = llama.Rope(args, dt, device).tables(CONTEXT_TOKENS, 1)
     x = torch.full((1, hidden), 0.1, dtype=dt, device=device)
@@ -595,7 +595,7 @@ def warm_gpu_kernels(dtype: str, device) -> None:
     (``gpu.measure_gpu_context(warm=...)``) to count the kernels a run will load."""
     import torch
 
-    from offload_rt.kv_cache import KVCache
+    from offload_rt.kv.dense import DenseKV
     from offload_rt.models import llama
 
     dt = getattr(torch, dtype)
@@ -604,7 +604,7 @@ def warm_gpu_kernels(dtype: str, device) -> None:
     w = _weights(layer_tensors(hidden, inter, heads, kv_heads), dt, device)
     w.update(_weights({llama.EMBED: (64, hidden), llama.LM_HEAD: (64, hidden), llama.FINAL_NORM: (hidden,)},
                       dt, device))
-    cache = KVCache(1, kv_heads, HEAD_DIM, dt, CONTEXT_TOKENS, device=device)
+    cache = DenseKV(1, kv_heads, HEAD_DIM, dt, CONTEXT_TOKENS, device=device)
     rope = llama.Rope(args, dt, device)
     with torch.inference_mode():
         for start, n in ((0, 8), (8, 1)):  # prefill (GEMMs, masked attention), then decode (GEMVs)

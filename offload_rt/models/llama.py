@@ -266,50 +266,15 @@ def embed(args: LlamaArgs, table: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     return F.embedding(ids, table)
 
 
-def attention_mask(start: int, q_len: int, kv_len: int, window: int | None,
-                   device: torch.device | str = "cpu") -> torch.Tensor | None:
-    """Boolean mask [q_len, kv_len] (True = attend) for queries at positions start..start+q_len."""
-    if q_len == 1 and (window is None or kv_len <= window):
-        return None
-    qpos = torch.arange(start, start + q_len, device=device)[:, None]
-    kpos = torch.arange(kv_len, device=device)[None, :]
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    return mask
-
-
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None) -> torch.Tensor:
-    """One query position. q [heads, d]; keys/values [kv_heads, L, d] -> [1, heads*d].
-
-    GQA without expanding K/V: the query heads sharing a KV head are batched together
-    (two bmm calls), softmax in float32 as in Hugging Face's eager attention.
-
-    bfloat16/float16 K/V are widened to float32 first. torch's half-precision CPU bmm goes
-    through oneDNN, which JIT-compiles a kernel for every new shape and never frees it: the
-    context grows by one token per step, so RSS grew by ~1 MB per generated token (300 tokens
-    of the default model in bfloat16: +360 MB). The float32 bmm has no per-shape state; the
-    widening costs ~0.5 ms per layer at 4k tokens until a CPU attention kernel replaces this.
-    """
-    nh, d = q.shape
-    nkv = keys.shape[0]
-    if window is not None and keys.shape[1] > window:
-        keys, values = keys[:, -window:], values[:, -window:]
-    out_dtype = q.dtype
-    if q.dtype != torch.float32 and q.device.type == "cpu":
-        q, keys, values = q.float(), keys.float(), values.float()
-    qg = q.reshape(nkv, nh // nkv, d)
-    scores = torch.bmm(qg, keys.transpose(1, 2)) * (d ** -0.5)
-    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.bmm(p, values).reshape(1, nh * d).to(out_dtype)
-
-
 def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor, cache, layer: int,
-                  rope: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
+                  rope: tuple[torch.Tensor, torch.Tensor], start: int,
+                  tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder layer. x: [T, hidden] at positions start..start+T; returns the new x.
 
-    ``cache.update_and_fetch(layer, k, v)`` stores this step's k/v ([T, kv_heads, d])
-    and returns all keys/values so far as [kv_heads, L, d].
+    ``cache.attend(layer, q, k, v, window=...)`` stores this step's k/v ([T, kv_heads, d])
+    and returns the attention output [T, heads*d], computed wherever the cache keeps the
+    keys and values (offload_rt.kv); ``tree_mask`` (speculation) replaces the causal mask
+    among the new tokens.
     """
     T = x.shape[0]
     nh, nkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
@@ -322,15 +287,7 @@ def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tenso
         k = rms_norm(k, w["self_attn.k_norm.weight"], args.rms_norm_eps)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values = cache.update_and_fetch(layer, k, v)
-    window = args.window(layer)
-    if T == 1:
-        o = decode_attention(q[0], keys, values, window)
-    else:
-        mask = attention_mask(start, T, keys.shape[1], window, x.device)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
-                                           enable_gqa=nh != nkv)
-        o = o.transpose(0, 1).reshape(T, nh * d)
+    o = cache.attend(layer, q, k, v, window=args.window(layer), tree_mask=tree_mask).to(x.dtype)
     x = x + _linear(o, w, "self_attn.o_proj")
     h = rms_norm(x, w["post_attention_layernorm.weight"], args.rms_norm_eps)
     mlp = F.silu(_linear(h, w, "mlp.gate_proj")) * _linear(h, w, "mlp.up_proj")

@@ -1,0 +1,64 @@
+"""The KV cache: one protocol, several implementations, attention computed where the KV lives.
+
+A model never receives the keys and values of the whole context. Each decoder layer hands
+the cache this step's ``q, k, v`` and gets the attention output back::
+
+    o = cache.attend(layer, q, k, v, window=args.window(layer), tree_mask=None)
+        # q [T, heads, d], k/v [T, kv_heads, d] (after RoPE) -> o [T, heads * d]
+
+The cache stores k/v at ``offset .. offset+T`` for that layer and decides where and how
+attention runs: :class:`~offload_rt.kv.dense.DenseKV` keeps one buffer per layer on the
+compute device (torch SDPA; the KV beside a GPU, and the reference the others are tested
+against); :class:`~offload_rt.kv.tiered.TieredKV` keeps fixed-size chunks in host RAM and
+spills them to a zarr store on disk, and runs the Numba kernels (exact, or MagicPIG
+sampling for the long tail) on the CPU where the chunks are.
+
+Bookkeeping shared by every implementation:
+
+* ``commit(n)`` after every layer stored n new tokens (advances ``offset``);
+* ``trim(n)`` drops the last n committed tokens (REPL edits, speculation rollback);
+* ``keep(start, rows)`` keeps, of the tokens from ``start`` on, only those at offsets ``rows``
+  (sorted), packed from ``start`` (speculation keeps the accepted path of a tree);
+* ``tree_mask`` [T, T] (bool, True = attend) replaces the causal mask among the T new tokens
+  (they always see the whole cached prefix): tree verification;
+* ``tier_bytes()``: KV bytes held per tier; ``attention_s``: seconds spent in attention.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+
+class KVCache(Protocol):
+    offset: int  # tokens committed
+    max_tokens: int
+    attention_s: float
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
+               tree_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def commit(self, n: int) -> None: ...
+
+    def trim(self, n: int) -> int: ...
+
+    def keep(self, start: int, rows: Sequence[int]) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def tier_bytes(self) -> dict[str, int]: ...
+
+
+def bytes_per_token(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V of one token across every layer."""
+    return 2 * n_layers * kv_heads * head_dim * dtype.itemsize
+
+
+def check_keep(offset: int, start: int, rows: Sequence[int]) -> list[int]:
+    """Validate ``keep``'s arguments (sorted, unique, within the committed tokens); returns the rows."""
+    rows = [int(r) for r in rows]
+    if not 0 <= start <= offset or any(b <= a for a, b in zip(rows, rows[1:])) or \
+            (rows and (rows[0] < 0 or start + rows[-1] >= offset)):
+        raise ValueError(f"keep({start}, {rows[:8]}...) is not a sorted subset of the {offset - start} tokens after {start}")
+    return rows
