@@ -25,6 +25,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
     from offload_rt import runtime
     from offload_rt.memory.plan import format_plan
 
+    from kernels_cpu import attention as attention_kernels
     from kernels_cpu.matvec import set_threads, warm_up
     from offload_rt.memory import baseline
     from offload_rt.threads import available_cores, wait_policy
@@ -36,6 +37,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
     with torch.inference_mode():
         model = open_model(cfg)
         warm_up()
+        attention_kernels.warm_up()  # compiled (or loaded from Numba's cache) before the baseline is measured
         gpu_used_before = None
         if device == "cuda":
             from offload_rt.memory.gpu import gpu_used_bytes
@@ -54,6 +56,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             print(f"model: {model.name} ({model.args.model_type}, {model.args.num_hidden_layers} layers, "
                   f"{str(model.dtype).replace('torch.', '')}, device {device})")
             print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
+            print(prepared.kv.describe() + f"; attention {prepared.attention}")
             print(baseline.describe(base, prepared.budgets.host))
             if device == "cuda":
                 from offload_rt.config import format_size
@@ -76,7 +79,8 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         # The first passes fault in library code with read-ahead (8 MiB windows on some disks): ~0.3 GB of
         # page cache charged to a cgroup. Dropped once they have run; what is mapped stays.
         engine = attach_engine(model, cfg, source, tracer=tracer, device=device,
-                               on_warm=baseline.drop_library_page_cache)
+                               on_warm=baseline.drop_library_page_cache,
+                               cache=prepared.kv_cache(cfg, model.args, model.dtype, tracer))
         torch.set_num_threads(1)  # while serving: prefill takes its threads (engine), decode its tuner's
         p = prepared.placement
         session = Session(model, cfg, device=device, counters=source.counters, placement=dict(p.tier_bytes),

@@ -21,6 +21,13 @@ def _fail(message: str, debug: bool, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _kv_cpu_mem(text: str | None) -> int | None:
+    size = parse_size(text, option="--kv-cpu-mem")
+    if isinstance(size, str):
+        raise UsageError("--kv-cpu-mem takes a size (e.g. 2G, 512M), not 'auto'")
+    return size
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="offload_rt", prog_name="offload-run", message="%(prog)s %(version)s")
 @click.argument("model", required=False)
@@ -54,10 +61,18 @@ def _fail(message: str, debug: bool, code: int = 2) -> None:
 @click.option("--ctx-size", "-c", type=click.IntRange(min=16), default=None,
               help="Context window in tokens, prompt and answer together; the KV cache is budgeted for it "
                    "(default: the model's, at most 4096).")
+@click.option("--kv-cpu-mem", default=None,
+              help="Host RAM for the KV cache (part of --cpu-mem); past it KV chunks spill to --offload-dir. "
+                   "Default: the whole context's KV in RAM.")
+@click.option("--attention", type=click.Choice(["auto", "exact", "magicpig"]), default="auto", show_default=True,
+              help="Decode attention over long contexts: exact, or MagicPIG LSH sampling (auto: MagicPIG past "
+                   "a context length where it pays, when the KV is in RAM).")
+@click.option("--lsh-k", type=click.IntRange(1, 15), default=10, show_default=True, help="MagicPIG: bits per table.")
+@click.option("--lsh-l", type=click.IntRange(2, 1024), default=150, show_default=True, help="MagicPIG: hash tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, device,
                 gpu_mem, cpu_mem, offload_dir, raw, stop, stats, rebuild_store, threads, ignore_eos, plan_only,
-                profile, config_file, prefetch_depth, ctx_size, debug):
+                profile, config_file, prefetch_depth, ctx_size, kv_cpu_mem, attention, lsh_k, lsh_l, debug):
     """Run MODEL (a Hugging Face checkpoint directory or a .gguf file; default: SmolLM2-135M-Instruct).
 
     With --prompt/--prompt-file or piped stdin: answer once, streaming to stdout.
@@ -88,6 +103,10 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             profile=profile,
             prefetch_depth=prefetch_depth,
             ctx_size=ctx_size,
+            kv_cpu_mem=_kv_cpu_mem(kv_cpu_mem),
+            attention=attention,
+            lsh_k=lsh_k,
+            lsh_l=lsh_l,
         )
         if config_file is not None:
             from offload_rt.presets import apply_preset

@@ -95,6 +95,10 @@ class RunConfig:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     bandwidth_hints: dict | None = None  # preset [bandwidths] (bytes/s), used instead of measuring
     ctx_size: int | None = None  # context window in tokens (None: the model's, capped at runtime.DEFAULT_CTX)
+    kv_cpu_mem: int | None = None  # host RAM for the KV cache; past it chunks spill to disk (None: all in RAM)
+    attention: str = "auto"  # auto | exact | magicpig (LSH sampling for long contexts)
+    lsh_k: int = 10  # MagicPIG: bits per hash table
+    lsh_l: int = 150  # MagicPIG: hash tables
 
     @property
     def store_dir(self) -> Path:

@@ -177,3 +177,6 @@ class Engine:
 
     def close(self) -> None:
         self.source.close()
+        close = getattr(self.cache, "close", None)
+        if close is not None:
+            close()  # a spilled KV cache removes its chunk files

@@ -107,8 +107,9 @@ def open_model(cfg: RunConfig) -> LoadedModel:
 
 
 def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=None, device: str = "cpu",
-                  on_warm=None) -> Engine:
-    """Build the engine over ``source`` (default: every tensor resident)."""
+                  on_warm=None, cache=None) -> Engine:
+    """Build the engine over ``source`` (default: every tensor resident) and ``cache`` (default: a
+    dense KV cache on the source's KV device; runs pass the one their plan built, runtime.Prepared.kv_cache)."""
     if source is None:
         store, dtype = model.store, model.dtype
         source = ResidentWeights(model.groups, lambda n: store.load(n).to(device=device, dtype=dtype), llama.EMBED)
@@ -120,10 +121,19 @@ def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=Non
     n = torch.get_num_threads()
     tuner = ThreadTuner(n) if device == "cpu" and not cfg.threads else None
     accel = getattr(source, "accel", None)  # the streaming source: its KV tier and device synchronisation
+    max_tokens = context_tokens(model.args, cfg.ctx_size)
+    if cache is None and device == "cpu":  # CPU compute: chunks in RAM, the Numba kernels (no spilling)
+        from offload_rt.kv.tiered import TieredKV
+        from offload_rt.memory.kv_plan import CHUNK_TOKENS
+
+        a = model.args
+        cache = TieredKV(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, model.dtype, max_tokens,
+                         host_chunks=a.num_hidden_layers * -(-max_tokens // CHUNK_TOKENS))
     model.engine = Engine(model.args, source, model.dtype, prefill_chunk=cfg.prefill_chunk, tracer=tracer,
-                          device=device, max_tokens=context_tokens(model.args, cfg.ctx_size), thread_tuner=tuner,
+                          device=device, max_tokens=max_tokens, thread_tuner=tuner,
                           prefill_threads=n, on_warm=on_warm, kv_device=getattr(source, "kv_device", None),
-                          synchronize=accel.synchronize if accel is not None and accel.cuda else None)
+                          synchronize=accel.synchronize if accel is not None and accel.cuda else None,
+                          cache=cache)
     return model.engine
 
 

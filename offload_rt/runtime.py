@@ -8,7 +8,9 @@ engine sweeps. Policy lives in ``offload_rt.memory.plan``; bytes move in the sch
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,7 @@ from offload_rt import kv as kv_mod
 from offload_rt.memory import budgets as budgets_mod
 from offload_rt.memory import gpu as gpu_mod
 from offload_rt.memory import calibrate
+from offload_rt.memory.kv_plan import KVShape, KVSplit, split_kv
 from offload_rt.memory.plan import MAX_PREFETCH_DEPTH, Bandwidths, Budgets, GroupSpec, Placement, cli_size, plan
 from offload_rt.memory.tiers import Tiers
 from offload_rt.models import llama
@@ -27,6 +30,7 @@ from offload_rt.models.llama import LlamaArgs
 
 MIN_STREAM_DEPTH = 2  # slots in flight when anything streams (see prepare)
 DEFAULT_CTX = 4096  # context window (and KV budget) when --ctx-size is not given: min(model's, this)
+AUTO_MAGICPIG_TOKENS = 16384  # --attention auto: MagicPIG for contexts of at least this many tokens (A2)
 
 
 def _nbytes(store, name: str, dtype: torch.dtype) -> int:
@@ -74,6 +78,46 @@ def kv_reserve_bytes(args: LlamaArgs, dtype: torch.dtype, tokens: int) -> int:
     return tokens * kv_mod.bytes_per_token(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype)
 
 
+def kv_shape(args: LlamaArgs, dtype: torch.dtype) -> KVShape:
+    return KVShape(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype.itemsize)
+
+
+def kv_dir(cfg: RunConfig) -> Path:
+    """Where KV chunks spill: beside the weight stores (``--offload-dir``)."""
+    return cfg.store_dir / "kv-cache"
+
+
+def _disk_free(path: Path) -> int:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing ancestor)."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype) -> tuple[KVSplit, str]:
+    """The KV cache's split across RAM and disk for the run's context, and the attention it runs.
+
+    ``--attention auto`` turns MagicPIG on past :data:`AUTO_MAGICPIG_TOKENS` of context when
+    the KV (and its hash tables) fit in RAM; otherwise decode attention is exact.
+    """
+    tokens = context_tokens(args, cfg.ctx_size)
+    shape = kv_shape(args, dtype)
+    free = _disk_free(kv_dir(cfg)) if cfg.kv_cpu_mem is not None else None
+    kw = dict(kv_cpu_mem=cfg.kv_cpu_mem, disk_free=free, model_tokens=args.max_position_embeddings)
+    if cfg.attention == "magicpig" or (cfg.attention == "auto" and tokens >= AUTO_MAGICPIG_TOKENS):
+        from kernels_cpu.magicpig import LSHIndex
+
+        tables = args.num_hidden_layers * LSHIndex.bytes_per_token(args.num_key_value_heads, cfg.lsh_k, cfg.lsh_l)
+        try:
+            return split_kv(shape, tokens, table_bytes_per_token=tables, **kw), "magicpig"
+        except BudgetError:
+            if cfg.attention == "magicpig":
+                raise
+            # auto: the tables do not fit in RAM beside the KV: exact attention
+    return split_kv(shape, tokens, **kw), "exact"
+
+
 def activation_bytes(args: LlamaArgs, prefill_chunk: int) -> int:
     """Scratch of one prefill chunk (fp32 upper bound) plus the logits row."""
     per_token = 4 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_attention_heads * args.head_dim
@@ -100,6 +144,23 @@ class Prepared:
     budgets: Budgets
     device: str
     gpu_context_bytes: int = 0  # the CUDA context as measured (outside the device budget), 0 without CUDA
+    kv: KVSplit | None = None  # the KV cache's tiers
+    attention: str = "exact"  # exact | magicpig
+
+    def kv_cache(self, cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype, tracer=None):
+        """The run's KV cache where the plan put it: dense on the GPU, or chunked in RAM and on disk."""
+        from offload_rt.kv.dense import DenseKV
+        from offload_rt.kv.tiered import TieredKV
+
+        split = self.kv
+        if self.placement.kv_tier == "device":
+            return DenseKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, split.tokens,
+                           device=self.device)
+        return TieredKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, split.tokens,
+                        host_chunks=split.host_chunks, staging_chunks=split.staging_chunks,
+                        disk_root=kv_dir(cfg) if split.spills else None, chunk_tokens=split.shape.chunk_tokens,
+                        attention=self.attention, lsh_k=cfg.lsh_k, lsh_l=cfg.lsh_l,
+                        magicpig_from=AUTO_MAGICPIG_TOKENS if cfg.attention == "auto" else 0, tracer=tracer)
 
     def factory(self, cfg: RunConfig, tracer=None, accel=None):
         """A builder of the run's weight source; ``accel`` (default: from the device) carries out the copies."""
@@ -149,9 +210,10 @@ def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: 
     specs = group_specs(store, groups, dtype, args)
     # At least two slots in flight: with one, the reader idles while each streamed layer computes
     # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
-    kv_bytes = kv_reserve_bytes(args, dtype, context_tokens(args, cfg.ctx_size))
+    kv, attention = plan_kv(cfg, args, dtype)
     try:
-        placement = plan(specs, bud, bw, kv_bytes=kv_bytes, prefetch_depth=cfg.prefetch_depth,
+        placement = plan(specs, bud, bw, kv_bytes=kv.host_bytes, prefetch_depth=cfg.prefetch_depth,
+                         kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact",
                          activation_bytes=activation_bytes(args, cfg.prefill_chunk),
                          embed_bytes=untied_embed_bytes(store, args, dtype),
                          depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
@@ -165,4 +227,4 @@ def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: 
         raise
     if cuda:  # the caching allocator may not grow past what the budget implies: an overrun fails loudly
         gpu_mod.cap_allocator(device, gpu_mod.allocator_limit(cfg.gpu_mem, context_bytes=ctx, placement=dev))
-    return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx)
+    return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx, kv=kv, attention=attention)

@@ -36,8 +36,7 @@ the host tier is the cache, the plan decides what stays.
 
 from __future__ import annotations
 
-import queue
-import threading
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Mapping, Sequence
 
@@ -46,6 +45,7 @@ import torch
 from offload_rt.accel import HostAccel, thread_context
 from offload_rt.engine import Group
 from offload_rt.memory.tiers import Tiers
+from offload_rt.prefetch import Prefetcher
 from offload_rt.trace import NullTracer
 from storage.store import DIRECT_ALIGN, aligned_buffer
 
@@ -211,24 +211,19 @@ class StreamingWeights:
         self._cast_views = ({g.name: held[g.name].views(self._cast_buf) for g in disk
                              if held[g.name].cast_bytes and not self.split} if self._cast_buf is not None else {})
 
-        # --- the reader thread and its hand-off
-        self._free: queue.Queue[int] = queue.Queue()
-        for i in range(len(ring)):
-            self._free.put(i)
-        self._ready: dict[int, tuple[int, object]] = {}  # seq -> (slot, copy event or None)
-        self._cond = threading.Condition()
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
+        # --- the reader thread and its hand-off (offload_rt.prefetch: the one slot ring the KV cache uses too)
         self._next_seq = 0  # next sequence number the compute side consumes
         self._pass = 0
-        self._thread = None
         self._compute_done: list = [None] * len(ring)  # per slot: compute finished with it (event)
         self._host_busy: list = [None] * len(self._host_slots)  # per raw slot: its copy up is done (event)
         self._host_i = 0  # next raw slot (disk groups only)
+        self._ring = None
         if self.streamed:
             self._copy_stream = self.accel.stream()
-            self._thread = threading.Thread(target=self._reader_loop, name="offload-prefetch", daemon=True)
-            self._thread.start()
+            # Inference mode is per thread: the tier tensors were made under it, and updating them in
+            # place from a thread outside it raises. The current CUDA device is per thread too.
+            self._ring = Prefetcher(len(ring), self._fill_slot, itertools.cycle(self.streamed),
+                                    name="offload-prefetch", context=lambda: thread_context(self.accel))
         self._occupancy()
 
     # ------------------------------------------------------------------ loading
@@ -301,33 +296,14 @@ class StreamingWeights:
             self._verified.add(group.name)
         return n
 
-    def _reader_loop(self) -> None:
-        try:
-            # Inference mode is per thread: the tier tensors were made under it, and updating them in
-            # place from a thread outside it raises. The current CUDA device is per thread too.
-            with thread_context(self.accel):
-                seq = 0
-                while not self._stop.is_set():
-                    try:
-                        slot = self._free.get(timeout=0.1)
-                    except queue.Empty:
-                        continue
-                    group = self.streamed[seq % len(self.streamed)]
-                    event = None
-                    if not self.split:
-                        with self.tracer.span("disk", f"read {group.name}", group=group.name) as a:
-                            a["bytes"] = nb = self._read_group(group, self._views[slot][group.name])
-                        self.counters.disk_read_bytes += nb
-                    else:
-                        event = self._fetch_up(group, slot)
-                    with self._cond:
-                        self._ready[seq] = (slot, event)
-                        self._cond.notify_all()
-                    seq += 1
-        except BaseException as e:  # surfaced on the compute side
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
+    def _fill_slot(self, group: Group, slot: int):
+        """On the reader thread: bring ``group`` into ``slot``; returns the copy's event (split) or None."""
+        if self.split:
+            return self._fetch_up(group, slot)
+        with self.tracer.span("disk", f"read {group.name}", group=group.name) as a:
+            a["bytes"] = nb = self._read_group(group, self._views[slot][group.name])
+        self.counters.disk_read_bytes += nb
+        return None
 
     def _fetch_up(self, group: Group, slot: int):
         """disk -> raw host slot (disk groups) -> device slot on the copy stream; returns the copy's event."""
@@ -374,21 +350,15 @@ class StreamingWeights:
 
     # ------------------------------------------------------------------ the compute side
     def _take(self, seq: int, group: str):
-        with self._cond:
-            if seq not in self._ready and self._error is None:
-                with self.tracer.span("compute", f"wait {group}", group=group, **{"pass": self._pass}):
-                    while seq not in self._ready and self._error is None:
-                        self._cond.wait(0.5)
-            if self._error is not None:
-                raise self._error
-            return self._ready.pop(seq)
+        return self._ring.take(seq, waiting=lambda: self.tracer.span("compute", f"wait {group}", group=group,
+                                                                     **{"pass": self._pass}))
 
     def _release(self, slot: int) -> None:
         ev = self.accel.event()
         if ev is not None:
             self.accel.record(ev)  # on the compute stream: the slot is reusable once this layer's kernels ran
         self._compute_done[slot] = ev
-        self._free.put(slot)
+        self._ring.release(slot)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows for ``ids``, on the compute device: gathered where the table lives; only the rows move."""
@@ -434,9 +404,8 @@ class StreamingWeights:
             self._occupancy()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if self._ring is not None:
+            self._ring.close()
         self._pool.shutdown(wait=True)
         self.accel.synchronize()  # copies queued on the copy stream finish before their buffers go
         if self._arena is not None:

@@ -56,6 +56,17 @@ class Session:
     def _snapshot(self) -> None:
         c = self.counters
         self._at_decode = (getattr(c, "disk_read_bytes", 0), getattr(c, "h2d_bytes", 0))
+        self._attention_at_decode = getattr(self.model.engine.cache, "attention_s", 0.0)
+
+    def kv_stats(self) -> dict:
+        """KV bytes per tier, decode time in attention (seconds), KV chunk bytes moved to and from disk."""
+        cache = self.model.engine.cache
+        attn = getattr(cache, "attention_s", 0.0)
+        return {"kv_bytes_by_tier": cache.tier_bytes(),
+                "attention_s": round(attn - getattr(self, "_attention_at_decode", attn), 6),
+                "kv_disk_read_bytes": int(getattr(cache, "disk_read_bytes", 0)),
+                "kv_disk_write_bytes": int(getattr(cache, "disk_write_bytes", 0)),
+                "attention": getattr(cache, "attention", "exact")}
 
     def stats(self) -> dict:
         c = self.counters
@@ -65,4 +76,4 @@ class Session:
                             placement=self.placement, dtype=str(self.model.dtype).replace("torch.", ""),
                             stop_reason=self.last.stop_reason, gpu_context_bytes=self.gpu_context_bytes,
                             disk_read_bytes_decode=int(getattr(c, "disk_read_bytes", 0) - disk0),
-                            h2d_bytes_decode=int(getattr(c, "h2d_bytes", 0) - h2d0))
+                            h2d_bytes_decode=int(getattr(c, "h2d_bytes", 0) - h2d0), **self.kv_stats())

@@ -60,5 +60,6 @@ def check_keep(offset: int, start: int, rows: Sequence[int]) -> list[int]:
     rows = [int(r) for r in rows]
     if not 0 <= start <= offset or any(b <= a for a, b in zip(rows, rows[1:])) or \
             (rows and (rows[0] < 0 or start + rows[-1] >= offset)):
-        raise ValueError(f"keep({start}, {rows[:8]}...) is not a sorted subset of the {offset - start} tokens after {start}")
+        raise ValueError(f"keep({start}, {rows[:8]}...) is not a sorted subset of the {offset - start} tokens "
+                         f"after {start}")
     return rows

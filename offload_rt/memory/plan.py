@@ -393,6 +393,7 @@ def plan(
     activation_bytes: int = 0,
     embed_bytes: int = 0,
     depth_bounds: tuple[int, int] = (MIN_PREFETCH_DEPTH, MAX_PREFETCH_DEPTH),
+    kv_device_ok: bool = True,
 ) -> Placement:
     """Place ``groups`` (sweep order: layers 0..N-1, then the head) on device/host/disk.
 
@@ -416,6 +417,9 @@ def plan(
     absent). It costs ~nothing per token either way (a few rows), so it never displaces
     a group: it is kept resident, where compute runs, only when no group streams from
     disk and it fits beside everything else; otherwise its rows are read from the store.
+
+    ``kv_bytes``: what the KV cache takes (offload_rt.memory.kv_plan: its RAM part when it
+    spills to disk); ``kv_device_ok`` False keeps it off the device.
 
     Raises BudgetError when a budget cannot hold the minimum working set
     (one group in flight, its staging buffer, KV cache and activations).
@@ -454,7 +458,7 @@ def plan(
     host_held = held_slots if cuda else held
     # KV: on the device when it fits there beside one staging buffer (or beside everything).
     kv_on_device = False
-    if cuda:
+    if cuda and kv_device_ok:  # (not when the KV is chunked across host and disk, or sampled by MagicPIG)
         one_slot = _largest(held_slots) + _largest(casts)
         kv_on_device = kv_bytes + act_dev + (0 if total + kv_bytes + act_dev <= D else one_slot) <= D
     kv_dev = kv_bytes if kv_on_device else 0

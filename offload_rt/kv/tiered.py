@@ -1,0 +1,294 @@
+"""TieredKV: the KV cache in chunks in host RAM and on disk, attention on the CPU where they are.
+
+Keys and values live in two *pools* of chunk slots, ``[slots, kv_heads, C, d]`` (K and V),
+in the layout the CPU kernels read (``kernels_cpu.attention``): a layer's chunk i holds
+its tokens ``i*C .. i*C+C-1``. Where each chunk is (RAM slot or disk) is decided by the
+pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
+
+* a new token is written into its chunk's RAM slot (the chunk being written is always in
+  RAM); when the plan's RAM chunks run out, the layer's oldest non-sink chunk is written
+  to the zarr store (``storage.kv_store``) and its slot reused;
+* attention for a layer runs the exact kernel over each run of RAM chunks, and over the
+  disk chunks read in batches into staging slots by the runtime's slot ring
+  (:mod:`offload_rt.prefetch`, the weights' reader: the next batch is read while the
+  current one computes), merging the partial results by log-sum-exp;
+* with MagicPIG (``attention="magicpig"``, decode steps past ``magicpig_from`` tokens) the
+  sink tokens and a recent window are exact and the rest is sampled through LSH tables
+  (``kernels_cpu.magicpig``), built on first use and extended by whole chunks as tokens
+  age out of the window. MagicPIG needs the chunks in RAM (the plan refuses otherwise).
+
+Beside a GPU only q and the new k/v come down and only the output goes up.
+Pool memory is reserved once at its planned size and touched as tokens arrive; nothing
+proportional to the context is allocated per step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kernels_cpu import attention as kern
+from offload_rt.kv import bytes_per_token, check_keep
+from offload_rt.memory.kv_plan import CHUNK_TOKENS, STAGING_BATCH, ChunkTable
+from offload_rt.prefetch import Prefetcher
+from offload_rt.trace import NullTracer
+from storage.store import aligned_buffer
+
+BLOCK_QUERIES = 16  # up to this many queries per call: the Numba kernel; more (prefill): torch matmuls in blocks
+SINKS = 4  # MagicPIG: first tokens always attended exactly
+WINDOW = 64  # MagicPIG: at least this many recent tokens attended exactly
+
+
+class TieredKV:
+    """Chunked KV in RAM (``host_chunks`` slots) spilling to a zarr store under ``disk_root``."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int, *,
+                 host_chunks: int, staging_chunks: int = 0, disk_root: Path | None = None,
+                 chunk_tokens: int = CHUNK_TOKENS, attention: str = "exact", lsh_k: int = 10, lsh_l: int = 150,
+                 magicpig_from: int = 0, tracer=None):
+        if attention not in ("exact", "magicpig"):
+            raise ValueError(f"attention {attention!r}")
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.dtype, self.max_tokens, self.C = dtype, max_tokens, chunk_tokens
+        self.offset = 0
+        self.attention_s = 0.0
+        self.disk_read_bytes = self.disk_write_bytes = 0
+        self.tracer = tracer or NullTracer()
+        self.host_chunks, self.staging_chunks = host_chunks, staging_chunks
+        self._table = ChunkTable(n_layers, host_chunks, disk=disk_root is not None)
+        slots = host_chunks + staging_chunks
+        shape = (slots, kv_heads, chunk_tokens, head_dim)
+        nbytes = slots * kv_heads * chunk_tokens * head_dim * dtype.itemsize
+        # 4 KiB aligned (chunk reads from disk land here with O_DIRECT); pages are touched as tokens arrive
+        self.kpool = aligned_buffer(nbytes).view(dtype).view(shape)
+        self.vpool = aligned_buffer(nbytes).view(dtype).view(shape)
+        self._disk_root = disk_root
+        self._disk = None  # storage.kv_store.KVChunkStore, created at the first spill
+        # disk chunks are read by the runtime's one slot ring (offload_rt.prefetch), two halves of the staging
+        # slots: the next batch is read while the current one computes
+        self._halves = [list(range(host_chunks + h * STAGING_BATCH, host_chunks + (h + 1) * STAGING_BATCH))
+                        for h in range(2)]
+        self._ring = Prefetcher(2, self._fill_staging, name="kv-read") if disk_root else None
+        self._seq = 0  # the next batch the compute side takes from the ring
+        self.attention = attention
+        self.lsh_k, self.lsh_l, self.magicpig_from = lsh_k, lsh_l, magicpig_from
+        self._index: list = [None] * n_layers  # MagicPIG tables per layer (kernels_cpu.magicpig.LSHIndex)
+        self._index_stop = [0] * n_layers  # the index covers tokens [SINKS, stop); exact from stop on
+
+    # ------------------------------------------------------------------ writing
+    def _store(self):
+        if self._disk is None:
+            from storage.kv_store import KVChunkStore
+
+            max_chunks = -(-self.max_tokens // self.C)
+            self._disk = KVChunkStore(self._disk_root, self.n_layers, max_chunks, self.kv_heads, self.C,
+                                      self.head_dim, self.dtype)
+        return self._disk
+
+    def _place(self, layer: int, chunk: int) -> int:
+        slot, spills, load = self._table.place(layer, chunk)
+        for vl, victim, s in spills:
+            with self.tracer.span("kv_disk", f"kv write layer.{vl}", layer=vl, chunk=victim):
+                self._store().write(vl, victim, self.kpool[s], self.vpool[s])
+            self.disk_write_bytes += self._store().chunk_bytes
+        if load:
+            with self.tracer.span("kv_disk", f"kv read layer.{layer}", layer=layer, chunk=chunk):
+                self.disk_read_bytes += self._store().read_into(layer, chunk, self.kpool[slot], self.vpool[slot])
+        return slot
+
+    def _write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k/v [T, kv_heads, d] at token indices start.. (chunk by chunk)."""
+        i, T, C = 0, k.shape[0], self.C
+        while i < T:
+            pos = start + i
+            c, r = divmod(pos, C)
+            n = min(C - r, T - i)
+            slot = self._place(layer, c)
+            self.kpool[slot, :, r:r + n] = k[i:i + n].transpose(0, 1)
+            self.vpool[slot, :, r:r + n] = v[i:i + n].transpose(0, 1)
+            i += n
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
+               tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        T, nh, d = q.shape
+        start, end = self.offset, self.offset + T
+        if end > self.max_tokens:
+            raise ValueError(f"KV cache of {self.max_tokens} tokens cannot hold {end}")
+        out_device, out_dtype = q.device, q.dtype
+        self._write(layer, start, k.to("cpu", self.dtype), v.to("cpu", self.dtype))
+        qf = q.to("cpu", torch.float32).contiguous()
+        call = dict(q_index=torch.arange(start, end, dtype=torch.int64), window=window or 0,
+                    n_prefix=start if tree_mask is not None else None,
+                    tail_mask=tree_mask.to("cpu", torch.bool).contiguous() if tree_mask is not None else None)
+        with self.tracer.span("cpu_attn", f"attention layer.{layer}", layer=layer, tokens=end):
+            index = self._magicpig(layer, end) if (T == 1 and tree_mask is None and not window) else None
+            if index is None:
+                o, lse = self._exact(layer, qf, 0, end, call)
+            else:
+                from kernels_cpu import magicpig
+
+                stop = self._index_stop[layer]
+                o, lse = self._exact(layer, qf, 0, SINKS, call)
+                o2, lse2 = self._exact(layer, qf, stop, end, call)
+                o, lse = kern.merge(o, lse, o2, lse2)
+                os_, lses = magicpig.attend_sampled(qf[0], self.kpool, self.vpool, self._slots(layer, stop), index)
+                o, lse = kern.merge(o, lse, os_[None], lses[None])
+        out = o.reshape(T, nh * d).to(device=out_device, dtype=out_dtype)
+        self.attention_s += time.perf_counter() - t0
+        return out
+
+    def _slots(self, layer: int, tokens: int) -> torch.Tensor:
+        runs = self._table.runs(layer, -(-tokens // self.C))
+        if len(runs) != 1 or runs[0][0] != "host":
+            raise RuntimeError("MagicPIG runs over chunks in RAM only")
+        return torch.tensor(runs[0][2], dtype=torch.int32)
+
+    def _exact(self, layer: int, q: torch.Tensor, lo: int, hi: int, call: dict):
+        """Exact attention over keys [lo, hi) (lo on a chunk boundary): RAM runs, then disk batches, merged."""
+        C = self.C
+        fn = kern.attend if q.shape[0] <= BLOCK_QUERIES else kern.attend_blocks
+        acc = None
+
+        def add(res):
+            nonlocal acc
+            acc = res if acc is None else kern.merge(*acc, *res)
+
+        if hi <= lo:
+            T, nh, d = q.shape
+            return torch.zeros(T, nh, d), torch.full((T, nh), float("-inf"))
+        first, n_chunks = lo // C, -(-hi // C)
+        disk_batches = []
+        for tier, c0, slots in self._table.runs(layer, n_chunks):
+            c1 = c0 + len(slots)
+            if c1 <= first:
+                continue
+            if c0 < first:
+                slots, c0 = slots[first - c0:], first
+            if tier == "host":
+                base = c0 * C
+                add(fn(q, self.kpool, self.vpool, torch.tensor(slots, dtype=torch.int32), min(hi, c1 * C) - base,
+                       k_base=base, **call))
+            else:
+                disk_batches += [(c, min(c + STAGING_BATCH, c1)) for c in range(c0, c1, STAGING_BATCH)]
+        if disk_batches:
+            for slots, n_keys, base in self._disk_passes(layer, disk_batches, hi):
+                add(fn(q, self.kpool, self.vpool, slots, n_keys, k_base=base, **call))
+        return acc
+
+    def _fill_staging(self, item: tuple[int, int, int], half: int) -> int:
+        """On the ring's thread: chunks c0..c1 of a layer from disk into a half of the staging slots."""
+        layer, c0, c1 = item
+        items = [(layer, c, self.kpool[s], self.vpool[s]) for c, s in zip(range(c0, c1), self._halves[half])]
+        with self.tracer.span("kv_disk", f"kv read layer.{layer}", layer=layer, chunks=c1 - c0):
+            return self._store().read_many(items)
+
+    def _disk_passes(self, layer: int, batches: list[tuple[int, int]], hi: int):
+        """Yield (staging slots, n_keys, k_base) per batch of disk chunks, each read by the ring while the
+        caller computes on the one before."""
+        first = self._seq
+        for c0, c1 in batches:
+            self._ring.submit((layer, c0, c1))
+        self._seq += len(batches)
+        done = 0
+        try:
+            for i, (c0, c1) in enumerate(batches):
+                half, nb = self._ring.take(first + i, waiting=lambda: self.tracer.span(
+                    "cpu_attn", f"wait kv layer.{layer}", layer=layer))
+                done += 1
+                self.disk_read_bytes += nb
+                slots = torch.tensor(self._halves[half][:c1 - c0], dtype=torch.int32)
+                try:
+                    yield slots, min(hi, c1 * self.C) - c0 * self.C, c0 * self.C
+                finally:
+                    self._ring.release(half)
+        finally:  # abandoned half-way (an exception in compute): let the ring finish what was queued
+            for i in range(done, len(batches)):
+                self._ring.release(self._ring.take(first + i)[0])
+
+    def _magicpig(self, layer: int, end: int):
+        """The layer's LSH index brought up to date for a decode step at ``end`` tokens, or None (exact)."""
+        if self.attention != "magicpig" or end < max(self.magicpig_from, SINKS + WINDOW + self.C):
+            return None
+        from kernels_cpu import magicpig
+
+        stop = ((end - WINDOW) // self.C) * self.C  # whole chunks leave the exact window
+        index = self._index[layer]
+        slots = self._slots(layer, stop)
+        if index is None:
+            index = self._index[layer] = magicpig.LSHIndex(self.kv_heads, self.head_dim, self.lsh_k, self.lsh_l,
+                                                           seed=layer)
+            index.build(self.kpool, slots, SINKS, stop)
+        elif stop > self._index_stop[layer]:
+            index.extend(self.kpool, slots, self._index_stop[layer], stop)
+        self._index_stop[layer] = stop
+        return index
+
+    # ------------------------------------------------------------------ bookkeeping
+    def commit(self, n: int) -> None:
+        self.offset += n
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        self.offset -= n
+        for layer, chunk, tier in self._table.truncate(self.offset, self.C):
+            if tier == "disk":
+                self._store().discard(layer, chunk)
+        for i, index in enumerate(self._index):
+            if index is not None and self._index_stop[i] + WINDOW > self.offset:
+                self._index[i] = None  # rebuilt at the next decode step
+        return n
+
+    def keep(self, start: int, rows: Sequence[int]) -> None:
+        rows = check_keep(self.offset, start, rows)
+        idx = torch.tensor(rows, dtype=torch.int64)
+        kept = [self._gather(layer, start, self.offset, idx) for layer in range(self.n_layers)]
+        self.trim(self.offset - start)
+        for layer, (k, v) in enumerate(kept):
+            self._write(layer, start, k, v)
+        self.offset = start + len(rows)
+
+    def _gather(self, layer: int, lo: int, hi: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens lo + idx of a layer as [n, kv_heads, d] copies (disk chunks read into staging)."""
+        C = self.C
+        ks, vs = [], []
+        staging = iter(range(self.host_chunks, self.host_chunks + self.staging_chunks))
+        for c in range(lo // C, -(-hi // C)):
+            tier, slot = self._table.chunks[layer][c]
+            if tier == "disk":
+                slot = next(staging)  # keep() spans a few chunks (a speculation tree), staging holds 16
+                self.disk_read_bytes += self._store().read_into(layer, c, self.kpool[slot], self.vpool[slot])
+            ks.append(self.kpool[slot])
+            vs.append(self.vpool[slot])
+        base = (lo // C) * C
+        pos = idx + (lo - base)
+        k = torch.cat(ks, dim=1)[:, pos].transpose(0, 1).clone()
+        v = torch.cat(vs, dim=1)[:, pos].transpose(0, 1).clone()
+        return k, v
+
+    def reset(self) -> None:
+        self.trim(self.offset)
+
+    def tier_bytes(self) -> dict[str, int]:
+        cb = 2 * self.kv_heads * self.C * self.head_dim * self.dtype.itemsize
+        tables = sum(i.nbytes for i in self._index if i is not None)
+        return {"host": self._table.count("host") * cb + tables, "disk": self._table.count("disk") * cb}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.tier_bytes().values())
+
+    @staticmethod
+    def bytes_per_token(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return bytes_per_token(n_layers, kv_heads, head_dim, dtype)
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None

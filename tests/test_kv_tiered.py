@@ -1,0 +1,142 @@
+"""The KV protocol's implementations against each other, and the chunk policy on its own.
+
+DenseKV (one buffer, torch attention) is the reference; TieredKV keeps chunks in RAM
+(Numba kernels) and spills them to a zarr store on disk. Same inputs, same outputs:
+in every tier, after trims into spilled chunks, with tree masks and keep().
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_rt.errors import BudgetError
+from offload_rt.kv.dense import DenseKV
+from offload_rt.kv.tiered import TieredKV
+from offload_rt.memory.kv_plan import SINK_CHUNKS, STAGING_BATCH, ChunkTable, KVShape, min_host_chunks, split_kv
+
+L, NKV, D, NH = 3, 2, 16, 6
+
+# ---------------------------------------------------------------- policy (no tensors)
+
+
+def test_chunk_table_spills_the_oldest_non_sink_chunk_and_reads_back_after_a_trim():
+    t = ChunkTable(n_layers=1, host_slots=3, disk=True)
+    assert [t.place(0, c) for c in range(3)] == [(0, [], False), (1, [], False), (2, [], False)]
+    slot, spills, load = t.place(0, 3)  # full: chunk 1 (oldest after the sink chunk 0) goes to disk
+    assert spills == [(0, 1, 1)] and slot == 1 and not load
+    slot, spills, load = t.place(0, 4)
+    assert spills == [(0, 2, 2)] and slot == 2
+    assert [tier for tier, _s in t.chunks[0]] == ["host", "disk", "disk", "host", "host"]
+    assert t.runs(0, 5) == [("host", 0, [0]), ("disk", 1, [-1, -1]), ("host", 3, [1, 2])]
+    dropped = t.truncate(2 * 16 + 5, 16)  # back into chunk 2, which is on disk
+    assert dropped == [(0, 4, "host"), (0, 3, "host")] and sorted(t.free) == [1, 2]
+    slot, spills, load = t.place(0, 2)  # writing resumes in chunk 2: it comes back from disk
+    assert load and not spills and t.chunks[0][2] == ("host", slot)
+    assert t.place(0, 0) == (0, [], False)  # in RAM already: nothing moves
+
+
+def test_a_layer_without_chunks_of_its_own_spills_the_fullest_layers_oldest():
+    t = ChunkTable(n_layers=2, host_slots=4, disk=True)
+    for c in range(4):  # a long prefill: layer 0 takes every slot first
+        t.place(0, c)
+    slot, spills, _ = t.place(1, 0)
+    assert spills == [(0, 1, 1)] and slot == 1  # not layer 0's sink chunk, nor its last (still being written)
+
+
+def test_chunk_table_without_disk_or_victim_is_an_internal_error():
+    t = ChunkTable(n_layers=1, host_slots=1, disk=False)
+    t.place(0, 0)
+    with pytest.raises(RuntimeError):
+        t.place(0, 1)
+    with pytest.raises(ValueError):
+        ChunkTable(1, 4, True).place(0, 2)  # chunks are placed in order
+
+
+def test_split_kv_sizes_ram_and_disk():
+    shape = KVShape(n_layers=4, kv_heads=2, head_dim=64, itemsize=4, chunk_tokens=256)
+    cb = shape.chunk_bytes
+    assert cb == 2 * 2 * 256 * 64 * 4
+    whole = split_kv(shape, 4096, kv_cpu_mem=None, disk_free=None, model_tokens=8192)
+    assert (whole.host_chunks, whole.disk_chunks, whole.staging_chunks) == (64, 0, 0)
+    assert whole.host_bytes == 4096 * shape.bytes_per_token and not whole.spills
+    part = split_kv(shape, 4096, kv_cpu_mem=40 * cb, disk_free=10 ** 12, model_tokens=8192)
+    assert part.staging_chunks == 2 * STAGING_BATCH and part.host_chunks == 40 - 2 * STAGING_BATCH
+    assert part.host_chunks + part.disk_chunks == 64 and part.host_bytes == 40 * cb
+    assert part.longest_context == 8192  # the disk has room for the model's whole window
+    assert "disk" in part.describe() and "longest context that fits: 8192" in part.describe()
+    with pytest.raises(BudgetError, match="--kv-cpu-mem"):
+        split_kv(shape, 4096, kv_cpu_mem=cb, disk_free=10 ** 12, model_tokens=8192)
+    with pytest.raises(BudgetError, match="--offload-dir"):
+        split_kv(shape, 4096, kv_cpu_mem=40 * cb, disk_free=cb, model_tokens=8192)
+    with pytest.raises(BudgetError, match="MagicPIG"):
+        split_kv(shape, 4096, kv_cpu_mem=40 * cb, disk_free=10 ** 12, model_tokens=8192, table_bytes_per_token=10)
+    assert min_host_chunks(shape, 4096) == 4 * (SINK_CHUNKS + 1)
+
+
+# ---------------------------------------------------------------- the implementations against each other
+
+
+def _pair(dtype, host_chunks, disk_root, chunk=16, max_tokens=600):
+    ref = DenseKV(L, NKV, D, dtype, max_tokens)
+    kv = TieredKV(L, NKV, D, dtype, max_tokens, host_chunks=host_chunks,
+                  staging_chunks=2 * STAGING_BATCH if disk_root else 0, disk_root=disk_root, chunk_tokens=chunk)
+    return ref, kv
+
+
+def _step(ref, kv, T, gen, dtype, tree_mask=None, window=None):
+    err = 0.0
+    for layer in range(L):
+        q, k, v = (torch.randn(T, n, D, generator=gen).to(dtype) for n in (NH, NKV, NKV))
+        a = ref.attend(layer, q, k, v, tree_mask=tree_mask, window=window).float()
+        b = kv.attend(layer, q, k, v, tree_mask=tree_mask, window=window).float()
+        assert b.shape == (T, NH * D)
+        err = max(err, (a - b).abs().max().item() / a.abs().max().item())
+    ref.commit(T)
+    kv.commit(T)
+    return err
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("spill", [False, True])
+def test_tiered_equals_dense_through_prefill_decode_trim_and_keep(tmp_path, dtype, tol, spill):
+    ref, kv = _pair(dtype, host_chunks=8 if spill else 200, disk_root=tmp_path if spill else None)
+    gen = torch.Generator().manual_seed(0)
+    errs = [_step(ref, kv, T, gen, dtype) for T in (37, 1, 1, 100, 1, 20, 1)]
+    if spill:
+        assert kv.tier_bytes()["disk"] > 0 and kv.disk_write_bytes > 0 and kv.disk_read_bytes > 0
+    else:
+        assert kv.tier_bytes()["disk"] == 0 and kv.disk_read_bytes == 0
+    assert ref.trim(60) == kv.trim(60) == 60  # back into chunks that were spilled
+    errs += [_step(ref, kv, T, gen, dtype) for T in (5, 1)]
+    ref.keep(ref.offset - 6, [0, 2, 5])  # a speculation keeps an accepted path
+    kv.keep(kv.offset - 6, [0, 2, 5])
+    assert ref.offset == kv.offset
+    errs += [_step(ref, kv, 1, gen, dtype)]
+    assert max(errs) < tol, errs
+    kv.close()
+    assert not any(tmp_path.iterdir())  # the spilled chunks' store is gone
+
+
+def test_tree_mask_and_sliding_window_match_dense(tmp_path):
+    ref, kv = _pair(torch.float32, host_chunks=8, disk_root=tmp_path)
+    gen = torch.Generator().manual_seed(1)
+    _step(ref, kv, 70, gen, torch.float32)
+    # a tree: node 0 root; 1, 2 children of 0; 3 child of 1; 4 child of 2; 5 child of 3
+    parent = [-1, 0, 0, 1, 2, 3]
+    tree = torch.zeros(6, 6, dtype=torch.bool)
+    for i, p in enumerate(parent):
+        tree[i, i] = True
+        while p >= 0:
+            tree[i, p] = True
+            p = parent[p]
+    assert _step(ref, kv, 6, gen, torch.float32, tree_mask=tree) < 1e-5
+    assert _step(ref, kv, 1, gen, torch.float32, window=24) < 1e-5
+    assert _step(ref, kv, 9, gen, torch.float32, window=24) < 1e-5
+    kv.close()
+
+
+def test_cache_refuses_more_than_its_window():
+    kv = TieredKV(1, NKV, D, torch.float32, 20, host_chunks=4, chunk_tokens=8)
+    with pytest.raises(ValueError, match="cannot hold"):
+        kv.attend(0, torch.zeros(21, NH, D), torch.zeros(21, NKV, D), torch.zeros(21, NKV, D))
