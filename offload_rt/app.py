@@ -38,6 +38,10 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         model = open_model(cfg)
         warm_up()
         attention_kernels.warm_up()  # compiled (or loaded from Numba's cache) before the baseline is measured
+        if runtime.may_use_magicpig(cfg, model.args):
+            from kernels_cpu import magicpig
+
+            magicpig.warm_up()
         gpu_used_before = None
         if device == "cuda":
             from offload_rt.memory.gpu import gpu_used_bytes

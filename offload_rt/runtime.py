@@ -95,6 +95,12 @@ def _disk_free(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
+def may_use_magicpig(cfg: RunConfig, args: LlamaArgs) -> bool:
+    """Whether this run's options can turn MagicPIG on (its kernels are then compiled up front)."""
+    return cfg.attention == "magicpig" or (
+        cfg.attention == "auto" and context_tokens(args, cfg.ctx_size) >= AUTO_MAGICPIG_TOKENS)
+
+
 def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype) -> tuple[KVSplit, str]:
     """The KV cache's split across RAM and disk for the run's context, and the attention it runs.
 

@@ -25,13 +25,25 @@ def _stats(proc):
     return json.loads(proc.stderr.strip().splitlines()[-1])
 
 
-def test_kv_spills_to_disk_same_text_and_rss_within_budget(store_dir):
+def test_kv_spills_to_disk_same_text_and_rss_within_budget(store_dir, tmp_path):
     ref = run_cli(*ARGS, "--offload-dir", store_dir, input=STORY)
     rec_ref = _stats(ref)
     assert rec_ref["kv_bytes_by_tier"]["disk"] == 0 and rec_ref["attention"] == "exact"
     cpu_mem = 1024 * 2**20
-    proc = run_cli(*ARGS, "--offload-dir", store_dir, "--cpu-mem", "1G", "--kv-cpu-mem", "32M", input=STORY)
+    trace = tmp_path / "trace.json"
+    proc = run_cli(*ARGS, "--offload-dir", store_dir, "--cpu-mem", "1G", "--kv-cpu-mem", "32M", "--profile", trace,
+                   input=STORY)
     rec = _stats(proc)
+    # the trace shows KV chunk reads/writes and CPU attention on their own tracks
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = {(e["cat"], e["name"].split(" layer")[0]) for e in events if e.get("ph") == "X"}
+    assert {("kv_disk", "kv read"), ("kv_disk", "kv write"), ("cpu_attn", "attention")} <= spans
+    import subprocess
+    import sys
+
+    rep = subprocess.run([sys.executable, "-m", "tools.report", str(trace), "-o", str(tmp_path / "r.html")],
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr
     assert proc.stdout == ref.stdout  # the same greedy text with most of the KV on disk
     kv = rec["kv_bytes_by_tier"]
     assert kv["disk"] > 0 and 0 < kv["host"] <= 32 * 2**20

@@ -1,0 +1,609 @@
+"""MagicPIG: decode attention over the long tail of the KV by LSH sampling (CPU, Numba).
+
+Exact attention reads every key and value; far into a long context most of them carry
+almost no weight. MagicPIG (Infini-AI-Lab/MagicPIG) *samples* keys with a probability
+it knows and reweights them (Horvitz-Thompson), which stays unbiased when attention is
+not sparse (top-k would not). Per KV head and layer:
+
+* **Centering.** Keys share a large common component; subtracting the mean of the indexed
+  keys (fixed when the index is built) makes the angle to the query informative. Logits
+  still use the raw keys, so the partial state merges with an exact part over raw keys.
+* **SimHash.** A Gaussian matrix R (d x K*L, fixed seed). Table l's code of a vector x is
+  the K bits ``[x . R[:, l*K + j] > 0]``; keys are hashed once (centered), the query every step.
+* **Tables.** CSR per (KV head, table): token ids sorted by code plus bucket offsets, so a
+  query touches its bucket only (~L*n/2^K entries), never every code.
+* **Sampling and estimator.** A key is sampled iff it shares the query's bucket in >= 2 of
+  the L tables: probability u = 1 - (1-P)^L - L*P*(1-P)^(L-1), P = (1 - theta/pi)^K with
+  theta the angle between q and the centered key (computed exactly per key; -log(u + 1e-4) is
+  then read from a fine table in cos, see _log_u_table). Its logit is ``scale*q.k - log(u + 1e-4)``,
+  and the sampled set returns (out, natural-log lse) for merging with the exact part (sinks
+  and the recent window) by log-sum-exp.
+
+Memory (what the planner charges): ids and bucket offsets are uint16, which caps a *segment*
+at 65535 tokens; a long prefix is several segments, and tokens that age out of the exact
+window later arrive as small segments. Collisions are counted per segment (a token lives in
+exactly one), so segments are queried one after another with one running softmax. Small
+segments are merged LSM-style (a segment is merged into its predecessor while that one is at
+most MERGE_RATIO times larger and the span fits), so a step queries O(log n) segments and
+each token is copied O(log n) times in all, with no rehashing (a merge concatenates buckets).
+Rebuilding everything per extension would cost O(n) hashing per step instead. Per token and
+KV head: 2*L bytes of ids and a float32 norm of the centered key; the keys stay in the pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numba as nb
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.typed import List as NbList
+
+from kernels_cpu.matvec import _bits_to_f32
+
+SEG_MAX = 65535  # tokens a segment may span: ids and bucket offsets fit uint16
+MERGE_RATIO = 8  # merge the last segment into its predecessor while that is at most this many times larger
+U_EPS = 1e-4  # MagicPIG's stabiliser in log(u + eps): bounds the weight of a rarely sampled key
+HASH_ROWS = 1024  # tokens hashed per matmul at build (bounds the projection buffer)
+PREFETCH = 16  # picked rows the gathers prefetch ahead
+PREFETCH_TABLES = 8  # tables whose query bucket the walk prefetches ahead
+TABLE_SIZE = 8193  # points of the -log(u + eps) table over cos in [-1, 1]
+_KIND_F32, _KIND_BF16, _KIND_F16 = 0, 1, 2
+_F16_RESCALE = np.float32(2.0 ** 112)  # float32 exponent bias (127) minus float16's (15)
+
+
+def collision_probability(cos_theta, K: int, L: int):
+    """Probability that a key at cosine ``cos_theta`` to the query is sampled (collides in >= 2 of
+    L tables of K bits): u = 1 - (1-P)^L - L*P*(1-P)^(L-1), P = (1 - theta/pi)^K. float64, the shape
+    of ``cos_theta`` (numbers, arrays and tensors)."""
+    c = cos_theta.double().numpy() if isinstance(cos_theta, torch.Tensor) else cos_theta
+    theta = np.arccos(np.clip(np.asarray(c, dtype=np.float64), -1.0, 1.0))
+    P = (1.0 - theta / np.pi) ** K
+    u = 1.0 - (1.0 - P) ** L - L * P * (1.0 - P) ** (L - 1)
+    return float(u) if np.ndim(u) == 0 else u
+
+
+@lru_cache(maxsize=16)
+def _hash_matrix(d: int, K: int, L: int, seed: int) -> torch.Tensor:
+    """R, [d, K*L] float32 (column l*K + j: table l, bit j); shared by the indexes that agree."""
+    rt = np.random.default_rng(seed).standard_normal((K * L, d), dtype=np.float32)
+    return torch.from_numpy(rt).T.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Numba kernels
+
+@intrinsic
+def _prefetch_row(typingctx, row):
+    """Ask for every cache line of a contiguous 1-D array (a pool row) ahead of its use
+    (llvm.prefetch: read, keep in all cache levels)."""
+    sig = types.void(row)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        ptr = builder.bitcast(ary.data, i8p)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]),
+            "llvm.prefetch.p0")
+        i32 = ir.IntType(32)
+        nbytes = builder.mul(ary.nitems, ary.itemsize)
+        # rows are at most a few hundred bytes: unroll over a fixed line count, guarded by the size
+        for line in range(8):
+            off = ir.Constant(ir.IntType(64), 64 * line)
+            with builder.if_then(builder.icmp_unsigned("<", off, nbytes)):
+                builder.call(fn, [builder.gep(ptr, [off]), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@nb.njit(inline="always")
+def _h2f(h):  # pragma: no cover - compiled
+    """float16 bits (low 16 of a uint32) -> float32: shift the exponent and mantissa into place
+    and rescale the bias (subnormals come out right; the KV never holds inf/nan)."""
+    f = _bits_to_f32((h & np.uint32(0x7FFF)) << np.uint32(13)) * _F16_RESCALE
+    return -f if h & np.uint32(0x8000) else f
+
+
+@nb.njit(fastmath=True, inline="always")
+def _dot_row(w, qh, kind):  # pragma: no cover - compiled
+    """q . key over one pool row given as uint32 words (float32 bits, or two 16-bit values)."""
+    acc = np.float32(0.0)
+    if kind == _KIND_F32:
+        for i in range(w.shape[0]):
+            acc += _bits_to_f32(w[i]) * qh[i]
+    elif kind == _KIND_BF16:
+        for j in range(w.shape[0]):
+            x = w[j]
+            acc += (_bits_to_f32(x << np.uint32(16)) * qh[2 * j]
+                    + _bits_to_f32(x & np.uint32(0xFFFF0000)) * qh[2 * j + 1])
+    else:
+        for j in range(w.shape[0]):
+            x = w[j]
+            acc += _h2f(x & np.uint32(0xFFFF)) * qh[2 * j] + _h2f(x >> np.uint32(16)) * qh[2 * j + 1]
+    return acc
+
+
+@nb.njit(fastmath=True, inline="always")
+def _axpy_row(w, a, acc, kind):  # pragma: no cover - compiled
+    """acc += a * value row (uint32 words as in _dot_row)."""
+    if kind == _KIND_F32:
+        for i in range(w.shape[0]):
+            acc[i] += a * _bits_to_f32(w[i])
+    elif kind == _KIND_BF16:
+        for j in range(w.shape[0]):
+            x = w[j]
+            acc[2 * j] += a * _bits_to_f32(x << np.uint32(16))
+            acc[2 * j + 1] += a * _bits_to_f32(x & np.uint32(0xFFFF0000))
+    else:
+        for j in range(w.shape[0]):
+            x = w[j]
+            acc[2 * j] += a * _h2f(x & np.uint32(0xFFFF))
+            acc[2 * j + 1] += a * _h2f(x >> np.uint32(16))
+
+
+@lru_cache(maxsize=16)
+def _log_u_table(K: int, L: int, eps: float) -> np.ndarray:
+    """-log(u + eps) on TABLE_SIZE evenly spaced cosines in [-1, 1] (float32). The kernel interpolates
+    it linearly: one lookup instead of acos, two powers and a log per sampled key (those dominated
+    the sampled part's time); the interpolation error is below 1e-5 in log space (tested)."""
+    cos = np.linspace(-1.0, 1.0, TABLE_SIZE)
+    t = -np.log(collision_probability(cos, K, L) + eps + 1e-30).astype(np.float32)
+    t.flags.writeable = False
+    return t
+
+
+@nb.njit(inline="always")
+def _neg_log_u(cos, table):  # pragma: no cover - compiled
+    """-log(u + eps) at ``cos`` by linear interpolation in ``table``."""
+    x = (min(np.float32(1.0), max(np.float32(-1.0), cos)) + np.float32(1.0)) * np.float32(0.5 * (TABLE_SIZE - 1))
+    i = min(np.int64(x), TABLE_SIZE - 2)
+    f = x - np.float32(i)
+    return table[i] + f * (table[i + 1] - table[i])
+
+
+@nb.njit(inline="always")
+def _codes(proj_h, K, L, out):  # pragma: no cover - compiled
+    """Bucket code per table from the query's projections [K*L]."""
+    for l in range(L):
+        c = 0
+        for j in range(K):
+            if proj_h[l * K + j] > 0:
+                c |= 1 << j
+        out[l] = c
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _attend_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l, offs_l, norms_l,
+                   K, L, scale, log_u, out, lse, nsampled):  # pragma: no cover - compiled
+    """Per query head (in parallel), segment by segment: walk the query's bucket in each table
+    counting collisions (saturating at 2: a token is picked once, when its count reaches 2), then
+    the picked keys' reweighted logits, then their values, folded into one running softmax in
+    float32. Picking first and gathering after, with prefetches a few rows ahead, keeps many
+    row loads in flight: the gathers are random rows, so latency, not bandwidth, bounds them.
+    In a decode step the layer's tables and pool arrive cold (the rest of the model has run
+    since), so the walk also prefetches the buckets PREFETCH_TABLES tables ahead, and the
+    key pass the picked keys' norms (measured ~30% off a cold 64k-token step).
+    Heads that sample nothing report nsampled 0 (their lse is set outside)."""
+    nh, d = q.shape
+    nkv = kw.shape[1]
+    group = nh // nkv
+    C = kw.shape[2]
+    nseg = len(ids_l)
+    maxspan = 1
+    for s in range(nseg):
+        maxspan = max(maxspan, spans[s])
+    for h in nb.prange(nh):
+        g = h // group
+        qh = q[h]
+        qn = np.float32(0.0)
+        for i in range(d):
+            qn += qh[i] * qh[i]
+        qn = np.float32(math.sqrt(qn))
+        codes = np.empty(L, np.int64)
+        _codes(proj[h], K, L, codes)
+        counts = np.zeros(maxspan, np.uint8)
+        acc = np.zeros(d, np.float32)
+        m = np.float32(0.0)
+        ssum = np.float32(0.0)
+        taken = 0
+        for s in range(nseg):
+            ids = ids_l[s]
+            offs = offs_l[s]
+            norms = norms_l[s]
+            base = bases[s]
+            touched = 0
+            for l in range(L):
+                touched += np.int64(offs[g, l, codes[l] + 1]) - np.int64(offs[g, l, codes[l]])
+            picked = np.empty(touched // 2 + 1, np.int64)  # a pick needs two touches (+1: the write ahead)
+            npk = 0
+            for l in range(min(L, PREFETCH_TABLES)):
+                _prefetch_row(ids[g, l, np.int64(offs[g, l, codes[l]]):np.int64(offs[g, l, codes[l] + 1])])
+            for l in range(L):
+                c = codes[l]
+                if l + PREFETCH_TABLES < L:
+                    l2 = l + PREFETCH_TABLES
+                    _prefetch_row(ids[g, l2, np.int64(offs[g, l2, codes[l2]]):np.int64(offs[g, l2, codes[l2] + 1])])
+                for e in range(np.int64(offs[g, l, c]), np.int64(offs[g, l, c + 1])):
+                    t = np.int64(ids[g, l, e])
+                    x = counts[t]  # branch-free: whether a touch picks is unpredictable
+                    counts[t] = x + (x < 2)
+                    picked[npk] = base + t
+                    npk += x == 1
+            counts[:spans[s]] = 0
+            if npk == 0:
+                continue
+            logits = np.empty(npk, np.float32)
+            mx = np.float32(-3.0e38)
+            for i in range(npk):
+                if i + PREFETCH < npk:
+                    b = picked[i + PREFETCH]
+                    _prefetch_row(kw[slots[b // C], g, b % C])
+                    _prefetch_row(norms[g, b - base:b - base + 1])
+                a = picked[i]
+                dot = _dot_row(kw[slots[a // C], g, a % C], qh, kind)
+                den = qn * norms[g, a - base]
+                cos = (dot - qmu[h]) / den if den > 0 else np.float32(0.0)
+                lg = np.float32(scale * dot) + _neg_log_u(cos, log_u)
+                logits[i] = lg
+                mx = max(mx, lg)
+            if taken == 0:
+                m = mx
+            elif mx > m:
+                f = np.float32(math.exp(m - mx))
+                ssum *= f
+                for i in range(d):
+                    acc[i] *= f
+                m = mx
+            for i in range(npk):
+                if i + PREFETCH < npk:
+                    b = picked[i + PREFETCH]
+                    _prefetch_row(vw[slots[b // C], g, b % C])
+                a = picked[i]
+                wgt = np.float32(math.exp(logits[i] - m))
+                ssum += wgt
+                _axpy_row(vw[slots[a // C], g, a % C], wgt, acc, kind)
+            taken += npk
+        nsampled[h] = taken
+        if taken > 0:
+            inv = np.float32(1.0) / ssum
+            for i in range(d):
+                out[h, i] = acc[i] * inv
+            lse[h] = m + math.log(ssum)
+        else:
+            out[h, :] = 0.0
+            lse[h] = 0.0
+
+
+@nb.njit(cache=True, nogil=True)
+def _retrieve_kernel(codes, spans, ids_l, offs_l, group, picked, npicked):  # pragma: no cover - compiled
+    """The sampled set per query head, as segment-relative (segment, id) pairs: the same walk as
+    _attend_kernel without touching keys (for tests and statistics)."""
+    nh, L = codes.shape
+    nseg = len(ids_l)
+    maxspan = 1
+    for s in range(nseg):
+        maxspan = max(maxspan, spans[s])
+    counts = np.zeros(maxspan, np.uint8)
+    for h in range(nh):
+        g = h // group
+        k = 0
+        for s in range(nseg):
+            ids = ids_l[s]
+            offs = offs_l[s]
+            for l in range(L):
+                c = codes[h, l]
+                for e in range(np.int64(offs[g, l, c]), np.int64(offs[g, l, c + 1])):
+                    t = np.int64(ids[g, l, e])
+                    if counts[t] == 0:
+                        counts[t] = 1
+                    elif counts[t] == 1:
+                        counts[t] = 2
+                        picked[h, k, 0] = s
+                        picked[h, k, 1] = t
+                        k += 1
+            counts[:spans[s]] = 0
+        npicked[h] = k
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _csr_build(codes, nbuckets, ids, offs):  # pragma: no cover - compiled
+    """Counting sort of each (KV head, table)'s codes [n]: ids by code (stable), bucket offsets."""
+    nkv, L, n = codes.shape
+    for t in nb.prange(nkv * L):
+        g = t // L
+        l = t % L
+        pos = np.zeros(nbuckets + 1, np.int64)
+        for i in range(n):
+            pos[np.int64(codes[g, l, i]) + 1] += 1
+        for b in range(nbuckets):
+            pos[b + 1] += pos[b]
+        for b in range(nbuckets + 1):
+            offs[g, l, b] = pos[b]
+        for i in range(n):
+            c = np.int64(codes[g, l, i])
+            ids[g, l, pos[c]] = i
+            pos[c] += 1
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _csr_merge(ids_a, offs_a, ids_b, offs_b, shift, ids, offs):  # pragma: no cover - compiled
+    """Bucket by bucket: a's ids, then b's shifted onto a's base (no rehashing)."""
+    nkv, L, nb1 = offs_a.shape
+    for t in nb.prange(nkv * L):
+        g = t // L
+        l = t % L
+        pos = 0
+        for b in range(nb1 - 1):
+            offs[g, l, b] = pos
+            for e in range(np.int64(offs_a[g, l, b]), np.int64(offs_a[g, l, b + 1])):
+                ids[g, l, pos] = ids_a[g, l, e]
+                pos += 1
+            for e in range(np.int64(offs_b[g, l, b]), np.int64(offs_b[g, l, b + 1])):
+                ids[g, l, pos] = np.int64(ids_b[g, l, e]) + shift
+                pos += 1
+        offs[g, l, nb1 - 1] = pos
+
+
+# ----------------------------------------------------------------------------------------------
+# The index
+
+@dataclass
+class _Segment:
+    base: int  # absolute index of the token at id 0
+    span: int  # ids lie in [0, span)
+    count: int  # tokens held (span less gaps between extensions)
+    ids: np.ndarray  # [nkv, L, count] uint16, sorted by code per table
+    offs: np.ndarray  # [nkv, L, 2^K + 1] uint16 bucket starts
+    norms: np.ndarray  # [nkv, span] float32, |k - mean|
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.offs.nbytes + self.norms.nbytes
+
+
+def _words(t: torch.Tensor) -> np.ndarray:
+    """A pool tensor as uint32 words (float32 bits, or pairs of 16-bit values) without a copy."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.view(torch.int32).numpy().view(np.uint32)
+
+
+def _kind(dtype: torch.dtype) -> int:
+    kinds = {torch.float32: _KIND_F32, torch.bfloat16: _KIND_BF16, torch.float16: _KIND_F16}
+    if dtype not in kinds:
+        raise TypeError(f"MagicPIG reads float32/bfloat16/float16 KV, not {dtype}")
+    return kinds[dtype]
+
+
+def _token_blocks(slots: np.ndarray, C: int, start: int, stop: int):
+    """(slot, first row, last row + 1, first token) for the pool chunks covering [start, stop)."""
+    a = start
+    while a < stop:
+        ci = a // C
+        r0 = a - ci * C
+        r1 = min(C, stop - ci * C)
+        yield int(slots[ci]), r0, r1, a
+        a += r1 - r0
+
+
+class LSHIndex:
+    """One layer's tables over a set of token indices, per KV head: key centering (mean of the
+    indexed keys per KV head, fixed by the first non-empty range indexed), SimHash with a Gaussian
+    matrix d x (K*L) (fixed seed), K bits per table (K <= 15), CSR bucket tables in segments of at
+    most SEG_MAX tokens. ``build`` at prefill over [start, stop); ``extend`` adds tokens as they
+    age out of the exact window (a new small segment, merged LSM-style: see the module notes)."""
+
+    def __init__(self, nkv: int, d: int, K: int = 10, L: int = 150, seed: int = 0, *,
+                 max_segment: int = SEG_MAX):
+        if not 0 <= K <= 15 or L < 1:
+            raise ValueError(f"LSH needs 0 <= K <= 15 and L >= 1 (got K={K}, L={L})")
+        if not 1 <= max_segment <= SEG_MAX:
+            raise ValueError(f"max_segment must be in [1, {SEG_MAX}]")
+        self.nkv, self.d, self.K, self.L, self.seed = nkv, d, K, L, seed
+        self.max_segment = max_segment
+        self.R = _hash_matrix(d, K, L, seed)  # [d, K*L]; read-only
+        self.mean: np.ndarray | None = None  # [nkv, d] float32
+        self.segments: list[_Segment] = []
+        self.stop = 0  # tokens below this are indexed or skipped; extensions start here or later
+        self._refresh()
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.count for s in self.segments)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tables hold (ids, bucket offsets, norms, the mean); R is shared per process."""
+        return sum(s.nbytes for s in self.segments) + (0 if self.mean is None else self.mean.nbytes)
+
+    @staticmethod
+    def bytes_per_token(nkv: int, K: int, L: int) -> int:
+        """Per indexed token and layer: uint16 ids in L tables and a float32 norm per KV head, plus
+        the bucket offsets of half-full segments spread over their tokens (full segments cost half
+        that). Add :meth:`overhead_bytes` once per layer for the small segments not yet merged."""
+        offs = nkv * L * ((1 << K) + 1) * 2
+        return nkv * (2 * L + 4) + -(-2 * offs // SEG_MAX)
+
+    @staticmethod
+    def overhead_bytes(nkv: int, K: int, L: int) -> int:
+        """Per layer, beyond bytes_per_token: bucket offsets of the at most log_MERGE_RATIO(SEG_MAX)+1
+        partly filled segments the merge rule leaves (their sizes fall by more than MERGE_RATIO),
+        and the mean (head dims up to 256)."""
+        chain = int(math.log(SEG_MAX, MERGE_RATIO)) + 2
+        return chain * nkv * L * ((1 << K) + 1) * 2 + nkv * 256 * 4
+
+    # -- building -------------------------------------------------------------------------------
+    def build(self, kpool: torch.Tensor, slots, start: int, stop: int) -> None:
+        """Forget what was indexed; index [start, stop) with the mean of those keys."""
+        self.mean = None
+        self.segments = []
+        self.stop = start
+        self.extend(kpool, slots, start, stop)
+
+    def extend(self, kpool: torch.Tensor, slots, start: int, stop: int) -> None:
+        """Add tokens [start, stop) (start >= everything indexed so far), hashed with the fixed mean."""
+        if start < self.stop or stop < start:
+            raise ValueError(f"extend({start}, {stop}): the index already reaches {self.stop}")
+        self._check_pool(kpool)
+        slots = np.asarray(slots.numpy() if isinstance(slots, torch.Tensor) else slots)
+        if stop == start:
+            return
+        if self.mean is None:
+            self.mean = self._mean(kpool, slots, start, stop)
+        for a in range(start, stop, self.max_segment):
+            self.segments.append(self._hash_segment(kpool, slots, a, min(stop, a + self.max_segment)))
+            self._merge_tail()
+        self.stop = stop
+        self._refresh()
+
+    def _check_pool(self, kpool: torch.Tensor) -> None:
+        if kpool.dim() != 4 or kpool.shape[1] != self.nkv or kpool.shape[3] != self.d:
+            raise ValueError(f"key pool {tuple(kpool.shape)} is not [P, {self.nkv}, C, {self.d}]")
+
+    def _mean(self, kpool, slots, start, stop) -> np.ndarray:
+        total = torch.zeros(self.nkv, self.d, dtype=torch.float64)
+        for slot, r0, r1, _ in _token_blocks(slots, kpool.shape[2], start, stop):
+            total += kpool[slot, :, r0:r1].double().sum(1)
+        return (total / (stop - start)).float().numpy()
+
+    def _hash_segment(self, kpool, slots, start, stop) -> _Segment:
+        """Hash [start, stop) (centered) into one CSR segment."""
+        n, K, L = stop - start, self.K, self.L
+        codes = torch.zeros(self.nkv, L, n, dtype=torch.int16)
+        norms = torch.empty(self.nkv, n, dtype=torch.float32)
+        mean = torch.from_numpy(self.mean)[:, None, :]
+        shifts = torch.arange(K, dtype=torch.int16)
+        blocks = list(_token_blocks(slots, kpool.shape[2], start, stop))
+        i = 0
+        while i < len(blocks):  # gather chunks into batches of about HASH_ROWS tokens
+            j, rows = i, 0
+            while j < len(blocks) and (rows == 0 or rows + blocks[j][2] - blocks[j][1] <= HASH_ROWS):
+                rows += blocks[j][2] - blocks[j][1]
+                j += 1
+            keys = torch.cat([kpool[s, :, r0:r1] for s, r0, r1, _ in blocks[i:j]], dim=1).float() - mean
+            t0 = blocks[i][3] - start
+            norms[:, t0:t0 + rows] = torch.linalg.vector_norm(keys, dim=-1)
+            if K > 0:
+                bits = (torch.matmul(keys, self.R) > 0).view(self.nkv, rows, L, K).to(torch.int16)
+                codes[:, :, t0:t0 + rows] = (bits << shifts).sum(-1, dtype=torch.int16).transpose(1, 2)
+            i = j
+        nbk = 1 << K
+        ids = np.empty((self.nkv, L, n), dtype=np.uint16)
+        offs = np.empty((self.nkv, L, nbk + 1), dtype=np.uint16)
+        _csr_build(codes.numpy().view(np.uint16), nbk, ids, offs)
+        return _Segment(start, n, n, ids, offs, norms.numpy())
+
+    def _merge_tail(self) -> None:
+        """Merge the newest segment into its predecessor while that is at most MERGE_RATIO times
+        larger and the pair spans at most max_segment tokens."""
+        segs = self.segments
+        while len(segs) >= 2:
+            a, b = segs[-2], segs[-1]
+            span = b.base + b.span - a.base
+            if span > self.max_segment or a.count > MERGE_RATIO * b.count:
+                return
+            ids = np.empty((self.nkv, self.L, a.count + b.count), dtype=np.uint16)
+            offs = np.empty_like(a.offs)
+            _csr_merge(a.ids, a.offs, b.ids, b.offs, b.base - a.base, ids, offs)
+            norms = np.zeros((self.nkv, span), dtype=np.float32)
+            norms[:, :a.span] = a.norms
+            norms[:, b.base - a.base:] = b.norms
+            segs[-2:] = [_Segment(a.base, span, a.count + b.count, ids, offs, norms)]
+
+    def _refresh(self) -> None:
+        """The typed lists the kernels walk (rebuilt only when the segments change)."""
+        ids, offs, norms = NbList(), NbList(), NbList()
+        for s in self.segments:
+            ids.append(s.ids)
+            offs.append(s.offs)
+            norms.append(s.norms)
+        if not self.segments:  # typed lists need one element to know their type
+            ids.append(np.zeros((self.nkv, self.L, 0), dtype=np.uint16))
+            offs.append(np.zeros((self.nkv, self.L, (1 << self.K) + 1), dtype=np.uint16))
+            norms.append(np.zeros((self.nkv, 0), dtype=np.float32))
+        self._lists = (ids, offs, norms)
+        self._bases = np.array([s.base for s in self.segments] or [0], dtype=np.int64)
+        self._spans = np.array([s.span for s in self.segments] or [0], dtype=np.int64)
+
+    # -- queries --------------------------------------------------------------------------------
+    def project(self, q: torch.Tensor) -> np.ndarray:
+        """The query's hash projections [nh, K*L] float32 (q [nh, d], not centered: centering
+        shifts q . k by a constant per head and leaves the angle's meaning to the keys)."""
+        return torch.matmul(q.float(), self.R).numpy()
+
+    def retrieve(self, q: torch.Tensor) -> list[np.ndarray]:
+        """Absolute token indices the sampling rule picks for each query head (sorted)."""
+        nh = q.shape[0]
+        codes = np.zeros((nh, self.L), dtype=np.int64)
+        proj = self.project(q)
+        for l in range(self.L):
+            for j in range(self.K):
+                codes[:, l] |= (proj[:, l * self.K + j] > 0).astype(np.int64) << j
+        cap = max(1, self.n_tokens)
+        picked = np.empty((nh, cap, 2), dtype=np.int64)
+        npicked = np.zeros(nh, dtype=np.int64)
+        _retrieve_kernel(codes, self._spans, self._lists[0], self._lists[1], nh // self.nkv, picked, npicked)
+        bases = self._bases
+        return [np.sort(bases[picked[h, :npicked[h], 0]] + picked[h, :npicked[h], 1]) for h in range(nh)]
+
+
+def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, slots, index: LSHIndex, *,
+                   scale: float | None = None, eps: float = U_EPS,
+                   nsampled: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of q [nh, d] over the tokens in ``index`` only, by LSH sampling.
+
+    Returns (out [nh, d] float32, lse [nh] float32, natural log) for merging with the exact part;
+    a head that sampled nothing gets out 0 and lse -inf. ``eps`` is MagicPIG's 1e-4 in
+    log(u + eps) (0 in tests, where u == 1 must reproduce exact attention); ``nsampled`` ([nh]
+    int64), when given, receives the number of keys each head attended.
+    """
+    nh, d = q.shape
+    if d != index.d or nh % index.nkv:
+        raise ValueError(f"query [{nh}, {d}] does not fit an index over {index.nkv} KV heads of dim {d}")
+    if kpool.shape != vpool.shape or kpool.dtype != vpool.dtype:
+        raise ValueError("key and value pools differ in shape or dtype")
+    index._check_pool(kpool)
+    kind = _kind(kpool.dtype)
+    if kind != _KIND_F32 and d % 2:
+        raise ValueError("16-bit KV needs an even head dim")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qf = q.detach().to(torch.float32).contiguous()
+    out = torch.empty(nh, d, dtype=torch.float32)
+    lse = torch.empty(nh, dtype=torch.float32)
+    counts = np.empty(nh, dtype=np.int64) if nsampled is None else nsampled
+    if index.n_tokens == 0:
+        out.zero_()
+        lse.fill_(-math.inf)
+        counts[:] = 0
+        return out, lse
+    mean = torch.from_numpy(index.mean)
+    group = nh // index.nkv
+    qmu = (qf * mean.repeat_interleave(group, dim=0)).sum(-1).numpy()
+    slots = np.asarray(slots.numpy() if isinstance(slots, torch.Tensor) else slots, dtype=np.int32)
+    ids, offs, norms = index._lists
+    log_u = _log_u_table(index.K, index.L, float(eps))
+    _attend_kernel(qf.numpy(), index.project(qf), qmu, _words(kpool), _words(vpool), kind, slots, index._bases,
+                   index._spans, ids, offs, norms, index.K, index.L, scale, log_u, out.numpy(), lse.numpy(), counts)
+    lse[torch.from_numpy(counts == 0)] = -math.inf
+    return out, lse
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) every kernel and dtype path now, so no compilation
+    happens mid-run; cheap once cached."""
+    kp = torch.randn(2, 1, 4, 2).to(torch.bfloat16)  # one specialisation serves every dtype (uint32 words)
+    slots = np.arange(2, dtype=np.int32)
+    idx = LSHIndex(1, 2, K=1, L=2, max_segment=8)
+    idx.build(kp, slots, 0, 4)
+    idx.extend(kp, slots, 4, 8)  # a merge
+    attend_sampled(torch.randn(1, 2), kp, kp, slots, idx)
+    idx.retrieve(torch.randn(1, 2))
