@@ -30,7 +30,7 @@ from offload_rt.models.llama import LlamaArgs
 
 MIN_STREAM_DEPTH = 2  # slots in flight when anything streams (see prepare)
 DEFAULT_CTX = 4096  # context window (and KV budget) when --ctx-size is not given: min(model's, this)
-AUTO_MAGICPIG_TOKENS = 16384  # --attention auto: MagicPIG for contexts of at least this many tokens (A2)
+AUTO_MAGICPIG_TOKENS = 32768  # --attention auto: MagicPIG from this context length on (A2: 2-3x from 32k)
 
 
 def _nbytes(store, name: str, dtype: torch.dtype) -> int:
@@ -114,7 +114,10 @@ def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype) -> tuple[KVSpli
     if cfg.attention == "magicpig" or (cfg.attention == "auto" and tokens >= AUTO_MAGICPIG_TOKENS):
         from kernels_cpu.magicpig import LSHIndex
 
-        tables = args.num_hidden_layers * LSHIndex.bytes_per_token(args.num_key_value_heads, cfg.lsh_k, cfg.lsh_l)
+        nkv, k, l = args.num_key_value_heads, cfg.lsh_k, cfg.lsh_l
+        # per token, plus (spread over the window) each layer's segments not yet merged
+        tables = args.num_hidden_layers * (LSHIndex.bytes_per_token(nkv, k, l)
+                                           + -(-LSHIndex.overhead_bytes(nkv, k, l) // tokens))
         try:
             return split_kv(shape, tokens, table_bytes_per_token=tables, **kw), "magicpig"
         except BudgetError:
