@@ -29,6 +29,7 @@ class Session:
         self.gpu_context_bytes = gpu_context_bytes
         self.last = GenResult()
         self._at_decode = None  # (disk, h2d) byte counters when the last answer's decode began
+        self._attention_at_decode = None  # the cache's attention_s then
 
     def prompt_ids(self, messages_or_text, *, raw: bool | None = None) -> list[int]:
         tok = self.model.tokenizer
@@ -62,8 +63,9 @@ class Session:
         """KV bytes per tier, decode time in attention (seconds), KV chunk bytes moved to and from disk."""
         cache = self.model.engine.cache
         attn = getattr(cache, "attention_s", 0.0)
+        at_decode = attn if self._attention_at_decode is None else self._attention_at_decode
         return {"kv_bytes_by_tier": cache.tier_bytes(),
-                "attention_s": round(attn - getattr(self, "_attention_at_decode", attn), 6),
+                "attention_s": round(attn - at_decode, 6),
                 "kv_disk_read_bytes": int(getattr(cache, "disk_read_bytes", 0)),
                 "kv_disk_write_bytes": int(getattr(cache, "disk_write_bytes", 0)),
                 "attention": getattr(cache, "attention", "exact")}

@@ -126,17 +126,18 @@ class TieredKV:
                     n_prefix=start if tree_mask is not None else None,
                     tail_mask=tree_mask.to("cpu", torch.bool).contiguous() if tree_mask is not None else None)
         with self.tracer.span("cpu_attn", f"attention layer.{layer}", layer=layer, tokens=end):
-            index = self._magicpig(layer, end) if (T == 1 and tree_mask is None and not window) else None
-            if index is None:
+            sampled = self._magicpig(layer, end) if (T == 1 and tree_mask is None and not window) else None
+            if sampled is None:
                 o, lse = self._exact(layer, qf, 0, end, call)
             else:
                 from kernels_cpu import magicpig
 
+                index, slots = sampled
                 stop = self._index_stop[layer]
                 o, lse = self._exact(layer, qf, 0, SINKS, call)
                 o2, lse2 = self._exact(layer, qf, stop, end, call)
                 o, lse = kern.merge(o, lse, o2, lse2)
-                os_, lses = magicpig.attend_sampled(qf[0], self.kpool, self.vpool, self._slots(layer, stop), index)
+                os_, lses = magicpig.attend_sampled(qf[0], self.kpool, self.vpool, slots, index)
                 o, lse = kern.merge(o, lse, os_[None], lses[None])
         out = o.reshape(T, nh * d).to(device=out_device, dtype=out_dtype)
         self.attention_s += time.perf_counter() - t0
@@ -211,7 +212,8 @@ class TieredKV:
                 self._ring.release(self._ring.take(first + i)[0])
 
     def _magicpig(self, layer: int, end: int):
-        """The layer's LSH index brought up to date for a decode step at ``end`` tokens, or None (exact)."""
+        """(the layer's LSH index brought up to date for a decode step at ``end`` tokens, the RAM slots of
+        the chunks it covers), or None (exact attention)."""
         if self.attention != "magicpig" or end < max(self.magicpig_from, SINKS + WINDOW + self.C):
             return None
         from kernels_cpu import magicpig
@@ -226,7 +228,7 @@ class TieredKV:
         elif stop > self._index_stop[layer]:
             index.extend(self.kpool, slots, self._index_stop[layer], stop)
         self._index_stop[layer] = stop
-        return index
+        return index, slots
 
     # ------------------------------------------------------------------ bookkeeping
     def commit(self, n: int) -> None:
