@@ -25,6 +25,11 @@ A1 (32 query / 8 KV heads, d 128, bf16, 2 threads, tools/bench_attention.py): 36
 16k-128k tokens, 74-90 % of the measured read bandwidth and ~3x torch SDPA; about 22 GB/s per
 core, i.e. per core it is compute-bound near the memory limit, so two cores are needed to reach it.
 
+A decode step over chunks that are all in RAM (the common case) goes through :func:`attend_decode`:
+the token's key/value write and the attention in one call, on the calling thread until the region
+is large enough (SERIAL_DECODE_BYTES) for the parallel kernel's launch to pay, with none of
+:func:`attend`'s per-call tensor glue (tens of µs, more than the kernel at a few hundred keys).
+
 No value in a fastmath kernel is ever inf: "no key yet" is the finite ``_NEG``, and the
 ``-inf`` of an empty row's log-sum-exp is set outside, in torch.
 """
@@ -86,6 +91,43 @@ def _prefetch(typingctx, arr, i0, i1, i2, off):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def _ptr(typingctx, addr, like):
+    """The integer ``addr`` (a tensor's ``data_ptr()``) as a pointer to ``like``'s element type (a numpy
+    scalar type such as ``np.float32``, or an array whose dtype it takes), for ``numba.carray``.
+
+    Decode's per-row kernels take torch tensors by address: ``Tensor.numpy()`` costs ~1 µs a tensor
+    (~2 µs for a bfloat16 view), more than their arithmetic. The Python side checks device, dtype,
+    contiguity and sizes before passing an address."""
+    ty = like.instance_type if isinstance(like, types.NumberClass) else like.dtype
+    sig = types.CPointer(ty)(types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """A float32's bits as a uint32 (an LLVM bitcast, free)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _bf16_bits(x):  # pragma: no cover - compiled
+    """float32 -> bfloat16 bits, round to nearest even, NaN kept quiet: torch's conversion. Integer
+    arithmetic on the bits, so no fast-math rewrite can move the rounding."""
+    u = _f32_bits(np.float32(x))
+    r = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r  # a select: vectorises
 
 
 def _to_f32(x):  # pragma: no cover - compiled only, through the overload below
@@ -500,6 +542,169 @@ def attend(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, slots: tor
     return out, lse.reshape(nkv, T, G).transpose(0, 1).reshape(T, nh)
 
 
+# ---------------------------------------------------------------- decode fast path
+#
+# One decode step of one layer over keys that are all in RAM is the common case: the general
+# :func:`attend` spends ~50 µs of Python/torch glue around a kernel that, at a few hundred keys, needs
+# a few µs. :func:`attend_decode` does the step in one Numba call: write the token's key and value into
+# its chunk, then the exact attention over the region, serially (a prange costs ~5-10 µs to launch and
+# more on a busy machine) until the region is big enough for the parallel kernel to pay.
+
+_Q_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q's element type, by kernel branch
+DECODE_Q_DTYPES = tuple(_Q_KINDS)  # query dtypes attend_decode takes
+SERIAL_DECODE_BYTES = 512 << 10  # K+V bytes of the region below which one thread does the step
+
+
+class DecodePools:
+    """A KV pool pair prepared once for :func:`attend_decode` (the kernel's views and the shape),
+    so that a decode step does not rebuild them."""
+
+    def __init__(self, kpool: torch.Tensor, vpool: torch.Tensor):
+        if kpool.dim() != 4 or kpool.shape != vpool.shape or kpool.dtype not in _VIEWS or vpool.dtype != kpool.dtype:
+            raise ValueError(f"pools [P, nkv, C, d] of float32/bfloat16/float16: got {tuple(kpool.shape)} "
+                             f"{kpool.dtype}, {tuple(vpool.shape)} {vpool.dtype}")
+        if not (kpool.is_cpu and vpool.is_cpu and kpool.is_contiguous() and vpool.is_contiguous()):
+            raise ValueError("KV pools must be contiguous CPU tensors")
+        self.kpool, self.vpool = kpool, vpool  # the views share their memory: keep them alive
+        self.kp, self.vp = _pool_view(kpool), _pool_view(vpool)
+        self.dtype = kpool.dtype
+        self.slots, self.kv_heads, self.chunk_tokens, self.head_dim = kpool.shape
+        self.bytes_per_key = 2 * self.kv_heads * self.head_dim * kpool.element_size()
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _load_q(q, qg, scale):  # pragma: no cover - compiled
+    """qg[g, hh] = q[g, hh] * scale, widened to float32 (q [nkv, G, d] of any pool element type)."""
+    nkv, G, d = q.shape
+    for g in range(nkv):
+        for hh in range(G):
+            for x in range(d):
+                qg[g, hh, x] = _to_f32(q[g, hh, x]) * scale
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _decode_write(k_addr, v_addr, kp, vp, slots, n_keys):  # pragma: no cover - compiled
+    """Write key/value n_keys - 1 (k/v [nkv, d] at k_addr/v_addr, in the pools' element type) into its
+    chunk. False, having written nothing, when a slot of the region is not a pool slot."""
+    P, nkv, C, d = kp.shape
+    for i in range((n_keys + C - 1) // C):
+        if slots[i] < 0 or slots[i] >= P:
+            return False
+    j = n_keys - 1
+    slot = slots[j // C]
+    row = j - (j // C) * C
+    kn = nb.carray(_ptr(k_addr, kp), (nkv, d))
+    vn = nb.carray(_ptr(v_addr, vp), (nkv, d))
+    for g in range(nkv):
+        for x in range(d):
+            kp[slot, g, row, x] = kn[g, x]
+            vp[slot, g, row, x] = vn[g, x]
+    return True
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _decode_queries(q_addr, q_kind, G, scale, qg):  # pragma: no cover - compiled
+    """qg[:, :G] = the queries at q_addr ([nkv * G, d]; q_kind 0 float32, 1 bfloat16, 2 float16) * scale;
+    padding rows past G are 0."""
+    nkv, _R, d = qg.shape
+    qg[:] = 0.0
+    if q_kind == 0:
+        _load_q(nb.carray(_ptr(q_addr, np.float32), (nkv, G, d)), qg, scale)
+    elif q_kind == 1:
+        _load_q(nb.carray(_ptr(q_addr, np.uint16), (nkv, G, d)), qg, scale)
+    else:
+        _load_q(nb.carray(_ptr(q_addr, np.int16), (nkv, G, d)), qg, scale)
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _decode_serial(q_addr, q_kind, k_addr, v_addr, kp, vp, slots, n_keys, G, scale, out_addr,
+                   out_bf16):  # pragma: no cover - compiled
+    """The whole decode step on this thread: write the token's k/v, attend over region keys
+    [0, n_keys) head by head, normalised output [nkv * G, d] at out_addr, float32 or (out_bf16)
+    bfloat16 rounded to nearest even. False as _decode_write."""
+    _P, nkv, _C, d = kp.shape
+    if not _decode_write(k_addr, v_addr, kp, vp, slots, n_keys):
+        return False
+    R = G + (1 if G % 4 == 3 else 0)  # see attend(): three rows run as four
+    qg = np.empty((nkv, R, d), dtype=np.float32)
+    _decode_queries(q_addr, q_kind, G, scale, qg)
+    qidx = np.full(1, n_keys - 1, dtype=np.int64)
+    tail = np.zeros((1, 1), dtype=np.bool_)
+    s = np.empty((R, BLOCK), dtype=np.float32)
+    acc = np.empty((R, d), dtype=np.float32)
+    m = np.empty(R, dtype=np.float32)
+    ls = np.empty(R, dtype=np.float32)
+    out = nb.carray(_ptr(out_addr, np.float32), (nkv, G, d))
+    out16 = nb.carray(_ptr(out_addr, np.uint16), (nkv, G, d))
+    for g in range(nkv):
+        _attend_range(qg, kp, vp, slots, 0, n_keys, g, qidx, G, 0, 0, tail, 0, False, acc, m, ls, s)
+        for hh in range(G):
+            inv = np.float32(1.0) / ls[hh]  # > 0: the new key is always visible
+            if out_bf16:
+                for x in range(d):
+                    out16[g, hh, x] = _bf16_bits(acc[hh, x] * inv)
+            else:
+                for x in range(d):
+                    out[g, hh, x] = acc[hh, x] * inv
+    return True
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pools: DecodePools, slots: np.ndarray,
+                  n_keys: int, *, scale: float | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One decode step over a region of chunks that are all in the pools: store the token's key and
+    value as region key ``n_keys - 1`` (row (n_keys-1) % C of slot slots[(n_keys-1) // C]), then exact
+    attention of its queries over region keys [0, n_keys) (all visible: no window, no tree).
+
+    q: nh * d elements (float32/bfloat16/float16), k, v: nkv * d elements in the pools' dtype, all
+    contiguous on the CPU (any shape, e.g. [1, heads, d]); slots: int32 numpy array of the region's pool
+    slots. Returns the attention output [1, nh * d] in ``out_dtype`` (float32, or bfloat16 rounded as
+    ``Tensor.to`` does) — :func:`attend` with T = 1 up to float32 rounding."""
+    nkv, C, d = pools.kv_heads, pools.chunk_tokens, pools.head_dim
+    n = q.numel()
+    G = n // (nkv * d)
+    q_kind = _Q_KINDS.get(q.dtype)
+    if (q_kind is None or G == 0 or n != G * nkv * d or k.numel() != nkv * d or v.numel() != nkv * d
+            or k.dtype != pools.dtype or v.dtype != pools.dtype or not (q.is_cpu and k.is_cpu and v.is_cpu)
+            or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())):
+        raise ValueError(f"attend_decode: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
+                         f"v {tuple(v.shape)} {v.dtype} for pools of {nkv} KV heads x {d} ({pools.dtype})")
+    if slots.dtype != np.int32 or slots.ndim != 1 or not 0 < n_keys <= slots.shape[0] * C:
+        raise ValueError(f"{n_keys} keys in {slots.shape} {slots.dtype} slots of {C}")
+    scale = d ** -0.5 if scale is None else scale
+    if out_dtype != torch.float32 and out_dtype != torch.bfloat16:
+        raise ValueError(f"attend_decode: out_dtype {out_dtype} (float32 or bfloat16)")
+    if n_keys * pools.bytes_per_key < SERIAL_DECODE_BYTES or nb.get_num_threads() == 1:
+        out = torch.empty(1, n, dtype=out_dtype)
+        ok = _decode_serial(q.data_ptr(), q_kind, k.data_ptr(), v.data_ptr(), pools.kp, pools.vp, slots, n_keys,
+                            G, scale, out.data_ptr(), out_dtype == torch.bfloat16)
+    else:
+        ok, out = _decode_parallel(q, q_kind, k, v, pools, slots, n_keys, G, scale)
+    if not ok:
+        raise ValueError(f"slots {slots.tolist()} outside a pool of {pools.slots} slots")
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _decode_parallel(q, q_kind, k, v, pools, slots, n_keys, G, scale) -> tuple[bool, torch.Tensor | None]:
+    """attend_decode over a long region: the same write, then the parallel kernel over (KV head x split)."""
+    if not _decode_write(k.data_ptr(), v.data_ptr(), pools.kp, pools.vp, slots, n_keys):
+        return False, None
+    nkv, d = pools.kv_heads, pools.head_dim
+    R = G + (1 if G % 4 == 3 else 0)
+    qg = np.empty((nkv, R, d), dtype=np.float32)
+    _decode_queries(q.data_ptr(), q_kind, G, scale, qg)
+    nsplit, split_len = _splits(n_keys, nkv, nb.get_num_threads())
+    acc = np.empty((nkv * nsplit, R, d), dtype=np.float32)
+    mpart = np.empty((nkv * nsplit, R), dtype=np.float32)
+    lpart = np.empty((nkv * nsplit, R), dtype=np.float32)
+    out = np.empty((nkv, R, d), dtype=np.float32)
+    mo = np.empty((nkv, R), dtype=np.float32)
+    lsum = np.empty((nkv, R), dtype=np.float32)
+    qidx, tail = np.full(1, n_keys - 1, dtype=np.int64), np.zeros((1, 1), dtype=np.bool_)
+    _attend_kernel(qg, pools.kp, pools.vp, slots, 0, n_keys, nsplit, split_len, qidx, G, 0, 0, tail, 0, False,
+                   acc, mpart, lpart, out, mo, lsum)
+    return True, torch.from_numpy(np.ascontiguousarray(out[:, :G])).view(1, nkv * G * d)
+
+
 def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
           lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact combination of two partial attention results over disjoint key sets (the flash-decoding
@@ -598,9 +803,13 @@ def attend_blocks(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, slo
 
 
 def warm_up() -> None:
-    """Compile (or load from Numba's cache) the kernel's specializations now (float32, bfloat16
-    and float16 pools), so no compilation happens mid-run."""
+    """Compile (or load from Numba's cache) the kernels' specializations now (float32, bfloat16
+    and float16 pools; general and decode paths), so no compilation happens mid-run."""
     for dtype in _VIEWS:
         pool = torch.zeros(1, 1, 4, 2, dtype=dtype)
         attend(torch.zeros(1, 1, 2), pool, pool, torch.zeros(1, dtype=torch.int32), 4,
                q_index=torch.tensor([3]))
+        pools, row = DecodePools(pool, pool), torch.zeros(1, 1, 2, dtype=dtype)
+        slots = np.zeros(1, dtype=np.int32)
+        attend_decode(torch.zeros(1, 1, 2), row, row, pools, slots, 4)
+        _decode_parallel(torch.zeros(1, 1, 2), 0, row, row, pools, slots, 4, 1, 1.0)

@@ -10,6 +10,9 @@ so results differ from torch by rounding only (tested with an error metric).
 
 ``linear(x, w, b)`` is the entry point: one row on the CPU in float32/bfloat16 goes
 to a kernel; everything else (prefill, float16, CUDA) to ``torch.nn.functional.linear``.
+A block-quantized weight (storage.formats.QTensor) goes to kernels_cpu.quant on the CPU
+and to kernels_gpu.quant (dequantize on the device, then matmul) elsewhere;
+``embedding(ids, table)`` dispatches the same way.
 Decode runs torch with one thread (see :func:`decode_scope`): the kernels bring their
 own parallelism, and two thread pools spinning against each other on two cores
 cost more than torch's small element-wise ops gain from threads.
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+from storage.formats import QTensor
 
 ROWS_PER_TASK = 32  # output rows per parallel task: big enough to amortise scheduling
 MIN_BYTES = 64 << 10  # below this the call overhead wins: use torch
@@ -85,14 +90,35 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.numel() * w.element_size() >= MIN_BYTES)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with the fast decode path for a single float32/bfloat16 row on the CPU."""
+    if isinstance(w, QTensor):
+        if w.device.type == "cpu":
+            from kernels_cpu import quant
+
+            return quant.linear(x, w, b)
+        from kernels_gpu import quant as gpu_quant
+
+        return gpu_quant.linear(x, w, b)
     if not usable(x, w):
         return F.linear(x, w, b)
     y = matvec(w, x[0])[None]
     if b is not None:
         y = y + b
     return y.to(x.dtype)
+
+
+def embedding(ids: torch.Tensor, table) -> torch.Tensor:
+    """Rows ``ids`` of an embedding table (float, or quantized: only those rows are dequantized, to float32)."""
+    if isinstance(table, QTensor):
+        if table.device.type == "cpu":
+            from kernels_cpu import quant
+
+            return quant.embedding(ids.to(table.device), table)
+        from kernels_gpu import quant as gpu_quant
+
+        return gpu_quant.embedding(ids, table)
+    return F.embedding(ids, table)
 
 
 def warm_up() -> None:

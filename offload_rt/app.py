@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from offload_rt.config import RunConfig
+from offload_rt.config import RunConfig, format_size
 from offload_rt.errors import UsageError
 from offload_rt.loader import attach_engine, open_model
 from offload_rt.session import Session
@@ -21,11 +21,26 @@ def pick_device(cfg: RunConfig) -> str:
     return cfg.device
 
 
+def weight_formats(store) -> str:
+    """One --plan line: the stored formats, with bytes and bits per weight (quantized bytes are what move)."""
+    by: dict[str, list[int]] = {}
+    for name in store.tensor_names:
+        info = store.info(name)
+        n = by.setdefault(info.fmt.name, [0, 0, 0])
+        n[0] += 1
+        n[1] += info.nbytes
+        n[2] += info.numel
+    parts = [f"{f} {c} tensors {format_size(b)} ({8 * b / max(w, 1):.2f} bits/weight)"
+             for f, (c, b, w) in sorted(by.items(), key=lambda kv: -kv[1][1])]
+    return f"stored weights ({store.manifest.get('weights', 'auto')}): " + ", ".join(parts)
+
+
 def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, plan_only: bool = False) -> int:
     from offload_rt import runtime
     from offload_rt.memory.plan import format_plan
 
     from kernels_cpu import attention as attention_kernels
+    from kernels_cpu import rowops
     from kernels_cpu.matvec import set_threads, warm_up
     from offload_rt.memory import baseline
     from offload_rt.threads import available_cores, wait_policy
@@ -37,7 +52,12 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
     with torch.inference_mode():
         model = open_model(cfg)
         warm_up()
+        if any(model.store.info(n).quantized for n in model.store.tensor_names):
+            from kernels_cpu import quant
+
+            quant.warm_up()
         attention_kernels.warm_up()  # compiled (or loaded from Numba's cache) before the baseline is measured
+        rowops.warm_up()  # the fused single-row kernels of decode (calibration times layers with them)
         if runtime.may_use_magicpig(cfg, model.args):
             from kernels_cpu import magicpig
 
@@ -59,6 +79,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         if plan_only:
             print(f"model: {model.name} ({model.args.model_type}, {model.args.num_hidden_layers} layers, "
                   f"{str(model.dtype).replace('torch.', '')}, device {device})")
+            print(weight_formats(model.store))
             print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
             print(prepared.kv.describe() + f"; attention {prepared.attention}")
             print(baseline.describe(base, prepared.budgets.host))

@@ -40,6 +40,10 @@ def _kv_cpu_mem(text: str | None) -> int | None:
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype (default: the checkpoint's; float32 for GGUF).")
+@click.option("--weights", type=click.Choice(["auto", "bf16", "f16", "f32", "int8", "int4"]), default="auto",
+              show_default=True,
+              help="Stored weight format: auto keeps the source's (GGUF quants stay quantized); int8/int4 quantize "
+                   "the matrices at conversion (group-wise, 32 per group); a float type stores every tensor in it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--gpu-mem", default=None, help="GPU memory budget: 8G, 512M, 0, auto.")
 @click.option("--cpu-mem", default=None, help="Host RAM budget for weights/KV: 16G, auto.")
@@ -70,7 +74,7 @@ def _kv_cpu_mem(text: str | None) -> int | None:
 @click.option("--lsh-k", type=click.IntRange(1, 15), default=10, show_default=True, help="MagicPIG: bits per table.")
 @click.option("--lsh-l", type=click.IntRange(2, 1024), default=150, show_default=True, help="MagicPIG: hash tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, device,
+def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, weights, device,
                 gpu_mem, cpu_mem, offload_dir, raw, stop, stats, rebuild_store, threads, ignore_eos, plan_only,
                 profile, config_file, prefetch_depth, ctx_size, kv_cpu_mem, attention, lsh_k, lsh_l, debug):
     """Run MODEL (a Hugging Face checkpoint directory or a .gguf file; default: SmolLM2-135M-Instruct).
@@ -91,6 +95,7 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             max_new_tokens=max_new_tokens,
             sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
             dtype=dtype,
+            weights=weights,
             device=device,
             gpu_mem=parse_size(gpu_mem, option="--gpu-mem"),
             cpu_mem=parse_size(cpu_mem, option="--cpu-mem"),

@@ -79,6 +79,7 @@ class RunConfig:
     max_new_tokens: int = 256  # upper bound on generated tokens per answer
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dtype: str | None = None  # float32 | bfloat16 | float16 | None (checkpoint's own)
+    weights: str = "auto"  # stored weight format: auto | f32 | f16 | bf16 | int8 | int4 (storage.transcode)
     device: str = "auto"  # auto | cpu | cuda
     gpu_mem: int | str | None = None  # device tier budget in bytes, "auto" or None
     cpu_mem: int | str | None = None  # host tier budget in bytes, "auto" or None

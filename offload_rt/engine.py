@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
-from kernels_cpu.matvec import decode_scope
+from kernels_cpu.matvec import decode_scope, embedding
 from offload_rt.kv.dense import DenseKV
 from offload_rt.models import llama
 from offload_rt.models.llama import LlamaArgs
@@ -72,7 +72,7 @@ class ResidentWeights:
         self._embed = get(embed_name)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids, self._embed)
+        return embedding(ids, self._embed)
 
     def sweep(self):
         return zip(self.groups, self._tables)

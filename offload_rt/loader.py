@@ -49,13 +49,18 @@ def resolve_model(model: str | None) -> Path:
     return path
 
 
-def compute_dtype(requested: str | None, checkpoint_dtype: str | None, source_kind: str) -> torch.dtype:
+def compute_dtype(requested: str | None, checkpoint_dtype: str | None, source_kind: str,
+                  weights: str = "auto") -> torch.dtype:
+    """--dtype, else the stored float type when --weights names one, else float32 for GGUF (quantized
+    weights compute in float32 on CPU), else the checkpoint's dtype."""
     if requested:
         if requested not in DTYPES:
             raise UsageError(f"--dtype: unknown dtype {requested!r}; use float32, bfloat16 or float16")
         return DTYPES[requested]
+    if weights in ("f32", "f16", "bf16"):
+        return DTYPES[{"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[weights]]
     if source_kind == "gguf":
-        return torch.float32  # dequantized GGUF tensors compute in float32 on CPU
+        return torch.float32
     return DTYPES.get(str(checkpoint_dtype or "float32").replace("torch.", ""), torch.float32)
 
 
@@ -78,7 +83,8 @@ def open_store(cfg: RunConfig):
     path = resolve_model(cfg.model)
     source_cfg = storage.read_source_config(path)
     LlamaArgs.from_config(source_cfg)  # reject an unsupported architecture before converting
-    return path, storage.open_or_convert(path, cfg.store_dir, rebuild=cfg.rebuild_store, progress=cfg.progress)
+    return path, storage.open_or_convert(path, cfg.store_dir, weights=cfg.weights, rebuild=cfg.rebuild_store,
+                                         progress=cfg.progress)
 
 
 def check_tensors(store, args: LlamaArgs, path: Path) -> None:
@@ -100,7 +106,7 @@ def open_model(cfg: RunConfig) -> LoadedModel:
     args = LlamaArgs.from_config(store.model_config)
     check_tensors(store, args, path)
     kind = store.manifest["source"]["kind"]
-    dtype = compute_dtype(cfg.dtype, args.torch_dtype, kind)
+    dtype = compute_dtype(cfg.dtype, args.torch_dtype, kind, cfg.weights)
     tok = Tokenizer(store.tokenizer_file, store.tokenizer_meta)
     name = path.name if path.name else str(path)
     return LoadedModel(name, path, store, args, tok, dtype, model_groups(args))

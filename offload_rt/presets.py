@@ -96,6 +96,7 @@ PRESET_KEYS: dict[str, Any] = {
     "prefill_chunk": _int_min(1),  # prompt tokens per prefill pass
     "threads": _int_min(1),  # torch intra-op threads
     "dtype": _choice("float32", "bfloat16", "float16"),
+    "weights": _choice("auto", "f32", "f16", "bf16", "int8", "int4"),  # stored weight format
     "offload_dir": _path,  # where weight stores live
     "bandwidths": BANDWIDTH_KEYS,  # hints used instead of measuring
 }
@@ -215,7 +216,8 @@ def merge(preset: Mapping[str, Any], cli_values: Mapping[str, Any]) -> dict:
 # RunConfig fields a preset may set (preset key -> RunConfig field); CLI options the user typed win.
 _RUNCONFIG_FIELDS = {"device": "device", "gpu_mem": "gpu_mem", "cpu_mem": "cpu_mem",
                      "prefetch_depth": "prefetch_depth", "prefill_chunk": "prefill_chunk", "threads": "threads",
-                     "dtype": "dtype", "offload_dir": "offload_dir", "bandwidths": "bandwidth_hints"}
+                     "dtype": "dtype", "weights": "weights", "offload_dir": "offload_dir",
+                     "bandwidths": "bandwidth_hints"}
 
 
 def apply_preset(cfg, name_or_path: str | Path, *, given: set[str] = frozenset()):

@@ -35,8 +35,7 @@ AUTO_MAGICPIG_TOKENS = 32768  # --attention auto: MagicPIG from this context len
 
 def _nbytes(store, name: str, dtype: torch.dtype) -> int:
     """Bytes of one stored tensor once loaded at ``dtype`` (what residency holds)."""
-    info = store.info(name)
-    return int(torch.Size(info.shape).numel()) * dtype.itemsize
+    return store.info(name).held_bytes(dtype)
 
 
 def group_specs(store, groups: list[Group], dtype: torch.dtype, args: LlamaArgs) -> list[GroupSpec]:
@@ -127,10 +126,25 @@ def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype) -> tuple[KVSpli
     return split_kv(shape, tokens, **kw), "exact"
 
 
-def activation_bytes(args: LlamaArgs, prefill_chunk: int) -> int:
-    """Scratch of one prefill chunk (fp32 upper bound) plus the logits row."""
+def activation_bytes(args: LlamaArgs, prefill_chunk: int, dequant: int = 0) -> int:
+    """Scratch of one prefill chunk (fp32 upper bound) plus the logits row, plus ``dequant`` bytes for
+    quantized weights' dequantization (:func:`dequant_scratch_bytes`)."""
     per_token = 4 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_attention_heads * args.head_dim
-    return 4 * (prefill_chunk * per_token + args.vocab_size)
+    return 4 * (prefill_chunk * per_token + args.vocab_size) + dequant
+
+
+def dequant_scratch_bytes(store, cuda: bool) -> int:
+    """What quantized matrices need beside them at compute time: on the CPU the prefill's reusable block
+    of dequantized rows; on a GPU one linear's block of dequantized rows and its intermediates."""
+    if not any(store.info(n).quantized for n in store.tensor_names):
+        return 0
+    if cuda:
+        from kernels_gpu.quant import SCRATCH_BYTES
+
+        return SCRATCH_BYTES
+    from kernels_cpu.quant import PREFILL_BLOCK_BYTES
+
+    return PREFILL_BLOCK_BYTES
 
 
 def embed_tier(placement: Placement, args: LlamaArgs) -> str:
@@ -220,10 +234,11 @@ def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: 
     # At least two slots in flight: with one, the reader idles while each streamed layer computes
     # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
     kv, attention = plan_kv(cfg, args, dtype)
+    scratch = activation_bytes(args, cfg.prefill_chunk, dequant_scratch_bytes(store, cuda))
     try:
         placement = plan(specs, bud, bw, kv_bytes=kv.host_bytes, prefetch_depth=cfg.prefetch_depth,
                          kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact",
-                         activation_bytes=activation_bytes(args, cfg.prefill_chunk),
+                         activation_bytes=scratch,
                          embed_bytes=untied_embed_bytes(store, args, dtype),
                          depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
     except BudgetError as e:

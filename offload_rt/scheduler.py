@@ -42,11 +42,13 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from kernels_cpu.matvec import embedding
 from offload_rt.accel import HostAccel, thread_context
 from offload_rt.engine import Group
 from offload_rt.memory.tiers import Tiers
 from offload_rt.prefetch import Prefetcher
 from offload_rt.trace import NullTracer
+from storage.formats import QTensor
 from storage.store import DIRECT_ALIGN, aligned_buffer
 
 ALIGN = DIRECT_ALIGN  # slot offsets and buffers, so O_DIRECT reads land in them directly
@@ -54,6 +56,13 @@ ALIGN = DIRECT_ALIGN  # slot offsets and buffers, so O_DIRECT reads land in them
 
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def _bytes(t) -> torch.Tensor:
+    """The bytes under a tensor or a QTensor (uint8, for reads and byte counts)."""
+    if isinstance(t, QTensor):
+        return t.data.view(-1)
+    return t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
 class Counters:
@@ -65,10 +74,13 @@ class Counters:
 
 
 class _Layout:
-    """Where each tensor of a group sits inside a flat buffer: as stored, or at ``dtype`` when given."""
+    """Where each tensor of a group sits inside a flat buffer: as stored, or at ``dtype`` when given.
+
+    A quantized tensor is held as stored (its blocks are what the kernels read), whatever ``dtype``.
+    """
 
     def __init__(self, store, group: Group, dtype: torch.dtype | None = None):
-        self.entries = []  # (key, name, offset, nbytes, dtype, shape)
+        self.entries = []  # (key, name, offset, nbytes, dtype or None (as stored), TensorInfo)
         self.cast_bytes = 0  # largest stored tensor whose dtype differs from ``dtype`` (0: none)
         off = 0
         seen = set()
@@ -77,17 +89,17 @@ class _Layout:
                 continue
             seen.add(name)
             info = store.info(name)
-            dt = dtype or info.dtype
-            nbytes = int(torch.Size(info.shape).numel()) * dt.itemsize
-            if info.dtype != dt:
+            dt = None if info.quantized or dtype is None else dtype
+            nbytes = info.held_bytes(dt) if dt is not None else int(info.nbytes)
+            if dt is not None and info.dtype != dt:
                 self.cast_bytes = max(self.cast_bytes, int(info.nbytes))
-            self.entries.append((key, name, off, nbytes, dt, tuple(info.shape)))
+            self.entries.append((key, name, off, nbytes, dt, info))
             off = _align(off + nbytes)
         self.nbytes = off
         self._keys = [(key, name) for key, name in group.tensors]
 
-    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        by_name = {name: buf[off:off + nb].view(dt).view(shape) for _k, name, off, nb, dt, shape in self.entries}
+    def views(self, buf: torch.Tensor) -> dict:
+        by_name = {name: info.view(buf[off:off + nb], dt) for _k, name, off, nb, dt, info in self.entries}
         return {key: by_name[name] for key, name in self._keys}
 
 
@@ -232,29 +244,28 @@ class StreamingWeights:
         """Host memory page-locked for fast copies (the arena), 0 when nothing is."""
         return self._arena.nbytes if self._arena is not None and self._arena.pinned else 0
 
-    def _read_raw(self, name: str, group: str) -> torch.Tensor:
+    def _read_raw(self, name: str, group: str):
         """One stored tensor into a fresh host buffer (the load path; 4 KiB aligned for O_DIRECT)."""
         info = self.store.info(name)
         with self.tracer.span("disk", f"read {group}", group=group, bytes=info.nbytes):
             host = aligned_buffer(info.nbytes)
             self.store.read_into(name, host, verify=True, drop_cache=True)
         self.counters.disk_read_bytes += info.nbytes
-        return host.view(info.dtype).view(tuple(info.shape))
+        return info.view(host)
 
-    def _load(self, name: str, tier, group: str, device: torch.device) -> torch.Tensor:
-        """Read one tensor from the store into its tier at the compute dtype (store → host → device)."""
+    def _load(self, name: str, tier, group: str, device: torch.device):
+        """Read one tensor from the store into its tier at the compute dtype, or as stored when quantized
+        (store → host → device)."""
         info = self.store.info(name)
-        nbytes = int(torch.Size(info.shape).numel()) * self.dtype.itemsize
+        nbytes = info.held_bytes(self.dtype)
         tier.reserve(f"weight.{name}", nbytes)
         t = self._read_raw(name, group)
-        if t.dtype != self.dtype:
+        if not info.quantized and t.dtype != self.dtype:
             t = t.to(self.dtype)
         if device.type != "cpu" or (self.split and tier is self.tiers.device):
-            out = torch.empty(t.shape, dtype=self.dtype, device=device)  # its own memory (the device tier)
             with self.tracer.span("h2d", f"h2d {group}", group=group, bytes=nbytes):
-                out.copy_(t)
+                t = t.to(device)  # its own memory (the device tier)
             self.counters.h2d_bytes += nbytes
-            t = out
         return t
 
     def _load_group(self, g: Group, tier, tier_name: str) -> dict[str, torch.Tensor]:
@@ -275,9 +286,9 @@ class StreamingWeights:
             done.add(name)
             info = self.store.info(name)
             dst = views[key]
-            if info.dtype == dst.dtype:
+            if info.quantized or info.dtype == dst.dtype:
                 with self.tracer.span("disk", f"read {g.name}", group=g.name, bytes=info.nbytes):
-                    self.store.read_into(name, dst, verify=True, drop_cache=True)
+                    self.store.read_into(name, dst.data if info.quantized else dst, verify=True, drop_cache=True)
                 self.counters.disk_read_bytes += info.nbytes
             else:
                 dst.copy_(self._read_raw(name, g.name))
@@ -290,7 +301,7 @@ class StreamingWeights:
     def _read_group(self, group: Group, slot_views: dict[str, torch.Tensor]) -> int:
         """disk -> host slot: all of the group's tensors, split in pieces read in parallel (O_DIRECT)."""
         verify = self._verified is not None and group.name not in self._verified
-        items = [(name, slot_views[key]) for key, name, _off, _nb, _dt, _shape in self._raw[group.name].entries]
+        items = [(name, _bytes(slot_views[key])) for key, name, _off, _nb, _dt, _info in self._raw[group.name].entries]
         n = self.store.read_many(items, executor=self._pool, verify=verify, drop_cache=True)
         if verify:
             self._verified.add(group.name)
@@ -334,13 +345,15 @@ class StreamingWeights:
                         continue
                     done.add(id(t))
                     s = src[key]
-                    if s.dtype == t.dtype:
+                    if isinstance(t, QTensor):  # blocks go up as they are (dequantized where computed)
+                        t.data.copy_(s.data, non_blocking=True)
+                    elif s.dtype == t.dtype:
                         t.copy_(s, non_blocking=True)
                     else:  # up as stored into the cast buffer, cast on the device (same stream: ordered)
                         stage = self._cast_buf[:s.numel() * s.element_size()].view(s.dtype).view(s.shape)
                         stage.copy_(s, non_blocking=True)
                         t.copy_(stage, non_blocking=True)
-                    nb += s.numel() * s.element_size()
+                    nb += _bytes(s).numel()
                 accel.record(ev, self._copy_stream)
                 a["bytes"] = nb
         self.counters.h2d_bytes += nb
@@ -364,12 +377,14 @@ class StreamingWeights:
         """Rows for ``ids``, on the compute device: gathered where the table lives; only the rows move."""
         table = self._embed_table
         if table is not None:
-            rows = torch.nn.functional.embedding(ids.to(table.device), table)
+            rows = embedding(ids.to(table.device), table)
         else:
             rows = self.store.read_rows(self.embed_name, ids.tolist())  # only the rows needed, from disk
-            self.counters.disk_read_bytes += rows.numel() * rows.element_size()
+            self.counters.disk_read_bytes += _bytes(rows).numel()
+            if isinstance(rows, QTensor):
+                rows = embedding(torch.arange(rows.shape[0]), rows)
         if rows.device != self.device:
-            self.counters.h2d_bytes += rows.numel() * rows.element_size()
+            self.counters.h2d_bytes += _bytes(rows).numel()
         return rows.to(device=self.device, dtype=self.dtype)
 
     def sweep(self) -> Iterator[tuple[Group, Mapping[str, torch.Tensor]]]:
@@ -391,9 +406,14 @@ class StreamingWeights:
             views = self._views[slot][g.name]
             cast = self._cast_views.get(g.name)
             if cast is not None:  # stored at another dtype: cast into the one budgeted buffer
+                held = {}
                 for key, t in cast.items():
-                    t.copy_(views[key])
-                views = cast
+                    if isinstance(t, QTensor):  # blocks are computed from where they were read
+                        held[key] = views[key]
+                    else:
+                        t.copy_(views[key])
+                        held[key] = t
+                views = held
             try:
                 yield g, views
             finally:

@@ -1,8 +1,10 @@
 """Checkpoint -> weight store conversion, once, atomically, cached by the source's identity.
 
-``open_or_convert(source, cache_dir)`` returns the store ``cache_dir/<source-name>-<key16>.zarr``
-where key = sha256 of the source's identity (resolved path, and each file's name, size and
-mtime_ns). Reusing a store costs a few ``stat`` calls and reading its manifest: no tensor data.
+``open_or_convert(source, cache_dir, weights=...)`` returns the store
+``cache_dir/<source-name>-<key16>[-<weights>].zarr`` where key = sha256 of the source's identity
+(resolved path, and each file's name, size and mtime_ns), the store format version and the
+``--weights`` choice (storage.transcode): the stores of one checkpoint in several formats sit
+side by side. Reusing a store costs a few ``stat`` calls and reading its manifest: no tensor data.
 
 Conversion writes a zarr v3 group into ``<name>.zarr.tmp-<pid>`` next to the final directory:
 array metadata through zarr (so ``zarr.open(store)[name][:]`` reads the values back), chunk bytes
@@ -30,10 +32,11 @@ import numpy as np
 
 from offload_rt.errors import ModelSourceError, UserError
 from storage.errors import NoSpaceError, StorageError
-from storage.manifest import (CHUNK_LIMIT, FORMAT_VERSION, STORAGE_DTYPES, chunk_rows_for, crc_tag, n_chunks,
-                              write_manifest)
+from storage.formats import get_format
+from storage.manifest import CHUNK_LIMIT, FORMAT_VERSION, chunk_rows_for, crc_tag, n_chunks, write_manifest
 from storage.sources import TensorSource, open_source
 from storage.store import WeightStore
+from storage.transcode import check_choice, target_format, transcoded
 
 IO_BLOCK = 16 << 20  # bytes per read/write when copying a raw byte range
 STORE_METADATA_BYTES = 8 << 20  # beside the tensors: tokenizer.json, manifest.json, the group's zarr.json
@@ -41,14 +44,20 @@ TENSOR_METADATA_BYTES = 32 << 10  # per tensor: its zarr.json and chunk director
 _TMP_RE = re.compile(r"\.zarr\.tmp-(\d+)$")
 
 
-def store_key(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+def store_key(identity: dict, weights: str = "auto") -> str:
+    keyed = dict(identity, store_format=FORMAT_VERSION, weights=weights)
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def store_path(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
-    """Where the store of ``source`` lives (whether or not it exists yet); stats the source only."""
+def _store_name(src, identity: dict, weights: str) -> str:
+    tail = "" if weights == "auto" else f"-{weights}"
+    return f"{_safe(src.display_name)}-{store_key(identity, weights)}{tail}.zarr"
+
+
+def store_path(source: str | os.PathLike, cache_dir: str | os.PathLike, weights: str = "auto") -> Path:
+    """Where the store of ``source`` in ``weights`` lives (whether or not it exists yet); stats the source only."""
     src = open_source(source)
-    return Path(cache_dir).expanduser() / f"{_safe(src.display_name)}-{store_key(src.identity())}.zarr"
+    return Path(cache_dir).expanduser() / _store_name(src, src.identity(), check_choice(weights))
 
 
 def _safe(name: str) -> str:
@@ -80,19 +89,20 @@ def clean_stale_tmp(cache_dir: Path) -> list[Path]:
     return removed
 
 
-def open_or_convert(source: str | os.PathLike, cache_dir: str | os.PathLike, *, rebuild: bool = False,
-                    progress: bool = True) -> WeightStore:
-    """The weight store of ``source`` (HF checkpoint dir or .gguf), converting it first if needed."""
+def open_or_convert(source: str | os.PathLike, cache_dir: str | os.PathLike, *, weights: str = "auto",
+                    rebuild: bool = False, progress: bool = True) -> WeightStore:
+    """The weight store of ``source`` (HF checkpoint dir or .gguf) in ``weights``, converting it first if needed."""
+    check_choice(weights)
     src = open_source(source)
     cache_dir = Path(cache_dir).expanduser()
     identity = src.identity()
-    final = cache_dir / f"{_safe(src.display_name)}-{store_key(identity)}.zarr"
+    final = cache_dir / _store_name(src, identity, weights)
     if final.is_dir() and not rebuild:
         return WeightStore.open(final)
     with _lock_for(final):  # threads of one process converting the same source: one converts, the rest reuse
         if final.is_dir() and not rebuild:
             return WeightStore.open(final)
-        return _convert_locked(src, identity, cache_dir, final, rebuild, progress)
+        return _convert_locked(src, identity, cache_dir, final, rebuild, progress, weights)
 
 
 _LOCKS: dict[Path, threading.Lock] = {}
@@ -104,9 +114,10 @@ def _lock_for(final: Path) -> threading.Lock:
         return _LOCKS.setdefault(final, threading.Lock())
 
 
-def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: bool, progress: bool) -> WeightStore:
+def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: bool, progress: bool,
+                    weights: str) -> WeightStore:
     clean_stale_tmp(cache_dir)  # (dead converters' leftovers count against the free space)
-    check_free_space(src, cache_dir)
+    check_free_space(src, cache_dir, weights)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -115,7 +126,7 @@ def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: 
     tmp = cache_dir / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        convert(src, tmp, identity=identity, progress=progress)
+        convert(src, tmp, identity=identity, progress=progress, weights=weights)
         _install(tmp, final, replace=rebuild)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,12 +142,17 @@ def store_bytes(tensors: list[TensorSource]) -> int:
     return sum(t.nbytes for t in tensors) + len(tensors) * TENSOR_METADATA_BYTES + STORE_METADATA_BYTES
 
 
-def check_free_space(src, cache_dir: Path) -> None:
+def stored_tensors(src, weights: str = "auto") -> list[TensorSource]:
+    """The source's tensors in the formats the store keeps them in under ``weights``."""
+    return [transcoded(t, target_format(t, weights)) for t in src.tensors()]
+
+
+def check_free_space(src, cache_dir: Path, weights: str = "auto") -> None:
     """NoSpaceError (needed and free bytes) when ``cache_dir``'s filesystem cannot hold ``src``'s store.
 
     A rebuilt store is written beside the old one before replacing it, so the whole size is needed either way.
     """
-    needed = store_bytes(src.tensors())
+    needed = store_bytes(stored_tensors(src, weights))
     where = cache_dir
     while not where.exists() and where != where.parent:  # the directory may not exist yet: its filesystem does
         where = where.parent
@@ -211,7 +227,7 @@ class _Progress:
 
 
 def convert(src, dest: Path, *, identity: dict | None = None, progress: bool = True,
-            chunk_limit: int | None = None) -> dict:
+            chunk_limit: int | None = None, weights: str = "auto") -> dict:
     """Write the store of ``src`` (an opened source) into the new directory ``dest``; returns the manifest.
 
     Not atomic by itself: ``open_or_convert`` runs it into a temporary directory and renames.
@@ -221,7 +237,8 @@ def convert(src, dest: Path, *, identity: dict | None = None, progress: bool = T
     t0 = time.perf_counter()
     chunk_limit = chunk_limit or CHUNK_LIMIT
     config = src.config()
-    tensors = src.tensors()
+    tensors = stored_tensors(src, weights)
+    _warn_dequantized(src, weights)
     dest.mkdir(parents=True)
     group = zarr.open_group(str(dest), mode="w", zarr_format=3)  # (mode "w" empties dest: create it first)
     group.attrs["offload_rt_format"] = FORMAT_VERSION
@@ -243,6 +260,7 @@ def convert(src, dest: Path, *, identity: dict | None = None, progress: bool = T
         "format_version": FORMAT_VERSION,
         "source": {"path": str(Path(src.path).resolve()), "kind": src.kind, "identity": identity or src.identity()},
         "model_config": config,
+        "weights": weights,
         "tokenizer": tok_meta,
         "tensors": entries,
         "converted": {"seconds": round(time.perf_counter() - t0, 3), "bytes": total},
@@ -253,18 +271,27 @@ def convert(src, dest: Path, *, identity: dict | None = None, progress: bool = T
     return manifest
 
 
+def _warn_dequantized(src, weights: str) -> None:
+    """One line on stderr when GGUF tensors have a type the store cannot keep (stored as float32)."""
+    types = getattr(src, "dequantized_types", lambda: {})()
+    if types and weights == "auto":
+        what = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
+        print(f"warning: {src.display_name}: {what} tensors have no native kernel and are stored dequantized "
+              "to float32 (larger and slower); a Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0 file runs natively", file=sys.stderr)
+
+
 def _write_tensor(group, dest: Path, t: TensorSource, chunk_limit: int, written: list, src_fds: dict,
                   scratch: bytearray, bar: _Progress) -> dict:
-    storage_dtype = STORAGE_DTYPES[t.dtype]
-    itemsize = np.dtype(storage_dtype).itemsize
-    rows = chunk_rows_for(t.shape, itemsize, chunk_limit)
-    chunks = (rows, *t.shape[1:]) if t.shape else ()
-    arr = group.create_array(t.name, shape=t.shape, chunks=chunks, dtype=storage_dtype, compressors=None,
-                             filters=None, fill_value=0, attributes={"logical_dtype": t.dtype})
+    fmt = get_format(t.fmt)
+    shape = fmt.byte_shape(t.shape)  # the zarr array: the logical shape, quantized rows as bytes
+    row_bytes = fmt.row_bytes(t.shape)
+    rows = chunk_rows_for(t.shape, row_bytes, chunk_limit)
+    chunks = (rows, *shape[1:]) if shape else ()
+    arr = group.create_array(t.name, shape=shape, chunks=chunks, dtype=fmt.storage_dtype, compressors=None,
+                             filters=None, fill_value=0, attributes={"format": t.fmt, "shape": list(t.shape)})
     nchunks = n_chunks(t.shape, rows)
-    keys = [arr.metadata.encode_chunk_key((i, *([0] * (len(t.shape) - 1))) if t.shape else ())
+    keys = [arr.metadata.encode_chunk_key((i, *([0] * (len(shape) - 1))) if shape else ())
             for i in range(nchunks)]
-    row_bytes = t.nbytes // t.shape[0] if t.shape and t.shape[0] else t.nbytes
     chunk_bytes = row_bytes * rows if t.shape else t.nbytes
     data = None
     if t.produce is not None:
@@ -294,7 +321,7 @@ def _write_tensor(group, dest: Path, t: TensorSource, chunk_limit: int, written:
             os.close(fd)
         written.append(path)
         sums.append(crc_tag(crc))
-    return {"dtype": t.dtype, "storage_dtype": storage_dtype, "shape": list(t.shape), "chunk_rows": rows,
+    return {"format": t.fmt, "storage_dtype": fmt.storage_dtype, "shape": list(t.shape), "chunk_rows": rows,
             "nbytes": t.nbytes, "checksums": sums, "chunk_keys": keys}
 
 
@@ -360,9 +387,10 @@ def main(argv=None) -> int:  # python -m storage.convert SOURCE CACHE_DIR
     ap.add_argument("source")
     ap.add_argument("cache_dir")
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--weights", default="auto")
     a = ap.parse_args(argv)
     try:
-        store = open_or_convert(a.source, a.cache_dir, rebuild=a.rebuild)
+        store = open_or_convert(a.source, a.cache_dir, weights=a.weights, rebuild=a.rebuild)
     except (UserError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

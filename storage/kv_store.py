@@ -38,14 +38,14 @@ from pathlib import Path
 import torch
 
 from storage.errors import NoSpaceError, StorageError
-from storage.manifest import STORAGE_DTYPES
-from storage.store import _FADV, _O_DIRECT, DIRECT_ALIGN, TORCH_DTYPES, _torch_buffer
+from storage.formats import FLOAT_FORMATS
+from storage.store import _FADV, _O_DIRECT, DIRECT_ALIGN, _torch_buffer
 
 LOCK_FILE = ".owner.lock"  # flock'ed by the owning process for the store's whole life
 DIR_PREFIX = "kv-"
 DIMENSIONS = ("layer", "chunk", "kv", "kv_head", "token", "head_dim")  # zarr dimension names (kv: 0 = K, 1 = V)
 METADATA_BYTES = 64 << 10  # zarr.json and the lock file, beside the chunk files
-_DTYPE_NAMES = {dt: name for name, dt in TORCH_DTYPES.items()}
+_DTYPE_NAMES = {f.dtype: name for name, f in FLOAT_FORMATS.items()}
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _SFR_FLAGS = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER: write the range back and wait
 
@@ -151,7 +151,7 @@ class KVChunkStore:
     def __init__(self, root: Path, n_layers: int, max_chunks: int, nkv: int, chunk_tokens: int, head_dim: int,
                  dtype: torch.dtype):
         if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"KV chunk store: dtype {dtype} is not one of {sorted(TORCH_DTYPES)}")
+            raise ValueError(f"KV chunk store: dtype {dtype} is not one of {sorted(FLOAT_FORMATS)}")
         dims = (n_layers, max_chunks, nkv, chunk_tokens, head_dim)
         if any(int(n) <= 0 for n in dims):
             raise ValueError(f"KV chunk store: every dimension must be positive, got {dims}")
@@ -197,7 +197,7 @@ class KVChunkStore:
         try:
             arr = zarr.create_array(
                 store=str(self._path), shape=self._shape, chunks=(1, 1, *self._shape[2:]),
-                dtype=STORAGE_DTYPES[name], compressors=None, filters=None, fill_value=0,
+                dtype=FLOAT_FORMATS[name].storage_dtype, compressors=None, filters=None, fill_value=0,
                 serializer={"name": "bytes", "configuration": {"endian": "little"}},
                 chunk_key_encoding={"name": "default", "separator": "."},  # one flat directory of chunk files
                 dimension_names=DIMENSIONS, attributes={"logical_dtype": name})

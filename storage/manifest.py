@@ -3,16 +3,18 @@
 Layout of one tensor entry::
 
     "model.layers.0.self_attn.q_proj.weight": {
-        "dtype": "bfloat16",            # logical dtype
-        "storage_dtype": "uint16",      # zarr data type of the array (bfloat16 is stored as its bits)
-        "shape": [2048, 2048],
+        "format": "bfloat16",           # storage.formats name (float type or ggml block quantization)
+        "storage_dtype": "uint16",      # zarr data type of the array (bfloat16 as its bits, blocks as uint8)
+        "shape": [2048, 2048],          # logical shape (the zarr array has Format.byte_shape of it)
         "chunk_rows": 2048,             # rows per chunk along axis 0 (one chunk unless > 256 MiB; every
                                         # chunk file holds chunk_rows rows, the last one zero-padded as zarr
                                         # stores edge chunks; its checksum covers the tensor's rows only)
-        "nbytes": 8388608,
+        "nbytes": 8388608,              # Format.nbytes(shape)
         "checksums": ["crc32:1a2b3c4d"],          # one per chunk
         "chunk_keys": ["c/0/0"]                   # zarr chunk keys (relative to the array dir)
     }
+
+Version 1 stores (float formats only, under the key "dtype") are read as they are.
 """
 
 from __future__ import annotations
@@ -22,22 +24,19 @@ import os
 from pathlib import Path
 
 from offload_rt.errors import ModelSourceError
+from storage.formats import FORMATS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 CHUNK_LIMIT = 256 << 20  # bytes; tensors above this are chunked along axis 0
-DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
-STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 REBUILD_HINT = "rerun with --rebuild-store to convert it again"
 
 
-def chunk_rows_for(shape: tuple[int, ...], itemsize: int, limit: int = CHUNK_LIMIT) -> int:
-    """Rows of axis 0 per chunk: all of them unless the tensor exceeds ``limit`` bytes."""
+def chunk_rows_for(shape: tuple[int, ...], row: int, limit: int = CHUNK_LIMIT) -> int:
+    """Rows of axis 0 per chunk (``row`` bytes each): all of them unless the tensor exceeds ``limit`` bytes."""
     if not shape:
         return 1
-    row = itemsize
-    for s in shape[1:]:
-        row *= int(s)
     rows = int(shape[0])
     if rows * row <= limit or row == 0:
         return max(rows, 1)
@@ -87,7 +86,7 @@ def load_manifest(store_dir: Path) -> dict:
 def _check(m) -> str | None:
     if not isinstance(m, dict):
         return "not a JSON object"
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in READABLE_VERSIONS:
         return f"format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}"
     for key, typ in (("source", dict), ("model_config", dict), ("tokenizer", dict), ("tensors", dict)):
         if not isinstance(m.get(key), typ):
@@ -96,16 +95,17 @@ def _check(m) -> str | None:
         return "tokenizer has no file"
     for name, t in m["tensors"].items():
         try:
-            dt = t["dtype"]
+            fmt = FORMATS.get(tensor_format(t))
             shape = [int(s) for s in t["shape"]]
             rows = int(t["chunk_rows"])
             nbytes = int(t["nbytes"])
             sums = t["checksums"]
-            if dt not in DTYPE_SIZES or rows < 1:
-                return f"tensor {name}: bad dtype or chunk_rows"
-            expect = DTYPE_SIZES[dt]
-            for s in shape:
-                expect *= s
+            if fmt is None or rows < 1:
+                return f"tensor {name}: bad format or chunk_rows"
+            try:
+                expect = fmt.nbytes(tuple(shape))
+            except ValueError:
+                return f"tensor {name}: its shape does not split into {fmt.name} blocks"
             if expect != nbytes or len(sums) != n_chunks(tuple(shape), rows):
                 return f"tensor {name}: nbytes or checksums do not match its shape"
             keys = t.get("chunk_keys")
@@ -114,3 +114,8 @@ def _check(m) -> str | None:
         except (KeyError, TypeError, ValueError):
             return f"tensor {name}: missing or bad fields"
     return None
+
+
+def tensor_format(entry: dict) -> str:
+    """The format name of a manifest tensor entry (version 1 called it "dtype")."""
+    return entry.get("format") or entry["dtype"]

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from offload_rt.errors import CorruptStoreError, ModelSourceError
-from storage.manifest import DTYPE_SIZES, REBUILD_HINT, crc_tag, load_manifest, n_chunks
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from storage.formats import Format, QTensor, get_format
+from storage.manifest import REBUILD_HINT, crc_tag, load_manifest, n_chunks, tensor_format
 READ_BLOCK = 64 << 20  # bytes per preadv call (large sequential reads; the kernel reads ahead within them)
 PIECE_BYTES = 8 << 20  # read_many splits chunks into pieces of this size, read in parallel
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the block size
@@ -38,9 +37,18 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
-    shape: tuple
-    nbytes: int
+    fmt: Format
+    shape: tuple  # logical shape
+    nbytes: int  # bytes stored (fmt.nbytes(shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of the stored elements: the float type, or uint8 for a quantized format's blocks."""
+        return self.fmt.dtype or torch.uint8
+
+    @property
+    def quantized(self) -> bool:
+        return self.fmt.quantized
 
     @property
     def numel(self) -> int:
@@ -49,11 +57,21 @@ class TensorInfo:
             n *= s
         return n
 
+    def held_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes once loaded for compute at ``dtype``: a float tensor is cast to it, a quantized one stays as stored."""
+        return self.nbytes if self.quantized else self.numel * dtype.itemsize
+
+    def view(self, buf: torch.Tensor, dtype: torch.dtype | None = None):
+        """The tensor over ``buf`` (uint8, exactly its bytes): a float tensor of ``dtype`` (default: as stored)
+        and the logical shape, or a :class:`QTensor` over the blocks."""
+        if self.quantized:
+            return QTensor(buf.view(self.fmt.byte_shape(self.shape)), self.fmt, self.shape)
+        return buf.view(dtype or self.dtype).view(self.shape)
+
 
 @dataclass(frozen=True)
 class _Entry:
     info: TensorInfo
-    dtype_name: str
     chunk_rows: int
     chunk_bytes: int  # bytes of a full chunk (the last one may be shorter)
     files: tuple  # absolute chunk file paths
@@ -80,19 +98,16 @@ class WeightStore:
         self._manifest = manifest
         self._entries: dict[str, _Entry] = {}
         for name, t in manifest["tensors"].items():
-            dt = t["dtype"]
+            fmt = get_format(tensor_format(t))
             shape = tuple(int(s) for s in t["shape"])
             rows = int(t["chunk_rows"])
             nchunks = n_chunks(shape, rows)
             keys = t.get("chunk_keys") or [
                 "/".join(["c", str(i)] + ["0"] * (len(shape) - 1)) if shape else "c" for i in range(nchunks)]
-            row_bytes = DTYPE_SIZES[dt]
-            for s in shape[1:]:
-                row_bytes *= s
-            chunk_bytes = row_bytes * rows if shape else DTYPE_SIZES[dt]
+            chunk_bytes = fmt.row_bytes(shape) * rows if shape else fmt.nbytes(shape)
             base = self._path / name
             self._entries[name] = _Entry(
-                TensorInfo(name, TORCH_DTYPES[dt], shape, int(t["nbytes"])), dt, rows, chunk_bytes,
+                TensorInfo(name, fmt, shape, int(t["nbytes"])), rows, chunk_bytes,
                 tuple(str(base / k) for k in keys), tuple(t["checksums"]))
 
     # ------------------------------------------------------------------ opening
@@ -263,22 +278,24 @@ class WeightStore:
         finally:
             os.close(fd)
 
-    def load(self, name: str, *, verify: bool = True) -> torch.Tensor:
-        """A new tensor of the logical dtype and shape (page cache kept: loads are one-off)."""
+    def load(self, name: str, *, verify: bool = True):
+        """A new tensor of the logical shape, as stored (a QTensor for a quantized format; page cache kept:
+        loads are one-off)."""
         info = self.info(name)
-        out = torch.empty(info.shape, dtype=info.dtype)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
         self.read_into(name, out, verify=verify, drop_cache=False)
-        return out
+        return info.view(out)
 
-    def read_rows(self, name: str, rows) -> torch.Tensor:
-        """Rows ``rows`` (indices along axis 0) of a tensor, read individually (e.g. embedding lookups)."""
+    def read_rows(self, name: str, rows):
+        """Rows ``rows`` (indices along axis 0) of a tensor, read individually (e.g. embedding lookups);
+        a QTensor of those rows for a quantized format."""
         e = self._entry(name)
         rows = [int(r) for r in rows]
         shape = e.info.shape
         if not shape:
             raise ValueError(f"read_rows({name!r}): a 0-d tensor has no rows")
         row_bytes = e.chunk_bytes // e.chunk_rows
-        out = torch.empty((len(rows), *shape[1:]), dtype=e.info.dtype)
+        out = torch.empty(len(rows) * row_bytes, dtype=torch.uint8)
         buf = _torch_buffer(out)
         fds: dict[int, int] = {}
         try:
@@ -297,7 +314,7 @@ class WeightStore:
         finally:
             for fd in fds.values():
                 os.close(fd)
-        return out
+        return TensorInfo(name, e.info.fmt, (len(rows), *shape[1:]), len(rows) * row_bytes).view(out)
 
     def verify(self, name: str) -> None:
         """Check one tensor's checksums (CorruptStoreError naming it on failure)."""

@@ -1,46 +1,53 @@
-"""An in-memory stand-in for storage.WeightStore (same read API), with an optional slow reader."""
+"""An in-memory stand-in for storage.WeightStore (same read API), with an optional slow reader.
+
+Tensors are float tensors or ``QTensor`` (quantized blocks), as a store holds them.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
+from storage.formats import QTensor, format_of
+from storage.store import TensorInfo
 
-@dataclass(frozen=True)
-class Info:
-    name: str
-    dtype: torch.dtype
-    shape: tuple
-    nbytes: int
+
+def _bytes(t) -> torch.Tensor:
+    return t.data.view(-1) if isinstance(t, QTensor) else t.reshape(-1).view(torch.uint8)
 
 
 class FakeStore:
-    def __init__(self, tensors: dict[str, torch.Tensor], read_delay_s: float = 0.0):
-        self.tensors = {k: v.contiguous() for k, v in tensors.items()}
+    def __init__(self, tensors: dict, read_delay_s: float = 0.0):
+        self.tensors = {k: (v if isinstance(v, QTensor) else v.contiguous()) for k, v in tensors.items()}
         self.read_delay_s = read_delay_s
         self.reads: list[str] = []
         self._lock = threading.Lock()
 
     def info(self, name):
         t = self.tensors[name]
-        return Info(name, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+        fmt = t.fmt if isinstance(t, QTensor) else format_of(t.dtype)
+        return TensorInfo(name, fmt, tuple(t.shape), _bytes(t).numel())
 
     def read_into(self, name, out, *, verify=False, drop_cache=True):
         t = self.tensors[name]
         if self.read_delay_s:
             time.sleep(self.read_delay_s)
-        out.view(torch.uint8).view(-1).copy_(t.view(-1).view(torch.uint8))
+        out.view(torch.uint8).view(-1).copy_(_bytes(t))
         with self._lock:
             self.reads.append(name)
 
     def load(self, name, *, verify=True):
-        return self.tensors[name].clone()
+        t = self.tensors[name]
+        return QTensor(t.data.clone(), t.fmt, tuple(t.shape)) if isinstance(t, QTensor) else t.clone()
 
     def read_rows(self, name, rows):
-        return self.tensors[name][torch.tensor(rows, dtype=torch.long)].clone()
+        t = self.tensors[name]
+        idx = torch.tensor(rows, dtype=torch.long)
+        if isinstance(t, QTensor):
+            return QTensor(t.data[idx].clone(), t.fmt, (len(rows), *t.shape[1:]))
+        return t[idx].clone()
 
     def read_many(self, items, *, executor=None, verify=False, drop_cache=True, direct=True):
         if executor is None:

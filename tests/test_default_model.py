@@ -18,8 +18,10 @@ def store_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(store_dir):
+    """The default model dequantized to float32 as transformers does (the native Q4_1 run is compared with
+    this one in test_quant_model.py)."""
     torch.set_num_threads(2)
-    return load_model(RunConfig(offload_dir=store_dir, progress=False))
+    return load_model(RunConfig(offload_dir=store_dir, progress=False, weights="f32"))
 
 
 @pytest.fixture(scope="module")

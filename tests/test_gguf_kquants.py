@@ -1,4 +1,5 @@
-"""K-quant GGUF tensors (Q4_K, Q5_K, Q6_K): read back exactly, and a K-quant model end to end through the CLI."""
+"""K-quant GGUF tensors (Q4_K, Q5_K, Q6_K): kept as the file's blocks, read back exactly, and a K-quant model
+end to end through the CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize
 
 import storage
+from kernels_gpu import quant as gpu_quant
+from storage import transcode
+from storage.formats import QTensor
 from storage.sources import GGUFSource
 from tests.cli_helpers import run_cli
 from tests.ggml_kquants import quantize_k
@@ -50,11 +54,14 @@ def test_kquant_tensor_reads_back(tmp_path, qtype):
     gw.write_header_to_file(); gw.write_kv_data_to_file(); gw.write_tensors_to_file(); gw.close()
 
     (src,) = [t for t in GGUFSource(path).tensors() if t.name == "model.layers.0.mlp.down_proj.weight"]
-    assert (src.dtype, src.shape) == ("float32", (48, 512))
+    assert (src.fmt, src.shape) == (qtype.name.lower(), (48, 512))
     st = storage.open_or_convert(path, tmp_path / "cache", progress=False)
-    got = st.load(src.name).numpy()
-    assert got.dtype == np.float32 and got.shape == w.shape
-    assert np.array_equal(got, src.produce())
+    q = st.load(src.name)
+    assert isinstance(q, QTensor) and q.fmt.name == qtype.name.lower() and tuple(q.shape) == w.shape
+    assert np.array_equal(q.data.numpy(), raw)  # the file's bytes, as they are
+    assert st.info(src.name).nbytes == raw.nbytes
+    got = gpu_quant.dequantize(q).numpy()
+    assert np.array_equal(got, transcode.dequantize(q.data.numpy(), q.fmt.name))  # the CPU kernels' reading
 
     # gguf-py's own dequantization of the same bytes
     assert np.array_equal(got, dequantize(raw, qtype).reshape(w.shape))

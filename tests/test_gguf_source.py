@@ -15,6 +15,8 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
 import storage
+from kernels_gpu import quant as gpu_quant
+from storage.formats import QTensor
 from offload_rt.errors import ModelSourceError
 from storage.gguf_tokenizer import build_tokenizer, bytes_to_unicode
 from storage.sources import GGUFSource, gguf_to_hf_name, parse_gguf_header
@@ -107,24 +109,25 @@ def test_tensor_types_and_names(tmp_path):
     assert st.manifest["source"]["kind"] == "gguf"
     names = {gguf_to_hf_name(n): n for n in spec}
     assert set(st.tensor_names) == set(names)
-    expect_dtype = {Q.Q8_0: torch.float32, Q.Q4_0: torch.float32, Q.Q4_1: torch.float32, Q.F32: torch.float32,
-                    Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    expect_dtype = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
     group = zarr.open(str(st.path), mode="r")
     for hf, g in names.items():
         arr, qt = spec[g]
         got = st.load(hf)
-        assert got.dtype == expect_dtype[qt]
-        if qt in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        if qt in (Q.Q8_0, Q.Q4_0, Q.Q4_1):  # kept as the file's blocks
+            assert isinstance(got, QTensor) and got.fmt.name == qt.name.lower()
+            assert np.array_equal(got.data.numpy(), quantize(arr, qt))
             ref = dequantize(quantize(arr, qt), qt)
-            assert got.shape == arr.shape and np.array_equal(got.numpy(), ref)
+            assert got.shape == arr.shape and np.array_equal(gpu_quant.dequantize(got).numpy(), ref)
             assert np.abs(ref - arr).max() < (0.05 if qt == Q.Q8_0 else 0.6)
         elif qt == Q.BF16:
             assert torch.equal(got, bf16)
             assert np.array_equal(group[hf][:], bf16.view(torch.int16).numpy().view(np.uint16))
         else:
+            assert got.dtype == expect_dtype[qt]
             assert np.array_equal(got.numpy(), arr.astype(got.numpy().dtype))
-        if qt != Q.BF16:
-            assert np.array_equal(group[hf][:], got.numpy())
+        if qt != Q.BF16:  # plain zarr reads the same values (a quantized tensor's blocks as bytes)
+            assert np.array_equal(group[hf][:], got.data.numpy() if isinstance(got, QTensor) else got.numpy())
     st.verify_all()
 
 
@@ -159,7 +162,8 @@ def test_llama_qk_are_unpermuted(tmp_path, qtype):
     tol = {Q.F32: 0, Q.F16: 2e-3, Q.Q8_0: 0.05}[qtype]
     for name, ref in (("self_attn.q_proj.weight", t["q"]), ("self_attn.k_proj.weight", t["k"]),
                       ("self_attn.v_proj.weight", t["v"]), ("self_attn.q_proj.bias", qb)):
-        got = st.load(f"model.layers.0.{name}").float().numpy()
+        got = st.load(f"model.layers.0.{name}")
+        got = (gpu_quant.dequantize(got) if isinstance(got, QTensor) else got.float()).numpy()
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() <= tol * max(1.0, np.abs(ref).max()), name
     assert st.model_config["model_type"] == "llama"

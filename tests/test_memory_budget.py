@@ -20,8 +20,9 @@ from offload_rt.memory import baseline, budgets
 from tests.cli_helpers import run_cli
 
 MiB = 1 << 20
+# The default model dequantized to float32 (543 MB): large enough that half its weights leave room to stream.
 PROMPT = ("--raw", "--prompt", "The three primary colours are", "--max-new-tokens", "12", "--ignore-eos",
-          "--ctx-size", "256")
+          "--ctx-size", "256", "--weights", "f32")
 
 
 # ---------------------------------------------------------------------------- cgroup accounting (no processes)

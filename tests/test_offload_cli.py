@@ -13,6 +13,12 @@ from tests.cli_helpers import assert_user_error, run_cli
 PROMPT = ("--raw", "--prompt", "The three primary colours are", "--max-new-tokens", "24", "--ignore-eos")
 
 
+
+def run_f32(*args, **kw):
+    """The CLI on the default model dequantized to float32 (543 MB: budgets here are sized for it)."""
+    return run_cli(*args, "--weights", "f32", **kw)
+
+
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("stores")
@@ -27,7 +33,7 @@ def default_store(store_dir):
     """The default model's converted store in ``store_dir`` (opened without the runtime)."""
     from storage.store import WeightStore
 
-    (path,) = store_dir.glob("SmolLM2-*.zarr")
+    (path,) = store_dir.glob("SmolLM2-*-f32.zarr")
     return WeightStore.open(path)
 
 
@@ -82,14 +88,14 @@ def check_streaming_plan(report: str, store, budget: int) -> None:
 
 def test_plan_prints_table_and_runs_nothing(store_dir):
     budget = 350 * 2**20
-    proc = run_cli("--cpu-mem", "350M", "--plan", "--offload-dir", store_dir, input="Tell me a story.")
+    proc = run_f32("--cpu-mem", "350M", "--plan", "--offload-dir", store_dir, input="Tell me a story.")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("model: SmolLM2-135M-Instruct") and "30 layers, float32, device cpu" in lines[0]
-    assert all(re.match(r"[a-z][a-z ()/]*: ", ln) for ln in lines), proc.stdout  # "label: ..." lines only: no answer
+    assert all(re.match(r"[a-z][a-z0-9 ()/]*: ", ln) for ln in lines), proc.stdout  # "label: ..." lines only: no answer
     check_streaming_plan(proc.stdout, default_store(store_dir), budget)
     # a budget that holds everything: every group resident, nothing read per token
-    proc = run_cli("--cpu-mem", "4G", "--plan", "--offload-dir", store_dir)
+    proc = run_f32("--cpu-mem", "4G", "--plan", "--offload-dir", store_dir)
     assert proc.returncode == 0, proc.stderr
     assert set(pr.placement(proc.stdout).values()) == {"host"}
     assert pr.close(pr.sizes(pr.line(proc.stdout, "weights"))["disk"], 0)
@@ -97,16 +103,16 @@ def test_plan_prints_table_and_runs_nothing(store_dir):
 
 
 def test_budget_below_minimum_working_set(store_dir):
-    err = assert_user_error(run_cli("--cpu-mem", "20M", "--plan", "--offload-dir", store_dir),
+    err = assert_user_error(run_f32("--cpu-mem", "20M", "--plan", "--offload-dir", store_dir),
                             "minimum working set")
     assert "--cpu-mem" in err
 
 
 def test_streamed_output_identical_and_rss_within_budget(store_dir):
-    resident = stats_of(run_cli(*PROMPT, "--stats", "--offload-dir", store_dir, "--cpu-mem", "4G"))
-    proc = run_cli(*PROMPT, "--stats", "--offload-dir", store_dir, "--cpu-mem", "350M")
+    resident = stats_of(run_f32(*PROMPT, "--stats", "--offload-dir", store_dir, "--cpu-mem", "4G"))
+    proc = run_f32(*PROMPT, "--stats", "--offload-dir", store_dir, "--cpu-mem", "350M")
     streamed = stats_of(proc)
-    ref = run_cli(*PROMPT, "--offload-dir", store_dir, "--cpu-mem", "4G").stdout
+    ref = run_f32(*PROMPT, "--offload-dir", store_dir, "--cpu-mem", "4G").stdout
     assert proc.stdout == ref  # same greedy tokens, streamed from disk
     assert streamed["placement"]["disk"] > 0 and resident["placement"]["disk"] == 0
     # everything streamed is read again every pass
@@ -129,7 +135,7 @@ def test_streamed_output_identical_and_rss_within_budget(store_dir):
 
 def test_profile_trace_and_report(store_dir, tmp_path):
     trace = tmp_path / "trace.json"
-    proc = run_cli(*PROMPT, "--offload-dir", store_dir, "--cpu-mem", "350M", "--profile", trace)
+    proc = run_f32(*PROMPT, "--offload-dir", store_dir, "--cpu-mem", "350M", "--profile", trace)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(trace.read_text())
     events = data["traceEvents"]
@@ -157,7 +163,7 @@ def test_preset_config(store_dir, tmp_path):
     from offload_rt.presets import load_preset
 
     # a shipped preset: its bandwidth hints replace the measured ones; --cpu-mem on the command line wins
-    proc = run_cli("--config", "cpu-nvme", "--cpu-mem", "350M", "--plan", "--offload-dir", store_dir)
+    proc = run_f32("--config", "cpu-nvme", "--cpu-mem", "350M", "--plan", "--offload-dir", store_dir)
     assert proc.returncode == 0, proc.stderr
     hints = load_preset("cpu-nvme")["bandwidths"]
     assert f"matvec {hints['matvec'] / 1e9:.2f} GB/s" in pr.line(proc.stdout, "bandwidths")
@@ -165,9 +171,9 @@ def test_preset_config(store_dir, tmp_path):
     # a preset file of one's own: its budget and prefetch depth are the plan's
     mine = tmp_path / "mine.toml"
     mine.write_text('cpu_mem = "380M"\nprefetch_depth = 3\n[bandwidths]\ndisk_read = 2.0e9\nmatvec = 9.0e9\n')
-    proc = run_cli("--config", mine, "--plan", "--offload-dir", store_dir)
+    proc = run_f32("--config", mine, "--plan", "--offload-dir", store_dir)
     assert proc.returncode == 0, proc.stderr
     assert pr.in_flight(proc.stdout) == 3
     assert "disk 2.00 GB/s" in pr.line(proc.stdout, "bandwidths") and "matvec 9.00 GB/s" in proc.stdout
     check_streaming_plan(proc.stdout, default_store(store_dir), 380 * 2**20)
-    assert_user_error(run_cli("--config", "no-such-preset", "--plan"), "no-such-preset")
+    assert_user_error(run_f32("--config", "no-such-preset", "--plan"), "no-such-preset")

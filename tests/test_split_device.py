@@ -17,6 +17,7 @@ from offload_rt.memory.plan import Bandwidths, Budgets, plan
 from offload_rt.memory.tiers import Tiers
 from offload_rt.models import llama
 from offload_rt.scheduler import StreamingWeights, _Layout
+from storage.formats import FORMATS, QTensor
 from tests.fake_store import FakeStore
 from tests.test_scheduler import greedy, names, tiny
 
@@ -24,18 +25,30 @@ GPU_BW = Bandwidths(disk_read=1.3e9, mem_read=2.4e10, matvec=2e11, h2d=2.5e10)
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 
 
-def store_of(tied: bool, stored: torch.dtype, mixed: bool = False) -> FakeStore:
-    """The tiny model's tensors stored at ``stored``; ``mixed``: norms kept in float32 (a mixed F16/F32 GGUF)."""
+def store_of(tied: bool, stored, mixed: bool = False) -> FakeStore:
+    """The tiny model's tensors stored at ``stored`` (a torch dtype, or a quantized format's name: matrices
+    in its blocks, vectors in float32, as a GGUF holds them); ``mixed``: norms kept in float32."""
     _args, sd = tiny(tied)
     out = {}
     for k, v in sd.items():
-        out[k] = v.float() if (mixed and v.dim() == 1) else v.to(stored)
+        if isinstance(stored, str):
+            out[k] = quantized(v, stored) if v.dim() == 2 else v.float()
+        else:
+            out[k] = v.float() if (mixed and v.dim() == 1) else v.to(stored)
     return FakeStore(out)
+
+
+def quantized(v: torch.Tensor, fmt: str) -> QTensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    blocks = quantize(v.float().numpy(), GGMLQuantizationType[fmt.upper()])
+    return QTensor(torch.from_numpy(blocks), FORMATS[fmt], tuple(v.shape))
 
 
 def reference(tied: bool, store: FakeStore, dtype: torch.dtype) -> list[int]:
     args, _ = tiny(tied)
-    src = ResidentWeights(model_groups(args), lambda n: store.tensors[n].to(dtype), llama.EMBED)
+    src = ResidentWeights(model_groups(args), lambda n: store.tensors[n].to(dtype=dtype), llama.EMBED)
     eng = Engine(args, src, dtype, prefill_chunk=5, max_tokens=64)
     with torch.inference_mode():
         return greedy(eng, PROMPT)
@@ -86,6 +99,28 @@ def test_split_placements_give_the_cpu_tokens(tied, stored, dtype):
                             ({n: "device" for n in ns}, "host")]:
         out, _ = run(tied, store, dtype, tiers_of, accel=SplitAccel(), depth=3, embed_tier=embed)
         assert out == ref, (tiers_of, embed)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_quantized_blocks_stream_on_both_paths(tied, fmt):
+    """Quantized matrices go through slots, the pinned arena and device slots as blocks (the same bytes as
+    stored) and give the resident run's tokens on every placement, the embedding gathered from its blocks."""
+    store = store_of(tied, fmt)
+    ref = reference(tied, store, torch.float32)
+    ns = names(tied)
+    cycle = ["device", "host", "disk"]
+    for accel in (HostAccel(), SplitAccel()):
+        for tiers_of, embed in [({n: cycle[i % 3] for i, n in enumerate(ns)}, "disk"),
+                                ({n: "disk" for n in ns}, "host")]:
+            if not accel.split:
+                tiers_of = {n: ("host" if t == "device" else t) for n, t in tiers_of.items()}
+            out, src = run(tied, store, torch.float32, tiers_of, accel=accel, depth=3, embed_tier=embed)
+            assert out == ref, (accel, tiers_of, embed)
+            # what crossed the links are the stored blocks (float32 would be ~4-6x more): at most every
+            # tensor once per pass (2 prefill + 12 decode passes) and the next pass's read-ahead
+            stored = sum(store.info(n).nbytes for n in store.tensors)
+            assert 0 < src.counters.disk_read_bytes <= 15 * stored
 
 
 def test_mixed_dtype_groups_stream_on_both_paths():
@@ -150,14 +185,16 @@ def _prepared(tied, stored, dtype, host, device, kv_tokens=48):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("stored,dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                          (torch.float32, torch.bfloat16)], ids=["f32-f32", "bf16-f32", "f32-bf16"])
+                                          (torch.float32, torch.bfloat16), ("q4_1", torch.float32),
+                                          ("q8_0", torch.bfloat16)],
+                         ids=["f32-f32", "bf16-f32", "f32-bf16", "q4_1-f32", "q8_0-bf16"])
 def test_plan_counts_what_the_split_run_places_on_each_tier(tied, stored, dtype):
     """The plan's device and host figures are the bytes the run reserves, tier by tier (weights, slots,
     cast buffer, KV, activations, embedding), for device budgets from everything-fits to one-layer-fits."""
     _s, args, groups, big = _prepared(tied, stored, dtype, 1 << 40, 1 << 40)
     total = big.placement.device_used_bytes
     seen = set()
-    for frac in (1.0, 0.7, 0.45, 0.3):
+    for frac in (1.0, 0.85, 0.7, 0.45, 0.3):
         try:
             store, args, groups, prep = _prepared(tied, stored, dtype, int(total * 0.6), int(total * frac))
         except Exception as e:  # a budget below the minimum working set is refused by the plan, not the run

@@ -95,11 +95,11 @@ def test_round_trip_dtypes_and_manifest(tmp_path):
         assert info.dtype == ref.dtype and info.shape == tuple(ref.shape) and info.nbytes == ref.numel() * ref.element_size()
         assert same(st.load(name), ref)
     m = st.manifest
-    assert m["format_version"] == 1 and m["source"]["kind"] == "hf"
+    assert m["format_version"] == 2 and m["source"]["kind"] == "hf" and m["weights"] == "auto"
     assert m["source"]["path"] == str(src.resolve()) and m["source"]["identity"]["files"]
     assert m["model_config"] == CONFIG == st.model_config
     e = m["tensors"]["model.embed_tokens.weight"]
-    assert e["dtype"] == "bfloat16" and e["storage_dtype"] == "uint16" and e["shape"] == [40, 16]
+    assert e["format"] == "bfloat16" and e["storage_dtype"] == "uint16" and e["shape"] == [40, 16]
     assert e["chunk_rows"] == 40 and e["nbytes"] == 40 * 16 * 2 and len(e["checksums"]) == 1
     assert e["checksums"][0].startswith("crc32:") and len(e["checksums"][0]) == 14
     tm = st.tokenizer_meta
@@ -117,7 +117,7 @@ def test_plain_zarr_reads_identical_values(tmp_path):
         arr = group[name]
         got = arr[:]
         if ref.dtype == torch.bfloat16:
-            assert got.dtype == np.uint16 and arr.attrs["logical_dtype"] == "bfloat16"
+            assert got.dtype == np.uint16 and arr.attrs["format"] == "bfloat16"
             assert np.array_equal(got, ref.view(torch.int16).numpy().view(np.uint16))
         else:
             assert np.array_equal(got, ref.numpy())

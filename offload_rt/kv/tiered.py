@@ -12,6 +12,9 @@ pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
   disk chunks read in batches into staging slots by the runtime's slot ring
   (:mod:`offload_rt.prefetch`, the weights' reader: the next batch is read while the
   current one computes), merging the partial results by log-sum-exp;
+* a decode step (one token, no tree, no window shorter than the context) over a layer whose chunks
+  are all in RAM, the common case, writes the token and attends in one kernel call
+  (``kernels_cpu.attention.attend_decode``);
 * with MagicPIG (``attention="magicpig"``, decode steps past ``magicpig_from`` tokens) the
   sink tokens and a recent window are exact and the rest is sampled through LSH tables
   (``kernels_cpu.magicpig``), built on first use and extended by whole chunks as tokens
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from kernels_cpu import attention as kern
@@ -77,6 +81,10 @@ class TieredKV:
         self.lsh_k, self.lsh_l, self.magicpig_from = lsh_k, lsh_l, magicpig_from
         self._index: list = [None] * n_layers  # MagicPIG tables per layer (kernels_cpu.magicpig.LSHIndex)
         self._index_stop = [0] * n_layers  # the index covers tokens [SINKS, stop); exact from stop on
+        self._pools = kern.DecodePools(self.kpool, self.vpool)  # the decode kernel's views, made once
+        # per layer: (the table's entries for its first chunks, their RAM slots as the kernel's int32 array),
+        # reused while the entries are unchanged (decode steps within a chunk)
+        self._decode_slots: list = [None] * n_layers
 
     # ------------------------------------------------------------------ writing
     def _store(self):
@@ -114,6 +122,11 @@ class TieredKV:
     # ------------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
                tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # a window longer than the context hides no key: the decode path applies as without one
+        if q.shape[0] == 1 and tree_mask is None and (not window or self.offset < window) and q.is_cpu:
+            out = self._attend_decode(layer, q, k, v)
+            if out is not None:
+                return out
         t0 = time.perf_counter()
         T, nh, d = q.shape
         start, end = self.offset, self.offset + T
@@ -142,6 +155,47 @@ class TieredKV:
         out = o.reshape(T, nh * d).to(device=out_device, dtype=out_dtype)
         self.attention_s += time.perf_counter() - t0
         return out
+
+    def _attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """The common decode step in one kernel call (kernels_cpu.attention.attend_decode): one CPU token,
+        every key visible (no tree, no window cutting the context), k/v in the pools' dtype, exact
+        attention, and every chunk of the layer up to this token in RAM once this token's chunk is placed.
+        None otherwise, the token's k/v not written: the general path then runs (placing the chunk again
+        is a no-op)."""
+        t0 = time.perf_counter()
+        end = self.offset + 1
+        if (end > self.max_tokens or k.dtype != self.dtype or v.dtype != self.dtype
+                or q.dtype not in kern.DECODE_Q_DTYPES
+                or not (k.is_cpu and v.is_cpu and q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+                or (self.attention == "magicpig" and end >= max(self.magicpig_from, SINKS + WINDOW + self.C))):
+            return None
+        n_chunks = -(-end // self.C)
+        self._place(layer, n_chunks - 1)
+        slots = self._ram_slots(layer, n_chunks)
+        if slots is None:
+            return None
+        out_dtype = q.dtype if q.dtype == torch.bfloat16 else torch.float32  # what the kernel can write
+        if isinstance(self.tracer, NullTracer):  # a span costs ~2 µs even when it records nothing
+            o = kern.attend_decode(q, k, v, self._pools, slots, end, out_dtype=out_dtype)
+        else:
+            with self.tracer.span("cpu_attn", f"attention layer.{layer}", layer=layer, tokens=end):
+                o = kern.attend_decode(q, k, v, self._pools, slots, end, out_dtype=out_dtype)
+        if o.dtype != q.dtype:
+            o = o.to(q.dtype)
+        self.attention_s += time.perf_counter() - t0
+        return o
+
+    def _ram_slots(self, layer: int, n_chunks: int):
+        """The RAM slots of the layer's first n_chunks chunks (int32 numpy array), None if one is on disk."""
+        head = self._table.chunks[layer][:n_chunks]
+        cached = self._decode_slots[layer]
+        if cached is not None and cached[0] == head:
+            return cached[1]
+        if any(tier != "host" for tier, _slot in head):
+            return None
+        slots = np.array([slot for _tier, slot in head], dtype=np.int32)
+        self._decode_slots[layer] = (head, slots)
+        return slots
 
     def _slots(self, layer: int, tokens: int) -> torch.Tensor:
         runs = self._table.runs(layer, -(-tokens // self.C))

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from kernels_cpu import rowops
 from kernels_cpu.matvec import linear as _fast_linear
 from offload_rt.errors import ModelSourceError
 
@@ -242,7 +243,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, d]; cos/sin: [T, d]."""
+    """x: [T, heads, d]; cos/sin: [T, d]. (layer_forward rotates one CPU token's q and k together in
+    kernels_cpu.rowops.rope_qk.)"""
     cos, sin = cos[:, None, :], sin[:, None, :]
     return x * cos + _rotate_half(x) * sin
 
@@ -251,7 +253,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    """Hugging Face's LlamaRMSNorm: normalise in float32, scale in the input dtype. One CPU row
+    (decode) goes to the fused kernel (kernels_cpu.rowops), the same arithmetic in one call."""
+    if rowops.usable(x, weight):
+        return rowops.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -278,19 +283,33 @@ def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tenso
     """
     T = x.shape[0]
     nh, nkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-    h = rms_norm(x, w["input_layernorm.weight"], args.rms_norm_eps)
-    q = _linear(h, w, "self_attn.q_proj").view(T, nh, d)
-    k = _linear(h, w, "self_attn.k_proj").view(T, nkv, d)
+    eps = args.rms_norm_eps
+    h = rms_norm(x, w["input_layernorm.weight"], eps)
+    q = _linear(h, w, "self_attn.q_proj")
+    k = _linear(h, w, "self_attn.k_proj")
     v = _linear(h, w, "self_attn.v_proj").view(T, nkv, d)
     if args.qk_norm:
-        q = rms_norm(q, w["self_attn.q_norm.weight"], args.rms_norm_eps)
-        k = rms_norm(k, w["self_attn.k_norm.weight"], args.rms_norm_eps)
+        q = rms_norm(q.view(T, nh, d), w["self_attn.q_norm.weight"], eps)
+        k = rms_norm(k.view(T, nkv, d), w["self_attn.k_norm.weight"], eps)
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = cache.attend(layer, q, k, v, window=args.window(layer), tree_mask=tree_mask).to(x.dtype)
-    x = x + _linear(o, w, "self_attn.o_proj")
-    h = rms_norm(x, w["post_attention_layernorm.weight"], args.rms_norm_eps)
-    mlp = F.silu(_linear(h, w, "mlp.gate_proj")) * _linear(h, w, "mlp.up_proj")
+    # One CPU token (decode): fused single-row kernels (kernels_cpu.rowops) instead of ~20 small torch ops.
+    fast = rowops.usable(x, q, k, cos, sin)
+    if fast:
+        q, k = rowops.rope_qk(q, k, cos, sin, nh, nkv)  # -> [1, heads, d]
+    else:
+        q, k = apply_rope(q.view(T, nh, d), cos, sin), apply_rope(k.view(T, nkv, d), cos, sin)
+    o = cache.attend(layer, q, k, v, window=args.window(layer), tree_mask=tree_mask)
+    if o.dtype != x.dtype:
+        o = o.to(x.dtype)
+    attn = _linear(o, w, "self_attn.o_proj")
+    norm = w["post_attention_layernorm.weight"]
+    if fast and rowops.usable(attn, norm):
+        x, h = rowops.add_rms_norm(x, attn, norm, eps)
+    else:
+        x = x + attn
+        h = rms_norm(x, norm, eps)
+    gate, up = _linear(h, w, "mlp.gate_proj"), _linear(h, w, "mlp.up_proj")
+    mlp = rowops.silu_mul(gate, up) if fast and rowops.usable(gate, up) else F.silu(gate) * up
     return x + _linear(mlp, w, "mlp.down_proj")
 
 

@@ -1,0 +1,285 @@
+"""Numba kernels for block-quantized weights (ggml's q4_0, q4_1, q8_0, q4_k, q5_k, q6_k).
+
+A quantized matrix of logical shape [n, k] is its bytes, uint8 [n, k // block * block_bytes]
+(storage/formats.py). Two jobs here, one kernel per format each, and the model's entry points
+(:func:`linear`, :func:`embedding`); the blocks are decoded by the LLVM IR intrinsics of
+kernels_cpu/quant_ir.py, and quantization (:func:`quantize`, q4_0/q4_1/q8_0, byte for byte
+``gguf.quants.quantize``) lives in kernels_cpu/quant_encode.py, re-exported here:
+
+* :func:`matvec`, the decode mat-vec, the hot path of a decode step: a stream over the weight
+  bytes, parallel over blocks of output rows (``nb.prange``, as kernels_cpu/matvec.py). Each block
+  is widened to float32 in registers (no temporary float matrix) and multiplied with float32
+  activations; the block's scale is applied once per 16 or 32 products, not per weight, and the
+  offset of the affine formats (q4_1's m, the K-quants' dmin * m) once per 32 weights against the
+  sum of x over those 32 (computed once per call). Accumulation is float32, so results differ from
+  the float64 product of the dequantized matrix by float32 rounding only (tested with an error
+  metric). The activations are *not* rounded to int8 as llama.cpp does: a prototype of that path
+  (x as int8 per 32, AVX512-VNNI vpdpbusd, two q4_1 blocks per instruction) computed only
+  ~1.1-1.2x faster from cache and no faster from RAM, with a relative error of ~1% instead of
+  ~1e-7, while the float path streams near the memory bandwidth (tools/bench_quant_kernels.py).
+  Weights are prefetched in software (quant_ir.PREFETCH_BYTES). Tried and dropped: two rows per
+  call sharing the x loads (+10 % from cache, but two interleaved streams defeat the hardware
+  prefetcher: -60 % from RAM for k >= 1536), int->float conversion through the 2^23 bit trick (no gain).
+* :func:`dequantize_rows` / :func:`gather_rows`: rows to float32, bit for bit what
+  ``gguf.quants.dequantize`` gives (same operation order, no fast-math; every product of a scale
+  and a code is exact in float32 except q6_k's, which is rounded once, as in gguf-py).
+  Prefill (:func:`linear` with several rows) and embedding lookups (:func:`embedding`) use them.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import torch
+
+from kernels_cpu import quant_encode
+from kernels_cpu.matvec import ROWS_PER_TASK
+from kernels_cpu.quant_encode import QUANTIZE_FORMATS, quantize  # noqa: F401 - re-exported (kernels_cpu.quant.quantize)
+from kernels_cpu.quant_ir import (  # globals of this module, so that its kernels can be cached (see quant_ir)
+    _deq_q4_0, _deq_q4_1, _deq_q4_k, _deq_q5_k, _deq_q6_k, _deq_q8_0,
+    _dot_q4_0, _dot_q4_1, _dot_q4_k, _dot_q5_k, _dot_q6_k, _dot_q8_0)
+from storage.formats import QTensor, get_format
+
+PREFILL_BLOCK_BYTES = 8 << 20  # the prefill path's float32 buffer of dequantized rows, at most (the planner counts it)
+
+
+# ---- mat-vec kernels: out = w @ x, parallel over blocks of ROWS_PER_TASK rows ----
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _check_mv(w, x, out, block, nbytes):  # pragma: no cover - compiled
+    if x.shape[0] % block or w.shape[1] != x.shape[0] // block * nbytes or out.shape[0] != w.shape[0]:
+        raise ValueError("matvec: w, x and out shapes do not match the format")
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _sums32(x):  # pragma: no cover - compiled
+    """Sums of x over each 32 elements (the affine formats' offset term: c * sum(x over the group))."""
+    xs = np.empty(x.shape[0] // 32, dtype=np.float32)
+    for g in range(xs.shape[0]):
+        s = np.float32(0.0)
+        for j in range(32):
+            s += x[32 * g + j]
+        xs[g] = s
+    return xs
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _mv_q4_0(w, x, out):  # pragma: no cover - compiled
+    _check_mv(w, x, out, 32, 18)
+    n = w.shape[0]
+    for t in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
+            out[i] = _dot_q4_0(w, i, x, x)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _mv_q4_1(w, x, out):  # pragma: no cover - compiled
+    _check_mv(w, x, out, 32, 20)
+    xs = _sums32(x)
+    n = w.shape[0]
+    for t in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
+            out[i] = _dot_q4_1(w, i, x, xs)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _mv_q8_0(w, x, out):  # pragma: no cover - compiled
+    _check_mv(w, x, out, 32, 34)
+    n = w.shape[0]
+    for t in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
+            out[i] = _dot_q8_0(w, i, x, x)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _mv_q4_k(w, x, out):  # pragma: no cover - compiled
+    _check_mv(w, x, out, 256, 144)
+    xs = _sums32(x)
+    n = w.shape[0]
+    for t in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
+            out[i] = _dot_q4_k(w, i, x, xs)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _mv_q5_k(w, x, out):  # pragma: no cover - compiled
+    _check_mv(w, x, out, 256, 176)
+    xs = _sums32(x)
+    n = w.shape[0]
+    for t in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
+            out[i] = _dot_q5_k(w, i, x, xs)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _mv_q6_k(w, x, out):  # pragma: no cover - compiled
+    _check_mv(w, x, out, 256, 210)
+    n = w.shape[0]
+    for t in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
+            out[i] = _dot_q6_k(w, i, x, x)
+
+
+# ---- dequantization kernels: out[j] = w[rows[j]] as float32, parallel over rows ----
+
+@nb.njit(cache=True, nogil=True)
+def _check_dq(w, rows, out, block, nbytes):  # pragma: no cover - compiled
+    if out.shape[1] % block or w.shape[1] != out.shape[1] // block * nbytes or out.shape[0] != rows.shape[0]:
+        raise ValueError("dequantize: w and out shapes do not match the format")
+    for j in range(rows.shape[0]):
+        if rows[j] < 0 or rows[j] >= w.shape[0]:
+            raise IndexError("dequantize: row index out of range")
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _dq_q4_0(w, rows, out):  # pragma: no cover - compiled
+    _check_dq(w, rows, out, 32, 18)
+    for j in nb.prange(rows.shape[0]):
+        _deq_q4_0(w, rows[j], out, j)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _dq_q4_1(w, rows, out):  # pragma: no cover - compiled
+    _check_dq(w, rows, out, 32, 20)
+    for j in nb.prange(rows.shape[0]):
+        _deq_q4_1(w, rows[j], out, j)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _dq_q8_0(w, rows, out):  # pragma: no cover - compiled
+    _check_dq(w, rows, out, 32, 34)
+    for j in nb.prange(rows.shape[0]):
+        _deq_q8_0(w, rows[j], out, j)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _dq_q4_k(w, rows, out):  # pragma: no cover - compiled
+    _check_dq(w, rows, out, 256, 144)
+    for j in nb.prange(rows.shape[0]):
+        _deq_q4_k(w, rows[j], out, j)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _dq_q5_k(w, rows, out):  # pragma: no cover - compiled
+    _check_dq(w, rows, out, 256, 176)
+    for j in nb.prange(rows.shape[0]):
+        _deq_q5_k(w, rows[j], out, j)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _dq_q6_k(w, rows, out):  # pragma: no cover - compiled
+    _check_dq(w, rows, out, 256, 210)
+    for j in nb.prange(rows.shape[0]):
+        _deq_q6_k(w, rows[j], out, j)
+
+
+_MATVEC = {"q4_0": _mv_q4_0, "q4_1": _mv_q4_1, "q8_0": _mv_q8_0, "q4_k": _mv_q4_k, "q5_k": _mv_q5_k, "q6_k": _mv_q6_k}
+_DEQUANT = {"q4_0": _dq_q4_0, "q4_1": _dq_q4_1, "q8_0": _dq_q8_0, "q4_k": _dq_q4_k, "q5_k": _dq_q5_k, "q6_k": _dq_q6_k}
+FORMATS = tuple(_MATVEC)
+
+
+# ---- numpy entry points ----
+
+def _kernel(table: dict, fmt: str):
+    try:
+        return table[fmt]
+    except KeyError:
+        raise ValueError(f"no kernel for format {fmt!r}; these have one: {', '.join(table)}") from None
+
+
+def matvec(fmt: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[n] = w @ x for quantized ``w`` (uint8 [n, row bytes]), float32 x [k] and out [n], all
+    C-contiguous (another layout fails to compile: a TypingError). Runs on Numba's threads (see
+    kernels_cpu.matvec.decode_scope); float32 accumulation; ValueError on mismatched shapes."""
+    _kernel(_MATVEC, fmt)(w, x, out)
+
+
+def dequantize_rows(fmt: str, w: np.ndarray, out: np.ndarray, row0: int = 0) -> np.ndarray:
+    """Rows [row0, row0 + out.shape[0]) of ``w`` into float32 ``out`` [m, k], bit-exact with gguf-py."""
+    _kernel(_DEQUANT, fmt)(w, np.arange(row0, row0 + out.shape[0], dtype=np.int64), out)
+    return out
+
+
+def gather_rows(fmt: str, w: np.ndarray, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` (int64 [m]) of ``w`` into float32 ``out`` [m, k] (embedding lookups), bit-exact
+    with gguf-py; IndexError for an id outside [0, n)."""
+    _kernel(_DEQUANT, fmt)(w, ids, out)
+    return out
+
+
+# ---- torch entry points ----
+
+_prefill_buf = np.empty(0, dtype=np.float32)  # grown once, never past PREFILL_BLOCK_BYTES (or one row)
+
+
+def _prefill_buffer(n: int) -> np.ndarray:
+    global _prefill_buf
+    if _prefill_buf.size < n:
+        _prefill_buf = np.empty(n, dtype=np.float32)
+    return _prefill_buf[:n]
+
+
+def prefill_rows(k: int) -> int:
+    """Weight rows dequantized per block in the prefill path (the buffer holds rows * k float32)."""
+    return max(1, PREFILL_BLOCK_BYTES // (4 * k))
+
+
+def matvec_t(w_bytes: torch.Tensor, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """Torch convenience: quantized ``w_bytes`` (uint8 [n, row bytes], CPU) times x [k] -> float32 [n]."""
+    out = torch.empty(w_bytes.shape[0], dtype=torch.float32)
+    matvec(fmt, w_bytes.contiguous().numpy(), x.to(torch.float32).contiguous().numpy(), out.numpy())
+    return out
+
+
+def linear(x: torch.Tensor, w: QTensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, dequantized w, b)`` for a quantized weight on the CPU; x [..., k] -> [..., n] in x.dtype.
+
+    One row (decode) goes through :func:`matvec`. More rows (prefill) dequantize ``prefill_rows(k)``
+    weight rows at a time into one reusable float32 buffer (at most PREFILL_BLOCK_BYTES) and multiply
+    with torch (its threads), writing each block's columns of the output in place. The buffer is
+    module state: calls must come from one thread at a time (the engine's compute thread)."""
+    n, k = w.shape
+    fmt = w.fmt.name
+    if w.device.type != "cpu" or x.device.type != "cpu":
+        raise ValueError(f"kernels_cpu.quant.linear runs on the CPU; got {w!r} and x on {x.device}")
+    wb = w.data.numpy()
+    xf = x.reshape(-1, k).to(torch.float32).contiguous()
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    if xf.shape[0] == 0:
+        pass
+    elif xf.shape[0] == 1:
+        matvec(fmt, wb, xf[0].numpy(), y[0].numpy())
+        if b is not None:
+            y += b
+    else:
+        rows = min(n, prefill_rows(k))
+        buf = _prefill_buffer(rows * k)
+        for r0 in range(0, n, rows):
+            m = min(rows, n - r0)
+            blk = dequantize_rows(fmt, wb, buf[: m * k].reshape(m, k), r0)
+            wt = torch.from_numpy(blk).t()
+            if b is None:
+                torch.mm(xf, wt, out=y[:, r0:r0 + m])
+            else:
+                torch.addmm(b[r0:r0 + m].to(torch.float32), xf, wt, out=y[:, r0:r0 + m])
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def embedding(ids: torch.Tensor, w: QTensor) -> torch.Tensor:
+    """Rows ``ids`` (int64, any shape) of a quantized table -> float32 [*ids.shape, k] (bit-exact)."""
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.shape[0], w.shape[1], dtype=torch.float32)
+    gather_rows(w.fmt.name, w.data.numpy(), flat.numpy(), out.numpy())
+    return out.reshape(*ids.shape, w.shape[1])
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) every kernel now, with tiny inputs, so that the cost is
+    part of the process's measured baseline and nothing compiles mid-run."""
+    for fmt in FORMATS:
+        f = get_format(fmt)
+        w = np.zeros((2, f.block_bytes), dtype=np.uint8)
+        out = np.empty((2, f.block), dtype=np.float32)
+        matvec(fmt, w, np.zeros(f.block, dtype=np.float32), out[:, 0].copy())
+        gather_rows(fmt, w, np.zeros(2, dtype=np.int64), out)
+    quant_encode.warm_up()
