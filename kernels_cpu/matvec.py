@@ -93,10 +93,8 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with the fast decode path for a single float32/bfloat16 row on the CPU."""
     if isinstance(w, QTensor):
-        if w.device.type == "cpu":
-            from kernels_cpu import quant
-
-            return quant.linear(x, w, b)
+        if not w.data.is_cuda:
+            return _quant().linear(x, w, b)
         from kernels_gpu import quant as gpu_quant
 
         return gpu_quant.linear(x, w, b)
@@ -106,6 +104,20 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     if b is not None:
         y = y + b
     return y.to(x.dtype)
+
+
+_QUANT = None
+
+
+def _quant():
+    """kernels_cpu.quant, imported on first use (it imports this module) and kept: decode calls it ~200
+    times a token, where even an import statement's lookup shows."""
+    global _QUANT
+    if _QUANT is None:
+        from kernels_cpu import quant
+
+        _QUANT = quant
+    return _QUANT
 
 
 def embedding(ids: torch.Tensor, table) -> torch.Tensor:
