@@ -107,8 +107,16 @@ class Engine:
         self.prefill_threads = prefill_threads  # torch threads for prefill passes (None: torch's current count)
         self.on_warm = on_warm  # called after each of the first two forward passes (the app drops library page cache)
 
-    def forward(self, ids: Sequence[int]) -> torch.Tensor:
-        """Run ids (appended after the cached tokens) through the model; logits of the last one."""
+    def forward(self, ids: Sequence[int], *, positions: torch.Tensor | None = None,
+                tree_mask: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Run ids (appended after the cached tokens) through the model; logits of the last one.
+
+        Speculation (a tree of candidate tokens in one pass): ``positions`` [T] are the tokens' absolute
+        positions (default: consecutive after the cache), ``tree_mask`` [T, T] (True = attend) replaces the
+        causal mask among them (they all see the cached prefix), and ``all_logits`` returns [T, vocab], the
+        logits after every token. The T tokens are committed to the cache; :meth:`keep` then keeps the
+        accepted ones.
+        """
         start = self.cache.offset
         tr, k = self.tracer, self.passes
         decode = len(ids) == 1 and self.device.type == "cpu"
@@ -125,14 +133,16 @@ class Engine:
             with tr.span("compute", "embed", group="embed", **{"pass": k}):
                 t = torch.tensor(list(ids), dtype=torch.long, device=self.device)
                 x = self.source.embed(t)
-                rope = self.rope.tables(start, len(ids))
+                rope = self._rope(start, len(ids), positions)
             logits = None
             for group, w in self.source.sweep():
                 with tr.span("compute", group.name, group=group.name, **{"pass": k}):
                     if group.kind == "layer":
-                        x = llama.layer_forward(self.args, w, x, self.cache, group.index, rope, start)
+                        x = llama.layer_forward(self.args, w, x, self.cache, group.index, rope, start,
+                                                tree_mask=tree_mask)
                     else:
-                        logits = llama.head_forward(self.args, w, x[-1:])[0]
+                        logits = llama.head_forward(self.args, w, x if all_logits else x[-1:])
+                        logits = logits if all_logits else logits[0]
         if tuner is not None:
             tuner.record(n_threads, time.perf_counter() - t0)
         self.passes += 1
@@ -141,6 +151,25 @@ class Engine:
         self.cache.commit(len(ids))
         self.tokens.extend(ids)
         return logits
+
+    def _rope(self, start: int, n: int, positions: torch.Tensor | None):
+        """cos/sin for the new tokens: consecutive from ``start``, or gathered at ``positions``."""
+        if positions is None:
+            return self.rope.tables(start, n)
+        pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if pos.numel() != n or int(pos.min()) < 0:
+            raise ValueError(f"positions: {n} non-negative positions expected, got {pos.tolist()[:8]}...")
+        cos, sin = self.rope.tables(0, int(pos.max()) + 1)
+        pos = pos.to(cos.device)
+        return cos.index_select(0, pos), sin.index_select(0, pos)
+
+    def keep(self, start: int, rows: Sequence[int]) -> None:
+        """Keep, of the tokens from ``start`` on, only those at offsets ``rows`` (sorted), packed from
+        ``start``: after verifying a tree, the accepted path (in the cache and in :attr:`tokens`)."""
+        self.cache.keep(start, rows)
+        kept = [self.tokens[start + r] for r in rows]
+        del self.tokens[start:]
+        self.tokens.extend(kept)
 
     def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Bring the cache to exactly ``ids[:-0]`` reusing the longest cached prefix; return last logits.
