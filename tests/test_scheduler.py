@@ -142,11 +142,11 @@ def test_pipeline_reads_the_next_group_while_a_layer_computes(monkeypatch):
     ref = run_with({n: "host" for n in names()}, embed_tier="host")[0]
     real_layer = llama.layer_forward
 
-    def layer_waiting_for_next_read(a, w, x, cache, index, *rest):
+    def layer_waiting_for_next_read(a, w, x, cache, index, *rest, **kw):
         calls[index] = calls.get(index, 0) + 1  # this is pass calls[index] of layer `index`
         if not stalled and not store.wait_begun(following[index], calls[index], timeout=20.0):
             stalled.append(index)  # not overlapped: stop waiting, the order below fails
-        return real_layer(a, w, x, cache, index, *rest)
+        return real_layer(a, w, x, cache, index, *rest, **kw)
 
     monkeypatch.setattr(llama, "layer_forward", layer_waiting_for_next_read)
     tracer = Tracer()
