@@ -52,7 +52,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
     with torch.inference_mode():
         model = open_model(cfg)
         warm_up()
-        if any(model.store.info(n).quantized for n in model.store.tensor_names):
+        if runtime.has_quantized(model.store):
             from kernels_cpu import quant
 
             quant.warm_up()

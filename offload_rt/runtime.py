@@ -133,10 +133,15 @@ def activation_bytes(args: LlamaArgs, prefill_chunk: int, dequant: int = 0) -> i
     return 4 * (prefill_chunk * per_token + args.vocab_size) + dequant
 
 
+def has_quantized(store) -> bool:
+    """Whether the store holds any block-quantized tensor (its kernels and scratch are then needed)."""
+    return any(store.info(n).quantized for n in store.tensor_names)
+
+
 def dequant_scratch_bytes(store, cuda: bool) -> int:
     """What quantized matrices need beside them at compute time: on the CPU the prefill's reusable block
     of dequantized rows; on a GPU one linear's block of dequantized rows and its intermediates."""
-    if not any(store.info(n).quantized for n in store.tensor_names):
+    if not has_quantized(store):
         return 0
     if cuda:
         from kernels_gpu.quant import SCRATCH_BYTES

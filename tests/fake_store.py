@@ -10,12 +10,9 @@ import time
 
 import torch
 
+from offload_rt.scheduler import _bytes
 from storage.formats import QTensor, format_of
 from storage.store import TensorInfo
-
-
-def _bytes(t) -> torch.Tensor:
-    return t.data.view(-1) if isinstance(t, QTensor) else t.reshape(-1).view(torch.uint8)
 
 
 class FakeStore:
