@@ -51,8 +51,13 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
     device = pick_device(cfg)
     with torch.inference_mode():
         model = open_model(cfg)
+        draft = None
+        if cfg.draft is not None:
+            from offload_rt.spec.setup import open_draft
+
+            draft = open_draft(cfg, model, device)
         warm_up()
-        if runtime.has_quantized(model.store):
+        if runtime.has_quantized(model.store) or (draft is not None and runtime.has_quantized(draft.store)):
             from kernels_cpu import quant
 
             quant.warm_up()
@@ -73,7 +78,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         startup_peak = peak_rss_bytes()
         base = baseline.measure()
         prepared = runtime.prepare(cfg, model.store, model.args, model.dtype, model.groups, device,
-                                   gpu_used_before=gpu_used_before)
+                                   gpu_used_before=gpu_used_before, draft=draft)
         startup_peak = max(startup_peak, peak_rss_bytes())  # a first run on this machine calibrates in prepare
         baseline.reset_peak_rss()  # from here on, VmHWM is the run's own peak
         if plan_only:
@@ -82,6 +87,8 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             print(weight_formats(model.store))
             print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
             print(prepared.kv.describe() + f"; attention {prepared.attention}")
+            if prepared.draft is not None:
+                print(prepared.draft.describe())
             print(baseline.describe(base, prepared.budgets.host))
             if device == "cuda":
                 from offload_rt.config import format_size
@@ -90,7 +97,10 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                       f"{format_size(prepared.budgets.device)} for weights, slots, KV and activations")
             if stats:
                 emit({"model": model.name, "device": device, **baseline.stats_fields(base),
-                      "host_budget_bytes": prepared.budgets.host, "placement": dict(prepared.placement.tier_bytes)})
+                      "host_budget_bytes": prepared.budgets.host, "placement": dict(prepared.placement.tier_bytes),
+                      "spec": None if prepared.draft is None else {
+                          "budget": prepared.draft.budget, "draft_bytes": prepared.draft.bytes,
+                          "predicted_tokens_per_pass": round(prepared.draft.tokens_per_pass, 4)}})
             return 0
         tracer = None
         if cfg.profile is not None:
@@ -106,10 +116,18 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         engine = attach_engine(model, cfg, source, tracer=tracer, device=device,
                                on_warm=baseline.drop_library_page_cache,
                                cache=prepared.kv_cache(cfg, model.args, model.dtype, tracer))
+        speculator = None
+        if draft is not None:
+            from offload_rt.runtime import context_tokens
+            from offload_rt.spec.setup import build_speculator
+
+            speculator = build_speculator(draft, prepared.draft, vocab=model.args.vocab_size,
+                                          ctx_tokens=context_tokens(model.args, cfg.ctx_size), device=device,
+                                          tracer=tracer, threads=n)
         torch.set_num_threads(1)  # while serving: prefill takes its threads (engine), decode its tuner's
         p = prepared.placement
         session = Session(model, cfg, device=device, counters=source.counters, placement=dict(p.tier_bytes),
-                          gpu_context_bytes=prepared.gpu_context_bytes)
+                          gpu_context_bytes=prepared.gpu_context_bytes, speculator=speculator)
         try:
             if interactive:
                 from offload_rt.repl import ChatREPL
@@ -124,6 +142,8 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                 code = 0
         finally:
             engine.close()
+            if speculator is not None:
+                speculator.draft.close()
         if tracer is not None:
             tracer.meta.update({
                 "model": model.name, "device": device, "placement": dict(p.tier_bytes), "tiers": dict(p.tiers),

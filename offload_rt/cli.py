@@ -28,6 +28,27 @@ def _kv_cpu_mem(text: str | None) -> int | None:
     return size
 
 
+def _draft(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if not text.strip():
+        raise UsageError("--draft needs a model path or 'self-int4'")
+    return text
+
+
+def _spec_budget(budget: int | None, draft: str | None) -> int | None:
+    if budget is None:
+        return None
+    if draft is None:
+        raise UsageError("--spec-budget sizes the speculation tree of --draft; pass --draft too (e.g. --draft self-int4)")
+    from offload_rt.spec.budget import check_budget
+
+    try:
+        return check_budget(budget)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="offload_rt", prog_name="offload-run", message="%(prog)s %(version)s")
 @click.argument("model", required=False)
@@ -73,10 +94,17 @@ def _kv_cpu_mem(text: str | None) -> int | None:
                    "a context length where it pays, when the KV is in RAM).")
 @click.option("--lsh-k", type=click.IntRange(1, 15), default=10, show_default=True, help="MagicPIG: bits per table.")
 @click.option("--lsh-l", type=click.IntRange(2, 1024), default=150, show_default=True, help="MagicPIG: hash tables.")
+@click.option("--draft", default=None,
+              help="Speculative decoding (SpecExec): a small model with the target's tokenizer (a checkpoint "
+                   "directory or .gguf), or 'self-int4' (the target's own weights in int4), kept resident; it "
+                   "guesses a tree of tokens that one pass of the target verifies. Same output as without.")
+@click.option("--spec-budget", type=int, default=None,
+              help="Tree nodes verified per target pass with --draft (8-1024; default: the planner chooses).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, weights, device,
                 gpu_mem, cpu_mem, offload_dir, raw, stop, stats, rebuild_store, threads, ignore_eos, plan_only,
-                profile, config_file, prefetch_depth, ctx_size, kv_cpu_mem, attention, lsh_k, lsh_l, debug):
+                profile, config_file, prefetch_depth, ctx_size, kv_cpu_mem, attention, lsh_k, lsh_l, draft, spec_budget,
+                debug):
     """Run MODEL (a Hugging Face checkpoint directory or a .gguf file; default: SmolLM2-135M-Instruct).
 
     With --prompt/--prompt-file or piped stdin: answer once, streaming to stdout.
@@ -112,6 +140,8 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             attention=attention,
             lsh_k=lsh_k,
             lsh_l=lsh_l,
+            draft=_draft(draft),
+            spec_budget=_spec_budget(spec_budget, draft),
         )
         if config_file is not None:
             from offload_rt.presets import apply_preset

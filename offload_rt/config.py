@@ -100,6 +100,8 @@ class RunConfig:
     attention: str = "auto"  # auto | exact | magicpig (LSH sampling for long contexts)
     lsh_k: int = 10  # MagicPIG: bits per hash table
     lsh_l: int = 150  # MagicPIG: hash tables
+    draft: str | None = None  # SpecExec draft: a model path, or "self-int4" (the target as int4); None: off
+    spec_budget: int | None = None  # tree nodes per target pass (None: the planner chooses; offload_rt.spec.budget)
 
     @property
     def store_dir(self) -> Path:

@@ -112,10 +112,11 @@ class Engine:
         """Run ids (appended after the cached tokens) through the model; logits of the last one.
 
         Speculation (a tree of candidate tokens in one pass): ``positions`` [T] are the tokens' absolute
-        positions (default: consecutive after the cache), ``tree_mask`` [T, T] (True = attend) replaces the
-        causal mask among them (they all see the cached prefix), and ``all_logits`` returns [T, vocab], the
-        logits after every token. The T tokens are committed to the cache; :meth:`keep` then keeps the
-        accepted ones.
+        positions (default: consecutive after the cache), ``tree_mask`` [T, S] (True = attend) replaces the
+        causal mask over the last S keys, the T new tokens and the S - T cached just before them (a draft
+        expanding the tree it has partly cached; every earlier key is visible to all), and ``all_logits``
+        returns [T, vocab], the logits after every token. The T tokens are committed to the cache;
+        :meth:`keep` then keeps the accepted ones.
         """
         start = self.cache.offset
         tr, k = self.tracer, self.passes

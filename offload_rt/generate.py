@@ -54,16 +54,24 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
+def autoregressive(engine: Engine, sampler: Sampler, logits) -> Iterator[int]:
+    """Tokens one forward pass each, after the prompt whose last logits are ``logits`` (the caller stops)."""
+    while True:
+        tid = sampler(logits)
+        yield tid
+        logits = engine.forward([tid])
+
+
 def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int,
              sampler: Sampler, stop_strings: Sequence[str] = (), result: GenResult | None = None,
              ignore_eos: bool = False,
              on_prefill: Callable[[int, int], None] | None = None,
-             on_token: Callable[[int, float], None] | None = None,
-             on_decode_start: Callable[[], None] | None = None) -> Iterator[str]:
+             on_decode_start: Callable[[], None] | None = None, speculator=None) -> Iterator[str]:
     """Yield the answer's text as it is produced. ``result`` receives counts and timings.
 
     Stops on an EOS id, a stop string (not included in the text), ``max_new_tokens``
-    or the end of the context window.
+    or the end of the context window. With a ``speculator`` (offload_rt.spec) the tokens come a
+    verified tree at a time; they are the same tokens (greedy) or distributed the same (sampling).
     """
     res = result if result is not None else GenResult()
     context = engine.max_tokens
@@ -83,9 +91,10 @@ def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_n
     emitted = 0  # characters of dec.text already yielded
     t_dec = time.perf_counter()
     res.stop_reason = "max_new_tokens" if budget == max_new_tokens else "context"
+    tokens = (speculator.tokens(engine, sampler, logits) if speculator is not None
+              else autoregressive(engine, sampler, logits))
     try:
-        for n in range(budget):
-            tid = sampler(logits)
+        for _n, tid in zip(range(budget), tokens):  # range first: no pass runs for a token past the budget
             if tid in tok.eos_ids and not ignore_eos:
                 res.stop_reason = "eos"
                 break
@@ -105,11 +114,6 @@ def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_n
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-            if n + 1 < budget:
-                ts = time.perf_counter()
-                logits = engine.forward([tid])
-                if on_token:
-                    on_token(res.new_tokens, time.perf_counter() - ts)
         sync()  # the last step's device work belongs to decode_s
         if res.stop_reason != "stop_string":
             dec.finish()  # an incomplete last character is part of the answer too (U+FFFD, as transformers decodes it)
@@ -120,5 +124,6 @@ def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_n
         res.stop_reason = "interrupted"
         raise
     finally:
+        tokens.close()
         res.decode_s = time.perf_counter() - t_dec
         res.text = dec.text[:emitted]

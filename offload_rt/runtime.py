@@ -100,13 +100,14 @@ def may_use_magicpig(cfg: RunConfig, args: LlamaArgs) -> bool:
         cfg.attention == "auto" and context_tokens(args, cfg.ctx_size) >= AUTO_MAGICPIG_TOKENS)
 
 
-def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype) -> tuple[KVSplit, str]:
-    """The KV cache's split across RAM and disk for the run's context, and the attention it runs.
+def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype, extra_tokens: int = 0) -> tuple[KVSplit, str]:
+    """The KV cache's split across RAM and disk for the run's context (plus ``extra_tokens`` rows: a
+    speculation tree's), and the attention it runs.
 
     ``--attention auto`` turns MagicPIG on past :data:`AUTO_MAGICPIG_TOKENS` of context when
     the KV (and its hash tables) fit in RAM; otherwise decode attention is exact.
     """
-    tokens = context_tokens(args, cfg.ctx_size)
+    tokens = context_tokens(args, cfg.ctx_size) + extra_tokens
     shape = kv_shape(args, dtype)
     free = _disk_free(kv_dir(cfg)) if cfg.kv_cpu_mem is not None else None
     kw = dict(kv_cpu_mem=cfg.kv_cpu_mem, disk_free=free, model_tokens=args.max_position_embeddings)
@@ -174,6 +175,7 @@ class Prepared:
     gpu_context_bytes: int = 0  # the CUDA context as measured (outside the device budget), 0 without CUDA
     kv: KVSplit | None = None  # the KV cache's tiers
     attention: str = "exact"  # exact | magicpig
+    draft: object | None = None  # spec.setup.DraftPlan: the draft's residency and the speculation budget
 
     def kv_cache(self, cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype, tracer=None):
         """The run's KV cache where the plan put it: dense on the GPU, or chunked in RAM and on disk."""
@@ -221,9 +223,10 @@ def gpu_budget(cfg: RunConfig, dtype: torch.dtype, used_before: int | None) -> t
 
 
 def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: list[Group], device: str, *,
-            gpu_used_before: int | None = None) -> Prepared:
+            gpu_used_before: int | None = None, draft=None) -> Prepared:
     """Budgets, bandwidths, plan. ``gpu_used_before``: the GPU's used bytes read before this process
-    created its CUDA context (how the context is measured); CUDA runs only."""
+    created its CUDA context (how the context is measured); CUDA runs only. ``draft``: the speculation
+    draft (spec.setup.open_draft), placed resident before the target gets what is left."""
     cuda = device == "cuda"
     host = budgets_mod.resolve_budget(cfg.cpu_mem, kind="cpu")
     hints = cfg.bandwidth_hints or {}
@@ -234,18 +237,78 @@ def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: 
         bw = calibrate.load_or_measure(cfg.store_dir, progress=cfg.progress, cuda=cuda)
     bw = bw.for_dtype(str(dtype).replace("torch.", ""))
     dev, ctx = gpu_budget(cfg, dtype, gpu_used_before) if cuda else (None, 0)  # after calibration: its kernels count
-    bud = Budgets(device=dev, host=host)
     specs = group_specs(store, groups, dtype, args)
-    # At least two slots in flight: with one, the reader idles while each streamed layer computes
-    # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
-    kv, attention = plan_kv(cfg, args, dtype)
-    scratch = activation_bytes(args, cfg.prefill_chunk, dequant_scratch_bytes(store, cuda))
+
+    def place(tree: int):
+        """The target's plan beside a draft for a tree of ``tree`` nodes (0: no speculation)."""
+        from offload_rt.spec import setup as spec
+
+        extra = spec.tree_headroom(tree) if draft is not None else 0
+        bud, held = Budgets(device=dev, host=host), None
+        if draft is not None:
+            held = spec.draft_bytes(draft, cfg, context_tokens(args, cfg.ctx_size), tree, device)
+            need = sum(held)
+            left = (dev if cuda else host) - need
+            if left <= 0:
+                where = "--gpu-mem" if cuda else "--cpu-mem"
+                raise BudgetError(f"the draft ({draft.name}) needs {format_size(need)} resident, more than {where} "
+                                  f"allows ({format_size(dev if cuda else host)}); raise {where}, or use a smaller "
+                                  "draft or --spec-budget")
+            bud = Budgets(device=left, host=host) if cuda else Budgets(device=dev, host=left)
+        # At least two slots in flight: with one, the reader idles while each streamed layer computes
+        # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
+        kv, attention = plan_kv(cfg, args, dtype, extra_tokens=extra)
+        scratch = activation_bytes(args, max(cfg.prefill_chunk, extra), dequant_scratch_bytes(store, cuda))
+        try:
+            placement = plan(specs, bud, bw, kv_bytes=kv.host_bytes, prefetch_depth=cfg.prefetch_depth,
+                             kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact",
+                             activation_bytes=scratch,
+                             embed_bytes=untied_embed_bytes(store, args, dtype),
+                             depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
+        except BudgetError as e:
+            if held is None or getattr(e, "tier", None) != ("device" if cuda else "host"):
+                raise
+            e.need += sum(held)  # the budget the user types holds the draft too
+            if not cuda:
+                need = e.need
+                e = BudgetError(f"--cpu-mem {cli_size(host)} is below the minimum working set of "
+                                f"{format_size(need)} with the draft ({draft.name}, {format_size(sum(held))} "
+                                f"for a tree of {tree}); raise it to at least {cli_size(need, round_up=True)}, "
+                                "or use a smaller --spec-budget")
+                e.tier, e.need = "host", need
+            raise e
+        return bud, kv, attention, placement, held
+
     try:
-        placement = plan(specs, bud, bw, kv_bytes=kv.host_bytes, prefetch_depth=cfg.prefetch_depth,
-                         kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact",
-                         activation_bytes=scratch,
-                         embed_bytes=untied_embed_bytes(store, args, dtype),
-                         depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
+        draft_plan = None
+        if draft is None:
+            bud, kv, attention, placement, _ = place(0)
+        else:
+            from offload_rt.spec import budget as budget_mod
+            from offload_rt.spec import setup as spec
+
+            agreement = spec.agreement(cfg)
+            tree = cfg.spec_budget
+            if tree is None:  # the planner's choice, costed on a plan with room for the largest tree that fits
+                sizes, widest = budget_mod.budgets(), None
+                while widest is None:
+                    try:
+                        widest = place(sizes[-1])[3]
+                    except BudgetError:
+                        if len(sizes) == 1:
+                            raise
+                        sizes.pop()
+                tree = budget_mod.choose_budget(spec.pass_cost(store, dtype, widest, bw, draft, device), agreement,
+                                                sizes)
+            bud, kv, attention, placement, held = place(tree)
+            cost = spec.pass_cost(store, dtype, placement, bw, draft, device)
+            per_pass, tok_s = budget_mod.predict(tree, cost, agreement)
+            depth = budget_mod.expected_tokens(tree, agreement)[1]
+            draft_plan = spec.DraftPlan(draft.name, "device" if cuda else "host", *held, budget=tree,
+                                        min_budget=placement.min_working_set + (0 if cuda else sum(held)),
+                                        chosen=cfg.spec_budget is None, agreement=agreement,
+                                        tokens_per_pass=per_pass, predicted_tok_s=tok_s,
+                                        target_pass_s=cost.target_pass_s(tree + 1), draft_s=cost.draft_s(tree, depth))
     except BudgetError as e:
         if cuda and getattr(e, "tier", None) == "device":  # say it in what the user types: the footprint
             raise BudgetError(
@@ -256,4 +319,5 @@ def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: 
         raise
     if cuda:  # the caching allocator may not grow past what the budget implies: an overrun fails loudly
         gpu_mod.cap_allocator(device, gpu_mod.allocator_limit(cfg.gpu_mem, context_bytes=ctx, placement=dev))
-    return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx, kv=kv, attention=attention)
+    return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx, kv=kv, attention=attention,
+                    draft=draft_plan)

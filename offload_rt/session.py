@@ -20,13 +20,14 @@ PREFILL_PROGRESS_TOKENS = 2048  # prompts at least this long show prefill progre
 
 class Session:
     def __init__(self, model: LoadedModel, cfg: RunConfig, *, placement: dict | None = None,
-                 counters=None, device: str = "cpu", gpu_context_bytes: int = 0):
+                 counters=None, device: str = "cpu", gpu_context_bytes: int = 0, speculator=None):
         self.model, self.cfg = model, cfg
         self.sampler = make_sampler(cfg.sampling)
         self.placement = placement
         self.counters = counters  # object with disk_read_bytes / h2d_bytes, or None
         self.device = device
         self.gpu_context_bytes = gpu_context_bytes
+        self.speculator = speculator  # offload_rt.spec.speculate.Speculator (--draft), or None
         self.last = GenResult()
         self._at_decode = None  # (disk, h2d) byte counters when the last answer's decode began
         self._attention_at_decode = None  # the cache's attention_s then
@@ -45,10 +46,12 @@ class Session:
         check_context(len(ids), self.model.engine.max_tokens)
         self.last = GenResult()
         self._at_decode = None
+        if self.speculator is not None:
+            self.speculator.new_answer()
         status = StatusLine(enabled=self.cfg.progress)
         pieces = generate(self.model.engine, self.model.tokenizer, ids, max_new_tokens=self.cfg.max_new_tokens,
                           sampler=self.sampler, stop_strings=self.cfg.stop, result=self.last,
-                          ignore_eos=self.cfg.ignore_eos, on_decode_start=self._snapshot,
+                          ignore_eos=self.cfg.ignore_eos, on_decode_start=self._snapshot, speculator=self.speculator,
                           on_prefill=status.prefill_progress() if len(ids) >= PREFILL_PROGRESS_TOKENS else None)
         # Progress and "waiting" notices live on one status line until the first token, never per token:
         # the answer's text is never split.
@@ -78,4 +81,5 @@ class Session:
                             placement=self.placement, dtype=str(self.model.dtype).replace("torch.", ""),
                             stop_reason=self.last.stop_reason, gpu_context_bytes=self.gpu_context_bytes,
                             disk_read_bytes_decode=int(getattr(c, "disk_read_bytes", 0) - disk0),
-                            h2d_bytes_decode=int(getattr(c, "h2d_bytes", 0) - h2d0), **self.kv_stats())
+                            h2d_bytes_decode=int(getattr(c, "h2d_bytes", 0) - h2d0), **self.kv_stats(),
+                            spec=self.speculator.stats.as_dict() if self.speculator is not None else None)

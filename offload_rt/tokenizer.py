@@ -90,6 +90,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def vocabulary_difference(self, other: "Tokenizer") -> str | None:
+        """None when ``other`` maps every token string to the same id (a draft's tokenizer must);
+        else a few words on the first difference."""
+        mine, theirs = self._tok.get_vocab(with_added_tokens=True), other._tok.get_vocab(with_added_tokens=True)
+        if mine == theirs:
+            return None
+        if len(mine) != len(theirs):
+            return f"{len(theirs)} tokens against {len(mine)}"
+        for piece, i in mine.items():
+            if theirs.get(piece) != i:
+                return f"token {piece!r} is id {theirs.get(piece)} there, {i} here"
+        return "the vocabularies differ"
+
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-TRACKS = {"compute": 1, "disk": 2, "h2d": 3, "cpu_attn": 4, "kv_disk": 5}
+TRACKS = {"compute": 1, "disk": 2, "h2d": 3, "cpu_attn": 4, "kv_disk": 5, "spec": 6}
 
 
 class Tracer:

@@ -19,8 +19,9 @@ Bookkeeping shared by every implementation:
 * ``trim(n)`` drops the last n committed tokens (REPL edits, speculation rollback);
 * ``keep(start, rows)`` keeps, of the tokens from ``start`` on, only those at offsets ``rows``
   (sorted), packed from ``start`` (speculation keeps the accepted path of a tree);
-* ``tree_mask`` [T, T] (bool, True = attend) replaces the causal mask among the T new tokens
-  (they always see the whole cached prefix): tree verification;
+* ``tree_mask`` [T, S] (bool, True = attend, T <= S <= offset + T) replaces the causal mask over the
+  last S keys: the S - T cached tokens before the new ones and the T new ones (every key before those
+  is visible to all): tree verification (S = T), and a draft expanding a tree it has partly cached;
 * ``tier_bytes()``: KV bytes held per tier; ``attention_s``: seconds spent in attention.
 """
 

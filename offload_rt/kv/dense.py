@@ -24,7 +24,8 @@ def attention_mask(start: int, q_len: int, kv_len: int, window: int | None, tree
                    device: torch.device | str = "cpu") -> torch.Tensor | None:
     """Boolean mask [q_len, kv_len] (True = attend) for queries at indices start..start+q_len.
 
-    Causal among the new tokens, or ``tree_mask`` [q_len, q_len] when given; ``window``
+    Causal among the new tokens, or ``tree_mask`` [q_len, S] (S >= q_len) over the last S keys when
+    given (the keys before them are visible to all); ``window``
     (sliding-window layers) hides keys ``window`` or more indices behind the query.
     """
     if q_len == 1 and tree_mask is None and (window is None or kv_len <= window):
@@ -33,7 +34,7 @@ def attention_mask(start: int, q_len: int, kv_len: int, window: int | None, tree
     kpos = torch.arange(kv_len, device=device)[None, :]
     mask = kpos <= qpos
     if tree_mask is not None:
-        mask[:, start:] = tree_mask.to(device=device, dtype=torch.bool)
+        mask[:, kv_len - tree_mask.shape[1]:] = tree_mask.to(device=device, dtype=torch.bool)
     if window is not None:
         mask &= kpos > qpos - window
     return mask

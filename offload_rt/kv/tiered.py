@@ -136,7 +136,7 @@ class TieredKV:
         self._write(layer, start, k.to("cpu", self.dtype), v.to("cpu", self.dtype))
         qf = q.to("cpu", torch.float32).contiguous()
         call = dict(q_index=torch.arange(start, end, dtype=torch.int64), window=window or 0,
-                    n_prefix=start if tree_mask is not None else None,
+                    n_prefix=end - tree_mask.shape[1] if tree_mask is not None else None,
                     tail_mask=tree_mask.to("cpu", torch.bool).contiguous() if tree_mask is not None else None)
         with self.tracer.span("cpu_attn", f"attention layer.{layer}", layer=layer, tokens=end):
             sampled = self._magicpig(layer, end) if (T == 1 and tree_mask is None and not window) else None

@@ -401,6 +401,28 @@ def measure_mem_read(nbytes: int = MEM_TEST_BYTES, reps: int = 5) -> float:
     return x.numel() * 4 / best
 
 
+def measure_matmul_flops(dtype: str = "float32", device: str = "cpu", *, tokens: int = 128, dim: int = 1024,
+                         reps: int = 3) -> float:
+    """Floating-point operations per second of a batched linear (``tokens`` rows through a ``dim``²
+    matrix) at ``dtype`` on ``device``, best of ``reps``: the per-token compute of a pass over many
+    tokens (prefill, a speculation tree). ~10 ms; not cached (runs only when a draft is planned)."""
+    import torch
+    import torch.nn.functional as F
+
+    dt = getattr(torch, dtype)
+    x = torch.randn(tokens, dim, dtype=dt, device=device)
+    w = torch.randn(dim, dim, dtype=dt, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def run():
+        F.linear(x, w)
+        sync()
+
+    run()  # warm
+    best = min(_timed(run) for _ in range(reps))
+    return 2.0 * tokens * dim * dim / best
+
+
 def layer_tensors(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int = HEAD_DIM) -> dict[str, tuple]:
     """Shapes of one Llama decoder layer's tensors, by the names ``models.llama.layer_forward`` reads."""
     return {

@@ -179,7 +179,8 @@ DraftFn = Callable[[Tree, list[int]], torch.Tensor]
 
 
 def grow(draft_logprobs: DraftFn, budget: int, *, max_children: int = 8, max_batch: int = 128,
-         max_depth: int = DEFAULT_MAX_DEPTH, decay: float = DEFAULT_DECAY, max_steps: int | None = None) -> Tree:
+         max_depth: int = DEFAULT_MAX_DEPTH, decay: float = DEFAULT_DECAY, max_steps: int | None = None,
+         max_evaluated: int | None = None) -> Tree:
     """Build the step's tree: SpecExec's parallel best-first search under a node budget.
 
     ``draft_logprobs(work, leaves)`` returns draft log-probabilities [len(leaves), vocab] of the
@@ -190,7 +191,8 @@ def grow(draft_logprobs: DraftFn, budget: int, *, max_children: int = 8, max_bat
     clamped to ≤ 0, so scores fall strictly along every path when ``decay`` < 0 and never rise
     otherwise: the kept set is ancestor-closed and a leaf whose ``score + decay`` does not beat
     the worst kept node of a full tree cannot contribute. Growth stops when no leaf below
-    ``max_depth`` can (or after ``max_steps`` draft calls). Stopping on that bound rather than on
+    ``max_depth`` can (or after ``max_steps`` draft calls, or once ``max_evaluated`` nodes went through
+    the draft: what bounds the draft's KV rows for one step). Stopping on that bound rather than on
     "this batch added nothing" makes the result exactly the ``budget`` best nodes of the tree in
     which every node has its ``max_children`` draft favourites, whatever ``max_batch`` is.
 
@@ -213,6 +215,8 @@ def grow(draft_logprobs: DraftFn, budget: int, *, max_children: int = 8, max_bat
         else:
             leaves = [i for _s, i in kept if i not in expanded and work.depths[i] < max_depth
                       and work.scores[i] + decay > worst][:max_batch]  # kept is sorted: best first
+        if max_evaluated is not None and leaves != [-1]:
+            leaves = leaves[:max(0, max_evaluated - (len(expanded) - 1))]
         if not leaves:
             break
         logp = draft_logprobs(work, leaves)
@@ -237,20 +241,28 @@ def grow(draft_logprobs: DraftFn, budget: int, *, max_children: int = 8, max_bat
     return work.select([i for _s, i in kept])
 
 
-def accept(tree: Tree, target_next: torch.Tensor | Sequence[int]) -> tuple[list[int], int]:
+def accept(tree: Tree, target_next: torch.Tensor | Sequence[int] | Callable[[int], int]) -> tuple[list[int], int]:
     """Follow the target down the tree: returns (accepted nodes root→leaf, bonus token).
 
     ``target_next[0]`` is the target's token after the root, ``target_next[1 + i]`` after node i
-    (its argmax when greedy, one draw from its distribution per node when sampling). A child is
+    (its argmax when greedy, one draw from its distribution per node when sampling); or a callable
+    ``target_next(i)`` (i = -1 for the root) asked only for the nodes the walk visits, so sampling
+    draws one token per visited node rather than one per node of the tree. A child is
     accepted iff its token is the target's token at its parent; siblings are distinct, so at most
     one child matches and the accepted path is unique. The bonus is the target's token after the
     last accepted node: every pass yields between 1 and depth + 1 tokens, all of them the target's.
     """
-    nxt = target_next.tolist() if isinstance(target_next, torch.Tensor) else list(target_next)
-    if len(nxt) != len(tree) + 1:
-        raise ValueError(f"target_next has {len(nxt)} entries for a tree of {len(tree)} nodes (need n + 1)")
+    if callable(target_next):
+        nxt_of = target_next
+    else:
+        nxt = target_next.tolist() if isinstance(target_next, torch.Tensor) else list(target_next)
+        if len(nxt) != len(tree) + 1:
+            raise ValueError(f"target_next has {len(nxt)} entries for a tree of {len(tree)} nodes (need n + 1)")
+
+        def nxt_of(i: int) -> int:
+            return nxt[i + 1]
     node, path = -1, []
-    while (c := tree.child(node, nxt[node + 1])) is not None:
+    while (c := tree.child(node, t := int(nxt_of(node)))) is not None:
         path.append(c)
         node = c
-    return path, int(nxt[node + 1])
+    return path, t
