@@ -120,7 +120,7 @@ def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_n
             if len(dec.text) > emitted:
                 yield dec.text[emitted:]  # text held back for a stop string that never came
                 emitted = len(dec.text)
-    except GeneratorExit:
+    except (GeneratorExit, KeyboardInterrupt):  # closed by the consumer, or Ctrl-C inside a forward pass
         res.stop_reason = "interrupted"
         raise
     finally:

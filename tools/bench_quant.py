@@ -89,6 +89,7 @@ class Run:
     memcap: str | None = None
     wall_s: float = 0.0
     tail: str = ""
+    stdout: str = ""  # what the command printed (the answer's text)
     sweep: dict = field(default_factory=dict)  # {way: [bytes/s]} read right after (offload_rt, capped)
 
     @property
@@ -136,7 +137,7 @@ def run_process(cmd: list, *, cap: str | None = None, timeout: float = 900, json
     wall = time.perf_counter() - t0
     memcap = next((ln for ln in err.splitlines() if ln.startswith("memcap:")), None)
     rc = p.returncode
-    run = Run(ok=False, rc=rc, memcap=memcap, wall_s=wall, tail=(err or "")[-1500:])
+    run = Run(ok=False, rc=rc, memcap=memcap, wall_s=wall, tail=(err or "")[-1500:], stdout=out or "")
     if timed_out:
         run.status = f"timeout ({timeout:.0f} s)"
     elif rc in (137, -9) and cap:

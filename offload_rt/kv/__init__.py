@@ -22,7 +22,9 @@ Bookkeeping shared by every implementation:
 * ``tree_mask`` [T, S] (bool, True = attend, T <= S <= offset + T) replaces the causal mask over the
   last S keys: the S - T cached tokens before the new ones and the T new ones (every key before those
   is visible to all): tree verification (S = T), and a draft expanding a tree it has partly cached;
-* ``tier_bytes()``: KV bytes held per tier; ``attention_s``: seconds spent in attention.
+* ``tier_bytes()``: KV bytes held per tier; ``attention_s``: seconds spent in attention;
+* ``rows(layer, lo, hi)`` -> ``(k, v)``, copies [hi - lo, kv_heads, d] of committed tokens [lo, hi)
+  wherever they live (tests compare a cache with an autoregressive run's, value by value).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class KVCache(Protocol):
     def reset(self) -> None: ...
 
     def tier_bytes(self) -> dict[str, int]: ...
+
+    def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def bytes_per_token(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -128,6 +128,14 @@ class DenseKV:
                 buf[:, start:start + len(rows)] = buf[:, idx]
         self.offset = start + len(rows)
 
+    def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Committed tokens [lo, hi) of a layer as (k, v) copies [hi - lo, kv_heads, d] (tests compare caches)."""
+        if not 0 <= lo <= hi <= self.offset:
+            raise ValueError(f"rows({lo}, {hi}) outside the {self.offset} committed tokens")
+        if not self._k:
+            return (torch.empty(0, self.kv_heads, self.head_dim, dtype=self.dtype),) * 2
+        return (self._k[layer][:, lo:hi].transpose(0, 1).clone(), self._v[layer][:, lo:hi].transpose(0, 1).clone())
+
     def reset(self) -> None:
         self.offset = 0
 

@@ -326,6 +326,17 @@ class TieredKV:
         v = torch.cat(vs, dim=1)[:, pos].transpose(0, 1).clone()
         return k, v
 
+    def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Committed tokens [lo, hi) of a layer as (k, v) copies [hi - lo, kv_heads, d], disk chunks read
+        through the staging slots as :meth:`keep` reads them, one chunk at a time (tests compare caches)."""
+        if not 0 <= lo <= hi <= self.offset:
+            raise ValueError(f"rows({lo}, {hi}) outside the {self.offset} committed tokens")
+        if hi == lo:
+            return (torch.empty(0, self.kv_heads, self.head_dim, dtype=self.dtype),) * 2
+        edges = [lo, *range((lo // self.C + 1) * self.C, hi, self.C), hi]
+        parts = [self._gather(layer, a, b, torch.arange(b - a)) for a, b in zip(edges, edges[1:])]
+        return torch.cat([k for k, _v in parts]), torch.cat([v for _k, v in parts])
+
     def reset(self) -> None:
         self.trim(self.offset)
 

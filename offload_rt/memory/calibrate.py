@@ -405,7 +405,7 @@ def measure_matmul_flops(dtype: str = "float32", device: str = "cpu", *, tokens:
                          reps: int = 3) -> float:
     """Floating-point operations per second of a batched linear (``tokens`` rows through a ``dim``²
     matrix) at ``dtype`` on ``device``, best of ``reps``: the per-token compute of a pass over many
-    tokens (prefill, a speculation tree). ~10 ms; not cached (runs only when a draft is planned)."""
+    tokens (prefill, a speculation tree). ~10 ms; :func:`matmul_flops` caches it."""
     import torch
     import torch.nn.functional as F
 
@@ -421,6 +421,27 @@ def measure_matmul_flops(dtype: str = "float32", device: str = "cpu", *, tokens:
     run()  # warm
     best = min(_timed(run) for _ in range(reps))
     return 2.0 * tokens * dim * dim / best
+
+
+def matmul_flops(dtype: str, device: str = "cpu", *, cache_dir: Path | None = None) -> float:
+    """:func:`measure_matmul_flops` once per machine, thread count, dtype (and GPU), cached beside the
+    bandwidths: the speculation budget the planner derives from it must not change from run to run."""
+    import torch
+
+    key = f"matmul:{socket.gethostname()}:{os.cpu_count()}:t{torch.get_num_threads()}:{dtype}:" + (
+        gpu_identity() if torch.device(device).type == "cuda" else "cpu")
+    path = Path(cache_dir or default_cache_dir()) / CACHE_FILE
+    entry = _read_cache(path).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+        return float(entry["flops"])
+    flops = measure_matmul_flops(dtype, device, reps=7)
+    entries = _read_cache(path)
+    entries[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        _write_cache(path, entries)
+    except OSError:
+        pass
+    return flops
 
 
 def layer_tensors(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int = HEAD_DIM) -> dict[str, tuple]:

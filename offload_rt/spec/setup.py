@@ -113,9 +113,9 @@ def pass_cost(target_store, target_dtype, placement, bw, draft, device: str) -> 
     """The cost model's inputs from the target's placement, the measured rates and the draft's size."""
     from offload_rt.memory import calibrate
 
-    flops = calibrate.measure_matmul_flops(str(target_dtype).replace("torch.", ""), device)
-    dflops = flops if draft.dtype == target_dtype else calibrate.measure_matmul_flops(
-        str(draft.dtype).replace("torch.", ""), device)
+    flops = calibrate.matmul_flops(str(target_dtype).replace("torch.", ""), device)
+    dflops = flops if draft.dtype == target_dtype else calibrate.matmul_flops(str(draft.dtype).replace("torch.", ""),
+                                                                              device)
     dweights = sum(draft.store.info(n).nbytes for n in draft.store.tensor_names)
     a = draft.args
     return budget_mod.PassCost(
