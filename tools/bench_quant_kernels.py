@@ -11,9 +11,11 @@ read bandwidth measured in the same run (tools.bench_decode.mem_bandwidth). "hot
 matrix (in cache when it fits): the kernel's compute rate, which bounds the streamed one.
 Shapes: the default model's MLP (576x1536, 1536x576) and tied head (49152x576, q8_0 in its GGUF),
 a 3B model's MLP (3072x8192, 8192x3072). K-quants need k % 256 == 0 (not the default model's 576).
-Then prefill (linear() on 512 rows: dequantized row blocks through torch.mm) against F.linear on
-float32 weights, and quantize() against gguf-py's numpy on the same float32 rows.
-``--tables decode,prefill,quantize`` and ``--shapes 3B`` run parts (short runs fit the quiet gaps of
+Then small batches (linear() on T = 2..512 rows, the speculation draft's batches of tree leaves: the fused
+kernel against the dequantize + torch.mm path it replaces, from cache, with the crossing the
+SMALL_BATCH_TOKENS threshold comes from), prefill (linear() on 512 rows: dequantized row blocks through
+torch.mm) against F.linear on float32 weights, and quantize() against gguf-py's numpy on the same float32 rows.
+``--tables decode,small,prefill,quantize`` and ``--shapes 3B`` run parts (short runs fit the quiet gaps of
 a shared machine: another busy process makes a 2-thread Numba kernel wait a scheduler slice per call).
 """
 
@@ -72,6 +74,34 @@ def best_sweep(ws: list, fn, repeats: int) -> float:
         if r:
             best = min(best, (time.perf_counter() - t0) / len(ws))
     return best
+
+
+def small_batch_table(shapes, fmts, repeats: int, rng, tokens=(2, 4, 8, 16, 32, 64, 128, 512)) -> None:
+    """linear() on T rows: the fused small-batch kernel vs dequantize_rows + torch.mm (the path used above
+    quant.SMALL_BATCH_TOKENS), same matrix (hot: the draft's weights are resident); µs and GMAC/s."""
+    print(f"\nsmall batches: linear() on T rows, fused kernel vs dequantize + torch.mm (ratio > 1: fused is faster; "
+          f"fused for 2 <= T <= {quant.SMALL_BATCH_TOKENS} on this CPU)\n")
+    print("| shape (n x k) | format | " + " | ".join(f"T={t} µs fused / mm" for t in tokens) + " |")
+    print("|---|---|" + "---|" * len(tokens))
+    limit = quant.SMALL_BATCH_TOKENS
+    try:
+        for name, n, k, shape_fmts in shapes:
+            for fmt in fmts:
+                if fmt not in shape_fmts or k % get_format(fmt).block:
+                    continue
+                qt = QTensor(torch.from_numpy(random_weights(fmt, n, k, rng)), get_format(fmt), (n, k))
+                cells = []
+                for t in tokens:
+                    x = torch.randn(t, k)
+                    calls = [qt] * max(1, int(1e8 // (n * k * t)))  # ~0.1 G multiply-adds per sweep
+                    quant.SMALL_BATCH_TOKENS = 1 << 30
+                    tf = best_sweep(calls, lambda v: quant.linear(x, v), repeats)
+                    quant.SMALL_BATCH_TOKENS = 0
+                    tm = best_sweep(calls, lambda v: quant.linear(x, v), repeats)
+                    cells.append(f"{tf * 1e6:.0f} / {tm * 1e6:.0f} ({tm / tf:.2f}x)")
+                print(f"| {name} {n}x{k} | {fmt} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        quant.SMALL_BATCH_TOKENS = limit
 
 
 def prefill_table(shapes, repeats: int, rng, tokens: int = 512) -> None:
@@ -154,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=",".join(quant.FORMATS))
     ap.add_argument("--quick", action="store_true", help="default-model shapes only")
     ap.add_argument("--shapes", default="", help="only the shapes whose name contains this (e.g. '3B')")
-    ap.add_argument("--tables", default="decode,prefill,quantize", help="which tables to print")
+    ap.add_argument("--tables", default="decode,small,prefill,quantize", help="which tables to print")
     a = ap.parse_args(argv)
     fmts = a.formats.split(",")
     stream = int(a.stream_bytes)
@@ -168,6 +198,8 @@ def main(argv=None) -> int:
     bw = mem_bandwidth(a.threads)
     if "decode" in tables:
         decode_table(a, fmts, shapes, stream, bw, rng)
+    if "small" in tables:
+        small_batch_table(shapes, fmts, a.repeats, rng)
     if "prefill" in tables:
         prefill_table(shapes, a.repeats, rng)
     if "quantize" in tables:
