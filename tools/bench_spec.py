@@ -59,7 +59,8 @@ def plan_min(cmd: list, draft: bool) -> tuple[int, str]:
     """The minimum working set ``--plan`` prints for ``cmd`` (with the draft's bytes when ``draft``)."""
     import subprocess
 
-    p = subprocess.run([str(c) for c in cmd + ["--plan", "--cpu-mem", "64G"]], capture_output=True, text=True)
+    mem = [] if "--cpu-mem" in cmd else ["--cpu-mem", "64G"]
+    p = subprocess.run([str(c) for c in cmd + ["--plan"] + mem], capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-2000:])
     pat = r"minimum working set with the draft ([0-9.]+ \w+)" if draft else r"minimum working set ([0-9.]+ \w+)"
@@ -109,7 +110,7 @@ def plot(points: list[tuple[int, float, float]], path: Path, title: str) -> None
     ax2.plot(budgets, [s for _b, _t, s in points], "s--", color="tab:orange", label="speed-up vs autoregressive")
     ax2.set_ylabel("decode tok/s ÷ autoregressive")
     ax.set_title(title)
-    fig.legend(loc="lower right")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.86))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -123,13 +124,15 @@ def d2(a) -> str:
     run_process(cmd + ["--draft", "self-int4", "--spec-budget", "8", "-p", "hi", "-n", "4", "--stats"])
     ar_mem = plan_min(cmd, False)[0] + margin
     configs: list[tuple[str, list, int]] = [("autoregressive", [], ar_mem)]
-    auto_mem, auto_plan = plan_min(cmd + ["--draft", "self-int4"], True)
+    auto_mem = plan_min(cmd + ["--draft", "self-int4"], True)[0]
+    # what the planner chooses at the --cpu-mem the run gets (a plan at 64G has nothing to stream)
+    auto_plan = plan_min(cmd + ["--draft", "self-int4", "--cpu-mem", str(auto_mem + margin)], True)[1]
     chosen = int(re.search(r"budget (\d+) tree nodes", auto_plan).group(1))
     predicted = float(re.search(r"predicted ([0-9.]+) tokens per target pass", auto_plan).group(1))
     for b in a.budgets:
         mem = plan_min(cmd + ["--draft", "self-int4", "--spec-budget", str(b)], True)[0] + margin
         configs.append((f"budget {b}", ["--draft", "self-int4", "--spec-budget", b], mem))
-    configs.append((f"planner's ({chosen})", ["--draft", "self-int4"], auto_mem + margin))
+    configs.append(("planner's choice", ["--draft", "self-int4"], auto_mem + margin))
     configs.append(("autoregressive, same RAM", [], auto_mem + margin))
     results: dict[str, list[Run]] = {name: [] for name, _x, _m in configs}
     for prompt in PROMPTS[:a.prompts]:

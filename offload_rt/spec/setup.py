@@ -47,8 +47,10 @@ def open_draft(cfg: RunConfig, target, device: str):
     if diff is not None:
         raise UsageError(f"--draft {cfg.draft} has a different tokenizer than {target.name} ({diff}); a draft "
                          f"must share the target's vocabulary (use --draft {SELF_INT4} or a model of the same family)")
-    # CPU: float32 activations (the int4 and float kernels' decode path); a GPU computes at the target's dtype
-    draft.dtype = torch.float32 if device == "cpu" else target.dtype
+    # CPU: the draft's own compute dtype (a bf16 checkpoint stays bf16 in RAM, half of float32); a GPU
+    # computes at the target's
+    if device != "cpu":
+        draft.dtype = target.dtype
     if cfg.draft == SELF_INT4:
         draft.name = f"{target.name} ({SELF_INT4})"
     return draft
