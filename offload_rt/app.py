@@ -155,7 +155,8 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             tracer.write(cfg.profile)
         if stats:
             rec = session.stats()
-            rec.update(baseline.stats_fields(base), host_budget_bytes=prepared.budgets.host,
+            draft_host = prepared.draft.bytes if prepared.draft is not None and device == "cpu" else 0
+            rec.update(baseline.stats_fields(base), host_budget_bytes=prepared.budgets.host + draft_host,
                        host_reserved_peak_bytes=source.tiers.host.peak, run_peak_rss_bytes=rec["peak_rss_bytes"],
                        threads=n, omp_wait=wait_policy(), pinned_host_bytes=source.pinned_host_bytes,
                        gpu_budget_bytes=prepared.budgets.device)

@@ -119,6 +119,14 @@ def test_greedy_speculation_prints_the_autoregressive_answer(runs, streamed_mem,
     assert rec["new_tokens"] == NEW and rec["stop_reason"] == "max_new_tokens"
     if streamed:
         assert rec["placement"]["disk"] > 0 and rec["disk_read_bytes_decode"] > 0, rec
+        # --cpu-mem holds the draft too: the budget reported is the one given, and the run keeps its promise
+        # (peak RSS while serving <= baseline + --cpu-mem + slack)
+        from offload_rt.config import parse_size
+
+        assert rec["host_budget_bytes"] == parse_size(streamed_mem)
+        assert rec["host_reserved_peak_bytes"] <= rec["host_budget_bytes"]
+        assert rec["run_peak_rss_bytes"] <= rec["baseline_rss_bytes"] + rec["host_budget_bytes"] + \
+            rec["runtime_slack_bytes"], rec
     else:
         assert rec["placement"]["disk"] == 0
     check_spec_stats(rec["spec"], budget)
