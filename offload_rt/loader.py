@@ -112,6 +112,20 @@ def open_model(cfg: RunConfig) -> LoadedModel:
     return LoadedModel(name, path, store, args, tok, dtype, model_groups(args))
 
 
+def resident_kv(args: LlamaArgs, dtype: torch.dtype, tokens: int, device: str):
+    """A KV cache for ``tokens`` kept whole where compute runs: on the CPU chunks in RAM with the Numba
+    kernels (no spilling), on a GPU one dense buffer per layer."""
+    if device == "cpu":
+        from offload_rt.kv.tiered import TieredKV
+        from offload_rt.memory.kv_plan import CHUNK_TOKENS
+
+        return TieredKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, tokens,
+                        host_chunks=args.num_hidden_layers * -(-tokens // CHUNK_TOKENS))
+    from offload_rt.kv.dense import DenseKV
+
+    return DenseKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, tokens, device=device)
+
+
 def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=None, device: str = "cpu",
                   on_warm=None, cache=None) -> Engine:
     """Build the engine over ``source`` (default: every tensor resident) and ``cache`` (default: a
@@ -128,13 +142,8 @@ def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=Non
     tuner = ThreadTuner(n) if device == "cpu" and not cfg.threads else None
     accel = getattr(source, "accel", None)  # the streaming source: its KV tier and device synchronisation
     max_tokens = context_tokens(model.args, cfg.ctx_size)
-    if cache is None and device == "cpu":  # CPU compute: chunks in RAM, the Numba kernels (no spilling)
-        from offload_rt.kv.tiered import TieredKV
-        from offload_rt.memory.kv_plan import CHUNK_TOKENS
-
-        a = model.args
-        cache = TieredKV(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, model.dtype, max_tokens,
-                         host_chunks=a.num_hidden_layers * -(-max_tokens // CHUNK_TOKENS))
+    if cache is None and device == "cpu":
+        cache = resident_kv(model.args, model.dtype, max_tokens, device)
     model.engine = Engine(model.args, source, model.dtype, prefill_chunk=cfg.prefill_chunk, tracer=tracer,
                           device=device, max_tokens=max_tokens, thread_tuner=tuner,
                           prefill_threads=n, on_warm=on_warm, kv_device=getattr(source, "kv_device", None),

@@ -135,20 +135,14 @@ def build_speculator(draft, plan: DraftPlan, *, vocab: int, ctx_tokens: int, dev
                      threads: int | None = None):
     """The draft's resident engine and the :class:`~offload_rt.spec.speculate.Speculator` over it."""
     from offload_rt.engine import Engine, ResidentWeights
-    from offload_rt.kv.dense import DenseKV
-    from offload_rt.kv.tiered import TieredKV
-    from offload_rt.memory.kv_plan import CHUNK_TOKENS
+    from offload_rt.loader import resident_kv
     from offload_rt.models import llama
     from offload_rt.spec.draft import Draft
     from offload_rt.spec.speculate import Speculator
 
     a, dt, store = draft.args, draft.dtype, draft.store
     rows = ctx_tokens + draft_rows(plan.budget)
-    if device == "cpu":
-        cache = TieredKV(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dt, rows,
-                         host_chunks=a.num_hidden_layers * -(-rows // CHUNK_TOKENS))
-    else:
-        cache = DenseKV(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dt, rows, device=device)
+    cache = resident_kv(a, dt, rows, device)
     source = ResidentWeights(draft.groups, lambda n: store.load(n).to(device=device, dtype=dt), llama.EMBED)
     engine = Engine(a, source, dt, max_tokens=rows, device=device, cache=cache,
                     prefill_threads=threads if device == "cpu" else None)

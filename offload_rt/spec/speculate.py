@@ -112,9 +112,9 @@ class Speculator:
         t1 = time.perf_counter()
         st.draft_s += t1 - t0
         with tr.span("spec", "verify", nodes=len(tree) + 1):
-            out = self._verify(engine, sampler, root, tree)
+            out, accepted = self._verify(engine, sampler, root, tree)
         if len(tree):
-            self.draft.finish(tree, self._accepted)
+            self.draft.finish(tree, accepted)
         st.verify_s += time.perf_counter() - t1
         st.passes += 1
         st.tree_nodes += len(tree)
@@ -122,11 +122,11 @@ class Speculator:
         st.tokens += len(out)
         return out
 
-    def _verify(self, engine: Engine, sampler, root: int, tree: Tree) -> list[int]:
+    def _verify(self, engine: Engine, sampler, root: int, tree: Tree) -> tuple[list[int], list[int]]:
+        """One target pass over root + tree: (the tokens after the root, the accepted nodes)."""
         r = engine.cache.offset
         if not len(tree):  # no room for a tree (the end of the context): one autoregressive step
-            self._accepted = []
-            return [sampler(engine.forward([root]))]
+            return [sampler(engine.forward([root]))], []
         pos = torch.cat([torch.tensor([r]), tree.positions(r + 1)])
         logits = engine.forward([root] + tree.tokens, positions=pos, tree_mask=verification_mask(tree),
                                 all_logits=True)
@@ -137,5 +137,4 @@ class Speculator:
             if engine.cache.offset > r:  # interrupted before the tree was pruned: drop it whole
                 engine.keep(r, [])
             raise
-        self._accepted = accepted
-        return [tree.tokens[i] for i in accepted] + [bonus]
+        return [tree.tokens[i] for i in accepted] + [bonus], accepted
