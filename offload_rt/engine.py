@@ -17,9 +17,8 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 import torch
 
 from kernels_cpu.matvec import decode_scope, embedding
+from offload_rt import models
 from offload_rt.kv.dense import DenseKV
-from offload_rt.models import llama
-from offload_rt.models.llama import LlamaArgs
 from offload_rt.threads import torch_threads
 from offload_rt.trace import NullTracer
 
@@ -32,15 +31,17 @@ class Group:
     kind: str  # "layer" | "head"
     index: int  # layer index, -1 for the head
     tensors: tuple[tuple[str, str], ...]  # (key the model uses, tensor name in the store)
+    experts: str | None = None  # a MoE layer: the store name of its packed routed experts (placed apart)
 
 
-def model_groups(args: LlamaArgs) -> list[Group]:
+def model_groups(args) -> list[Group]:
     """The sweep order: decoder layers 0..N-1, then the head (final norm + output projection)."""
     groups = []
     for i in range(args.num_hidden_layers):
-        prefix = llama.LAYER_PREFIX.format(i)
-        groups.append(Group(f"layer.{i}", "layer", i, tuple((s, prefix + s) for s in args.layer_suffixes())))
-    groups.append(Group("head", "head", -1, tuple((n, n) for n in args.head_names())))
+        prefix = models.LAYER_PREFIX.format(i)
+        groups.append(Group(f"layer.{i}", "layer", i, tuple((s, prefix + s) for s in args.layer_tensors(i)),
+                            experts=args.expert_tensor(i)))
+    groups.append(Group("head", "head", -1, tuple((n, n) for n in args.head_tensors())))
     return groups
 
 
@@ -59,7 +60,10 @@ class WeightSource(Protocol):
 class ResidentWeights:
     """Every tensor loaded into memory once (the device tier, which on CPU is host RAM)."""
 
-    def __init__(self, groups: Sequence[Group], load: Callable[[str], torch.Tensor], embed_name: str):
+    def __init__(self, groups: Sequence[Group], load: Callable[[str], torch.Tensor], embed_name: str,
+                 experts: Callable[[str], object] | None = None):
+        """``load(name)`` gives a tensor; ``experts(name)`` a MoE layer's expert set (models.ops.ExpertSet)
+        from its packed experts' store name (needed only for models with MoE layers)."""
         self.groups = list(groups)
         cache: dict[str, torch.Tensor] = {}
 
@@ -68,7 +72,15 @@ class ResidentWeights:
                 cache[name] = load(name)
             return cache[name]
 
-        self._tables = [{key: get(name) for key, name in g.tensors} for g in self.groups]
+        def table(g: Group) -> dict:
+            t = {key: get(name) for key, name in g.tensors}
+            if g.experts is not None:
+                if experts is None:
+                    raise ValueError(f"{g.name} has routed experts ({g.experts}) but no expert loader was given")
+                t["experts"] = experts(g.experts)
+            return t
+
+        self._tables = [table(g) for g in self.groups]
         self._embed = get(embed_name)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -84,7 +96,7 @@ class ResidentWeights:
 class Engine:
     """Forward passes with a prefix-reusing KV cache (batch 1)."""
 
-    def __init__(self, args: LlamaArgs, source: WeightSource, dtype: torch.dtype, *,
+    def __init__(self, args, source: WeightSource, dtype: torch.dtype, *,
                  max_tokens: int | None = None, prefill_chunk: int = 512, tracer=None,
                  device: torch.device | str = "cpu", thread_tuner=None, prefill_threads: int | None = None,
                  on_warm: Callable[[], object] | None = None, kv_device: torch.device | str | None = None,
@@ -98,7 +110,8 @@ class Engine:
             args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, self.max_tokens,
             device=self.device if kv_device is None else kv_device, compute_device=self.device)
         self._synchronize = synchronize
-        self.rope = llama.Rope(args, dtype, self.device)
+        self.family = models.of(args)  # the model's forward functions (offload_rt.models)
+        self.rope = self.family.Rope(args, dtype, self.device)
         self.prefill_chunk = max(1, prefill_chunk)
         self.tokens: list[int] = []  # ids whose K/V are in the cache, in order
         self.tracer = tracer or NullTracer()
@@ -139,10 +152,10 @@ class Engine:
             for group, w in self.source.sweep():
                 with tr.span("compute", group.name, group=group.name, **{"pass": k}):
                     if group.kind == "layer":
-                        x = llama.layer_forward(self.args, w, x, self.cache, group.index, rope, start,
-                                                tree_mask=tree_mask)
+                        x = self.family.layer_forward(self.args, w, x, self.cache, group.index, rope, start,
+                                                      tree_mask=tree_mask)
                     else:
-                        logits = llama.head_forward(self.args, w, x if all_logits else x[-1:])
+                        logits = self.family.head_forward(self.args, w, x if all_logits else x[-1:])
                         logits = logits if all_logits else logits[0]
         if tuner is not None:
             tuner.record(n_threads, time.perf_counter() - t0)

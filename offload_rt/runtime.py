@@ -25,8 +25,7 @@ from offload_rt.memory import calibrate
 from offload_rt.memory.kv_plan import KVShape, KVSplit, split_kv
 from offload_rt.memory.plan import MAX_PREFETCH_DEPTH, Bandwidths, Budgets, GroupSpec, Placement, cli_size, plan
 from offload_rt.memory.tiers import Tiers
-from offload_rt.models import llama
-from offload_rt.models.llama import LlamaArgs
+from offload_rt import models
 
 MIN_STREAM_DEPTH = 2  # slots in flight when anything streams (see prepare)
 DEFAULT_CTX = 4096  # context window (and KV budget) when --ctx-size is not given: min(model's, this)
@@ -38,7 +37,7 @@ def _nbytes(store, name: str, dtype: torch.dtype) -> int:
     return store.info(name).held_bytes(dtype)
 
 
-def group_specs(store, groups: list[Group], dtype: torch.dtype, args: LlamaArgs) -> list[GroupSpec]:
+def group_specs(store, groups: list[Group], dtype: torch.dtype, args) -> list[GroupSpec]:
     """Per group: bytes held at the compute dtype, bytes stored, its two slot layouts, its cast buffer.
 
     Every tensor of the group's sweep step counts, a tied embedding in the head included
@@ -58,12 +57,12 @@ def group_specs(store, groups: list[Group], dtype: torch.dtype, args: LlamaArgs)
     return specs
 
 
-def untied_embed_bytes(store, args: LlamaArgs, dtype: torch.dtype) -> int:
+def untied_embed_bytes(store, args, dtype: torch.dtype) -> int:
     """The embedding table as a separate resident tensor (0 when tied: it is the head's matrix)."""
-    return 0 if args.tie_word_embeddings else _nbytes(store, llama.EMBED, dtype)
+    return 0 if args.tie_word_embeddings else _nbytes(store, models.of(args).EMBED, dtype)
 
 
-def context_tokens(args: LlamaArgs, ctx_size: int | None) -> int:
+def context_tokens(args, ctx_size: int | None) -> int:
     """The context window a run serves; its KV cache is budgeted for exactly this many tokens."""
     limit = args.max_position_embeddings
     if ctx_size is None:
@@ -73,11 +72,11 @@ def context_tokens(args: LlamaArgs, ctx_size: int | None) -> int:
     return ctx_size
 
 
-def kv_reserve_bytes(args: LlamaArgs, dtype: torch.dtype, tokens: int) -> int:
+def kv_reserve_bytes(args, dtype: torch.dtype, tokens: int) -> int:
     return tokens * kv_mod.bytes_per_token(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype)
 
 
-def kv_shape(args: LlamaArgs, dtype: torch.dtype) -> KVShape:
+def kv_shape(args, dtype: torch.dtype) -> KVShape:
     return KVShape(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype.itemsize)
 
 
@@ -94,13 +93,13 @@ def _disk_free(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def may_use_magicpig(cfg: RunConfig, args: LlamaArgs) -> bool:
+def may_use_magicpig(cfg: RunConfig, args) -> bool:
     """Whether this run's options can turn MagicPIG on (its kernels are then compiled up front)."""
     return cfg.attention == "magicpig" or (
         cfg.attention == "auto" and context_tokens(args, cfg.ctx_size) >= AUTO_MAGICPIG_TOKENS)
 
 
-def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype, extra_tokens: int = 0) -> tuple[KVSplit, str]:
+def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0) -> tuple[KVSplit, str]:
     """The KV cache's split across RAM and disk for the run's context (plus ``extra_tokens`` rows: a
     speculation tree's), and the attention it runs.
 
@@ -127,11 +126,10 @@ def plan_kv(cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype, extra_tokens: i
     return split_kv(shape, tokens, **kw), "exact"
 
 
-def activation_bytes(args: LlamaArgs, prefill_chunk: int, dequant: int = 0) -> int:
+def activation_bytes(args, prefill_chunk: int, dequant: int = 0) -> int:
     """Scratch of one prefill chunk (fp32 upper bound) plus the logits row, plus ``dequant`` bytes for
     quantized weights' dequantization (:func:`dequant_scratch_bytes`)."""
-    per_token = 4 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_attention_heads * args.head_dim
-    return 4 * (prefill_chunk * per_token + args.vocab_size) + dequant
+    return models.of(args).activation_bytes(args, prefill_chunk) + dequant
 
 
 def has_quantized(store) -> bool:
@@ -153,7 +151,7 @@ def dequant_scratch_bytes(store, cuda: bool) -> int:
     return PREFILL_BLOCK_BYTES
 
 
-def embed_tier(placement: Placement, args: LlamaArgs) -> str:
+def embed_tier(placement: Placement, args) -> str:
     """Where the run keeps the embedding table: as the plan placed it, or (tied) the head's own copy.
 
     A tied table is the head's output matrix: wherever the head is held (device, or a host
@@ -177,7 +175,7 @@ class Prepared:
     attention: str = "exact"  # exact | magicpig
     draft: object | None = None  # spec.setup.DraftPlan: the draft's residency and the speculation budget
 
-    def kv_cache(self, cfg: RunConfig, args: LlamaArgs, dtype: torch.dtype, tracer=None):
+    def kv_cache(self, cfg: RunConfig, args, dtype: torch.dtype, tracer=None):
         """The run's KV cache where the plan put it: dense on the GPU, or chunked in RAM and on disk."""
         from offload_rt.kv.dense import DenseKV
         from offload_rt.kv.tiered import TieredKV
@@ -198,13 +196,13 @@ class Prepared:
         accel = accel or make_accel(self.device)
         split = accel.split and placement.cuda
 
-        def build(store, args: LlamaArgs, dtype: torch.dtype, groups: list[Group]):
+        def build(store, args, dtype: torch.dtype, groups: list[Group]):
             from offload_rt.scheduler import StreamingWeights
 
             tiers = Tiers(host_budget=self.budgets.host, device_budget=self.budgets.device, cuda=split)
             tiers.get(placement.kv_tier).reserve("kv", placement.kv_bytes)
             tiers.get("device" if split else "host").reserve("activations", placement.activation_bytes)
-            return StreamingWeights(store, groups, placement.tiers, dtype, embed_name=llama.EMBED,
+            return StreamingWeights(store, groups, placement.tiers, dtype, embed_name=models.of(args).EMBED,
                                     embed_tier=embed_tier(placement, args), tiers=tiers,
                                     accel=accel if split else HostAccel(), kv_tier=placement.kv_tier,
                                     depth=placement.prefetch_depth, tracer=tracer)
@@ -222,7 +220,7 @@ def gpu_budget(cfg: RunConfig, dtype: torch.dtype, used_before: int | None) -> t
     return gpu_mod.device_budget(cfg.gpu_mem, context_bytes=ctx, free=free, total=total), ctx
 
 
-def prepare(cfg: RunConfig, store, args: LlamaArgs, dtype: torch.dtype, groups: list[Group], device: str, *,
+def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group], device: str, *,
             gpu_used_before: int | None = None, draft=None) -> Prepared:
     """Budgets, bandwidths, plan. ``gpu_used_before``: the GPU's used bytes read before this process
     created its CUDA context (how the context is measured); CUDA runs only. ``draft``: the speculation

@@ -125,11 +125,11 @@ def store_read_passes(store_dir: Path, model: Path, groups: set[str], threads: i
 
     import storage
     from offload_rt.engine import model_groups
-    from offload_rt.models.llama import LlamaArgs
+    from offload_rt import models
     from storage.store import aligned_buffer
 
     st = storage.open_or_convert(model, store_dir, progress=False)
-    todo = [[n for _k, n in g.tensors] for g in model_groups(LlamaArgs.from_config(st.model_config))
+    todo = [[n for _k, n in g.tensors] for g in model_groups(models.args_from_config(st.model_config))
             if g.name in groups]
 
     bufs = {n: aligned_buffer(st.info(n).nbytes) for names in todo for n in names}

@@ -6,10 +6,10 @@
 A decode step is the mat-vecs over the weights plus everything else: RMSNorm, RoPE, the KV write
 and attention, residual adds, silu*mul, dtype casts, and the Python between them. To see the
 "everything else" alone, the default model's decode runs with its linears replaced by zero rows
-(``models.llama._fast_linear`` returns a cached zero tensor for one-row inputs, as /tmp/prof2.py
+(``models.ops.linear`` returns a cached zero tensor for one-row inputs, as /tmp/prof2.py
 did), and the step time is measured in two modes, alternating, in one process:
 
-- ``torch``: the fused paths off (``kernels_cpu.rowops.usable`` answers False, so llama.py runs its
+- ``torch``: the fused paths off (``kernels_cpu.rowops.usable`` answers False, so the model runs its
   torch expressions; ``TieredKV`` takes its general attend path) — the code before the fast paths;
 - ``fused``: as shipped (``kernels_cpu.rowops``, ``kernels_cpu.attention.attend_decode``);
 - with ``--parts`` also ``rowops`` and ``attention``: one of the two fast paths alone.
@@ -40,9 +40,9 @@ PROMPT = "Hello, my name is"
 @contextlib.contextmanager
 def linears_zeroed():
     """One-row linears return zeros (cached per output width): only the work around them remains."""
-    import offload_rt.models.llama as llama
+    from offload_rt.models import ops
 
-    real, zeros = llama._fast_linear, {}
+    real, zeros = ops.linear, {}
 
     def fake(x, w, b=None):
         if x.shape[0] != 1:
@@ -52,11 +52,11 @@ def linears_zeroed():
             zeros[n, x.dtype] = torch.zeros(1, n, dtype=x.dtype)
         return zeros[n, x.dtype]
 
-    llama._fast_linear = fake
+    ops.linear = fake
     try:
         yield
     finally:
-        llama._fast_linear = real
+        ops.linear = real
 
 
 MODES = {"torch": (False, False), "rowops": (True, False), "attention": (False, True), "fused": (True, True)}

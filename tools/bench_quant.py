@@ -224,10 +224,10 @@ def store_read_passes(store: Path, groups: set[str], *, rounds: int = 2, threads
     from storage.store import WeightStore, aligned_buffer
 
     from offload_rt.engine import model_groups
-    from offload_rt.models.llama import LlamaArgs
+    from offload_rt import models
 
     st = WeightStore.open(store)
-    todo = [[n for _k, n in g.tensors if n in st] for g in model_groups(LlamaArgs.from_config(st.model_config))
+    todo = [[n for _k, n in g.tensors if n in st] for g in model_groups(models.args_from_config(st.model_config))
             if g.name in groups]
     names = [n for ns in todo for n in ns]
     bufs = {n: aligned_buffer(st.info(n).nbytes) for n in names}

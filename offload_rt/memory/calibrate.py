@@ -5,7 +5,7 @@
   into one preallocated page-aligned (mmap) buffer, with ``O_DIRECT`` where the
   filesystem allows it (buffered reads otherwise), then deleted;
 * memory read: torch ``sum`` over 256 MiB of float32;
-* decode layer: what decode runs, timed — ``models.llama.layer_forward`` on one token
+* decode layer: what decode runs, timed — a dense decoder layer's ``layer_forward`` (offload_rt.models) on one token
   (its mat-vecs through ``kernels_cpu.matvec.linear``: the Numba kernels for float32 and
   bfloat16, ``F.linear`` for float16, as in decode), inside ``decode_scope``, over enough
   distinct layers that the weights stream from RAM; fastest of several reps. Two layer
@@ -445,26 +445,23 @@ def matmul_flops(dtype: str, device: str = "cpu", *, cache_dir: Path | None = No
 
 
 def layer_tensors(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int = HEAD_DIM) -> dict[str, tuple]:
-    """Shapes of one Llama decoder layer's tensors, by the names ``models.llama.layer_forward`` reads."""
-    return {
-        "input_layernorm.weight": (hidden,),
-        "self_attn.q_proj.weight": (heads * head_dim, hidden),
-        "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-        "self_attn.o_proj.weight": (hidden, heads * head_dim),
-        "post_attention_layernorm.weight": (hidden,),
-        "mlp.gate_proj.weight": (inter, hidden),
-        "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
-    }
+    """Shapes of one dense decoder layer's tensors, by the names its family's ``layer_forward`` reads."""
+    return _layer_args(hidden, inter, heads, kv_heads, 1, head_dim=head_dim).layer_tensors(0)
 
 
-def _layer_args(hidden: int, inter: int, heads: int, kv_heads: int, layers: int, vocab: int = 1):
-    from offload_rt.models.llama import LlamaArgs
+def _layer_args(hidden: int, inter: int, heads: int, kv_heads: int, layers: int, vocab: int = 1,
+                head_dim: int = HEAD_DIM):
+    from offload_rt import models
 
-    return LlamaArgs(model_type="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=HEAD_DIM, vocab_size=vocab,
-                     max_position_embeddings=CONTEXT_TOKENS + 8)
+    return models.dense_layer_args(hidden, inter, heads, kv_heads, head_dim, layers, vocab=vocab,
+                                   context=CONTEXT_TOKENS + 8)
+
+
+def _head_tensors(args) -> dict[str, tuple]:
+    """The embedding and head tensors of ``args`` (untied: the embedding, final norm and output matrix)."""
+    from offload_rt import models
+
+    return {models.of(args).EMBED: (args.vocab_size, args.hidden_size), **args.head_tensors()}
 
 
 def _weights(shapes: dict[str, tuple], dtype, device="cpu") -> dict:
@@ -483,8 +480,8 @@ def _layer_sweep(dtype: str, shape: tuple[int, int, int, int], sweep_bytes: int,
     ``decode_scope``). On a GPU ``sweep()`` returns once its kernels are queued."""
     import torch
 
+    from offload_rt import models
     from offload_rt.kv.dense import DenseKV
-    from offload_rt.models import llama
 
     dt = getattr(torch, dtype)
     hidden, inter, heads, kv_heads = shape
@@ -492,18 +489,19 @@ def _layer_sweep(dtype: str, shape: tuple[int, int, int, int], sweep_bytes: int,
     per_layer = sum(math.prod(s) for s in shapes.values()) * dt.itemsize
     n = max(2, -(-sweep_bytes // per_layer))
     args = _layer_args(hidden, inter, heads, kv_heads, n)
+    fam = models.of(args)
     layers = [_weights(shapes, dt, device) for _ in range(n)]
     cache = DenseKV(n, kv_heads, HEAD_DIM, dt, CONTEXT_TOKENS + 1, device=device)
     kv = torch.full((CONTEXT_TOKENS, kv_heads, HEAD_DIM), 0.1, dtype=dt, device=device)
     for i in range(n):
         cache.store(i, kv, kv)
     cache.commit(CONTEXT_TOKENS)
-    rope = llama.Rope(args, dt, device).tables(CONTEXT_TOKENS, 1)
+    rope = fam.Rope(args, dt, device).tables(CONTEXT_TOKENS, 1)
     x = torch.full((1, hidden), 0.1, dtype=dt, device=device)
 
     def sweep():
         for i, w in enumerate(layers):
-            llama.layer_forward(args, w, x, cache, i, rope, CONTEXT_TOKENS)  # rewrites the same KV slot
+            fam.layer_forward(args, w, x, cache, i, rope, CONTEXT_TOKENS)  # rewrites the same KV slot
 
     return per_layer, n, sweep
 
@@ -566,18 +564,17 @@ def measure_token_overhead(dtype: str, *, vocab: int = TOKEN_VOCAB, reps: int = 
     import torch
 
     from offload_rt.config import SamplingConfig
+    from offload_rt import models
     from offload_rt.engine import Engine, ResidentWeights, model_groups
-    from offload_rt.models import llama
     from offload_rt.sampling import make_sampler
 
     dt = getattr(torch, dtype)
     hidden, tiny_vocab = 64, 64
     args = _layer_args(hidden, hidden, 1, 1, 0, tiny_vocab)
-    tensors = _weights({llama.EMBED: (tiny_vocab, hidden), llama.LM_HEAD: (tiny_vocab, hidden),
-                        llama.FINAL_NORM: (hidden,)}, dt, device)
+    tensors = _weights(_head_tensors(args), dt, device)
     logits, sample = torch.zeros(vocab, dtype=torch.float32, device=device), make_sampler(SamplingConfig())
     with torch.inference_mode():
-        engine = Engine(args, ResidentWeights(model_groups(args), tensors.__getitem__, llama.EMBED), dt,
+        engine = Engine(args, ResidentWeights(model_groups(args), tensors.__getitem__, models.of(args).EMBED), dt,
                         max_tokens=8, device=device)
 
         def step():
@@ -638,24 +635,24 @@ def warm_gpu_kernels(dtype: str, device) -> None:
     (``gpu.measure_gpu_context(warm=...)``) to count the kernels a run will load."""
     import torch
 
+    from offload_rt import models
     from offload_rt.kv.dense import DenseKV
-    from offload_rt.models import llama
 
     dt = getattr(torch, dtype)
     hidden, inter, heads, kv_heads = WARM_SHAPE
     args = _layer_args(hidden, inter, heads, kv_heads, 1, vocab=64)
+    fam = models.of(args)
     w = _weights(layer_tensors(hidden, inter, heads, kv_heads), dt, device)
-    w.update(_weights({llama.EMBED: (64, hidden), llama.LM_HEAD: (64, hidden), llama.FINAL_NORM: (hidden,)},
-                      dt, device))
+    w.update(_weights(_head_tensors(args), dt, device))
     cache = DenseKV(1, kv_heads, HEAD_DIM, dt, CONTEXT_TOKENS, device=device)
-    rope = llama.Rope(args, dt, device)
+    rope = fam.Rope(args, dt, device)
     with torch.inference_mode():
         for start, n in ((0, 8), (8, 1)):  # prefill (GEMMs, masked attention), then decode (GEMVs)
             ids = torch.ones(n, dtype=torch.int64, device=device)
-            x = llama.embed(args, w[llama.EMBED], ids)
-            x = llama.layer_forward(args, w, x, cache, 0, rope.tables(start, n), start)
+            x = fam.embed(args, w[fam.EMBED], ids)
+            x = fam.layer_forward(args, w, x, cache, 0, rope.tables(start, n), start)
             cache.commit(n)
-            int(torch.argmax(llama.head_forward(args, w, x)[-1]).item())
+            int(torch.argmax(fam.head_forward(args, w, x)[-1]).item())
 
 
 def release_gpu(device) -> None:

@@ -16,9 +16,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from kernels_cpu import rowops
-from kernels_cpu.matvec import linear as _fast_linear
 from offload_rt.errors import ModelSourceError
+from offload_rt.models import ops
 
 # model_type values this file implements, with the per-family switches they imply.
 # sliding: how config.json's sliding_window applies, as transformers reads it: "all" layers (Mistral),
@@ -38,6 +37,7 @@ EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 LAYER_PREFIX = "model.layers.{}."
+MODEL_TYPES = tuple(FAMILIES)  # what offload_rt.models dispatches to this file
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,7 @@ class LlamaArgs:
     def from_config(cls, cfg: Mapping[str, Any]) -> "LlamaArgs":
         """Build from a config.json dict; unknown keys are ignored."""
         mt = cfg.get("model_type")
-        if mt not in FAMILIES:
-            supported = ", ".join(sorted(FAMILIES))
-            raise ModelSourceError(
-                f"unsupported model_type {mt!r}; offload_rt runs Llama-family decoders ({supported})"
-            )
-        fam = FAMILIES[mt]
+        fam = cls.switches(mt)
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -111,6 +106,15 @@ class LlamaArgs:
         except (KeyError, TypeError, ValueError) as e:
             raise ModelSourceError(f"config.json is missing or has a bad value for {e}; is this a complete checkpoint?") from None
 
+    @classmethod
+    def switches(cls, model_type) -> dict[str, Any]:
+        """The per-family switches of ``model_type`` (a one-line error for one this class does not build)."""
+        if model_type not in FAMILIES:
+            from offload_rt.models import unsupported
+
+            raise unsupported(model_type)
+        return FAMILIES[model_type]
+
     def window(self, layer: int) -> int | None:
         """The attention window of decoder layer ``layer`` (None: it attends to the whole context)."""
         if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
@@ -144,11 +148,11 @@ class LlamaArgs:
         """Tensors used after the last layer (final norm and output projection)."""
         return [FINAL_NORM, EMBED if self.tie_word_embeddings else LM_HEAD]
 
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor the forward pass reads, with the shape this config implies (Hugging Face names)."""
+    def shape_table(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor a decoder layer of this config may have, by suffix."""
         h, d, inter = self.hidden_size, self.head_dim, self.intermediate_size
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        layer = {
+        return {
             "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
             "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
             "self_attn.o_proj.weight": (h, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
@@ -157,10 +161,32 @@ class LlamaArgs:
             "mlp.down_proj.weight": (h, inter), "mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,),
             "mlp.down_proj.bias": (h,),
         }
-        out = {EMBED: (self.vocab_size, h), FINAL_NORM: (h,), LM_HEAD: (self.vocab_size, h)}
-        out = {n: out[n] for n in [EMBED, *self.head_names()]}
+
+    def layer_tensors(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """The tensors decoder layer ``layer`` reads: suffix (relative to ``model.layers.{i}.``) -> shape."""
+        table = self.shape_table()
+        return {s: table[s] for s in self.layer_suffixes()}
+
+    def expert_tensor(self, layer: int) -> str | None:
+        """The store name of layer ``layer``'s packed routed experts (None: a dense layer, as every one here)."""
+        return None
+
+    def expert_parts(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of one routed expert's parts in layer ``layer`` (empty for a dense layer)."""
+        return {}
+
+    def head_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Tensors used after the last layer (final norm and output projection) -> shape."""
+        h = self.hidden_size
+        table = {EMBED: (self.vocab_size, h), FINAL_NORM: (h,), LM_HEAD: (self.vocab_size, h)}
+        return {n: table[n] for n in self.head_names()}
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the forward pass reads, with the shape this config implies (Hugging Face names);
+        a MoE layer's routed experts are the packed tensor :meth:`expert_tensor` (checked apart)."""
+        out = {EMBED: (self.vocab_size, self.hidden_size), **self.head_tensors()}
         for i in range(self.num_hidden_layers):
-            out.update({LAYER_PREFIX.format(i) + s: layer[s] for s in self.layer_suffixes()})
+            out.update({LAYER_PREFIX.format(i) + s: shape for s, shape in self.layer_tensors(i).items()})
         return out
 
 
@@ -237,38 +263,54 @@ class Rope:
         return self.cos[start:end], self.sin[start:end]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, d]; cos/sin: [T, d]. (layer_forward rotates one CPU token's q and k together in
-    kernels_cpu.rowops.rope_qk.)"""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return x * cos + _rotate_half(x) * sin
+apply_rope = ops.apply_rope  # x [T, heads, d], cos/sin [T, d]
 
 
 # ---------------------------------------------------------------- blocks
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's LlamaRMSNorm: normalise in float32, scale in the input dtype. One CPU row
-    (decode) goes to the fused kernel (kernels_cpu.rowops), the same arithmetic in one call."""
-    if rowops.usable(x, weight):
-        return rowops.rms_norm(x, weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+rms_norm = ops.rms_norm  # Hugging Face's LlamaRMSNorm (fused for one CPU row)
 
 
 def _linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    return _fast_linear(x, w[name + ".weight"], w.get(name + ".bias"))
+    return ops.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
 def embed(args: LlamaArgs, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """ids: [T] int64 -> [T, hidden]."""
     return F.embedding(ids, table)
+
+
+def attention_block(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor, cache, layer: int,
+                    rope: tuple[torch.Tensor, torch.Tensor], tree_mask: torch.Tensor | None = None):
+    """The attention half of a decoder layer: returns (x + attention, the post-attention RMSNorm of it,
+    whether the rows take the fused single-row kernels). Shared by every family built on this one."""
+    T = x.shape[0]
+    nh, nkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    eps = args.rms_norm_eps
+    h = rms_norm(x, w["input_layernorm.weight"], eps)
+    q = _linear(h, w, "self_attn.q_proj")
+    k = _linear(h, w, "self_attn.k_proj")
+    v = _linear(h, w, "self_attn.v_proj").view(T, nkv, d)
+    if args.qk_norm:
+        q = rms_norm(q.view(T, nh, d), w["self_attn.q_norm.weight"], eps)
+        k = rms_norm(k.view(T, nkv, d), w["self_attn.k_norm.weight"], eps)
+    cos, sin = rope
+    # One CPU token (decode): fused single-row kernels instead of ~20 small torch ops.
+    fast = ops.fast_row(x, q, k, cos, sin)
+    q, k = ops.rope_qk(q, k, cos, sin, nh, nkv, fast)
+    o = cache.attend(layer, q, k, v, window=args.window(layer), tree_mask=tree_mask)
+    if o.dtype != x.dtype:
+        o = o.to(x.dtype)
+    attn = _linear(o, w, "self_attn.o_proj")
+    x, h = ops.add_rms_norm(x, attn, w["post_attention_layernorm.weight"], eps, fast)
+    return x, h, fast
+
+
+def mlp(w: Mapping[str, torch.Tensor], h: torch.Tensor, prefix: str = "mlp", fast: bool = True) -> torch.Tensor:
+    """down(silu(gate(h)) * up(h)) with the projections under ``prefix`` (also a MoE's shared expert)."""
+    gate, up = _linear(h, w, prefix + ".gate_proj"), _linear(h, w, prefix + ".up_proj")
+    return _linear(ops.silu_mul(gate, up, fast), w, prefix + ".down_proj")
 
 
 def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor, cache, layer: int,
@@ -281,40 +323,23 @@ def layer_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tenso
     keys and values (offload_rt.kv); ``tree_mask`` (speculation) replaces the causal mask
     among the new tokens.
     """
-    T = x.shape[0]
-    nh, nkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-    eps = args.rms_norm_eps
-    h = rms_norm(x, w["input_layernorm.weight"], eps)
-    q = _linear(h, w, "self_attn.q_proj")
-    k = _linear(h, w, "self_attn.k_proj")
-    v = _linear(h, w, "self_attn.v_proj").view(T, nkv, d)
-    if args.qk_norm:
-        q = rms_norm(q.view(T, nh, d), w["self_attn.q_norm.weight"], eps)
-        k = rms_norm(k.view(T, nkv, d), w["self_attn.k_norm.weight"], eps)
-    cos, sin = rope
-    # One CPU token (decode): fused single-row kernels (kernels_cpu.rowops) instead of ~20 small torch ops.
-    fast = rowops.usable(x, q, k, cos, sin)
-    if fast:
-        q, k = rowops.rope_qk(q, k, cos, sin, nh, nkv)  # -> [1, heads, d]
-    else:
-        q, k = apply_rope(q.view(T, nh, d), cos, sin), apply_rope(k.view(T, nkv, d), cos, sin)
-    o = cache.attend(layer, q, k, v, window=args.window(layer), tree_mask=tree_mask)
-    if o.dtype != x.dtype:
-        o = o.to(x.dtype)
-    attn = _linear(o, w, "self_attn.o_proj")
-    norm = w["post_attention_layernorm.weight"]
-    if fast and rowops.usable(attn, norm):
-        x, h = rowops.add_rms_norm(x, attn, norm, eps)
-    else:
-        x = x + attn
-        h = rms_norm(x, norm, eps)
-    gate, up = _linear(h, w, "mlp.gate_proj"), _linear(h, w, "mlp.up_proj")
-    mlp = rowops.silu_mul(gate, up) if fast and rowops.usable(gate, up) else F.silu(gate) * up
-    return x + _linear(mlp, w, "mlp.down_proj")
+    x, h, fast = attention_block(args, w, x, cache, layer, rope, tree_mask)
+    return x + mlp(w, h, "mlp", fast)
 
 
 def head_forward(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Final norm and output projection for the rows of x: [T, hidden] -> [T, vocab] float32."""
     h = rms_norm(x, w[FINAL_NORM], args.rms_norm_eps)
     out = w[EMBED] if args.tie_word_embeddings else w[LM_HEAD]
-    return _fast_linear(h, out).float()
+    return ops.linear(h, out).float()
+
+
+def args_from_config(cfg: Mapping[str, Any]) -> LlamaArgs:
+    """This family's config from a config.json dict (the family interface's constructor)."""
+    return LlamaArgs.from_config(cfg)
+
+
+def activation_bytes(args: LlamaArgs, tokens: int) -> int:
+    """Scratch of a forward pass over ``tokens`` rows (fp32 upper bound) plus the logits row."""
+    per_token = 4 * args.hidden_size + 3 * args.intermediate_size + 2 * args.num_attention_heads * args.head_dim
+    return 4 * (tokens * per_token + args.vocab_size)

@@ -134,16 +134,15 @@ def agreement(cfg: RunConfig) -> float:
 def build_speculator(draft, plan: DraftPlan, *, vocab: int, ctx_tokens: int, device: str, tracer=None,
                      threads: int | None = None):
     """The draft's resident engine and the :class:`~offload_rt.spec.speculate.Speculator` over it."""
-    from offload_rt.engine import Engine, ResidentWeights
-    from offload_rt.loader import resident_kv
-    from offload_rt.models import llama
+    from offload_rt.engine import Engine
+    from offload_rt.loader import resident_kv, resident_source
     from offload_rt.spec.draft import Draft
     from offload_rt.spec.speculate import Speculator
 
     a, dt, store = draft.args, draft.dtype, draft.store
     rows = ctx_tokens + draft_rows(plan.budget)
     cache = resident_kv(a, dt, rows, device)
-    source = ResidentWeights(draft.groups, lambda n: store.load(n).to(device=device, dtype=dt), llama.EMBED)
+    source = resident_source(store, a, draft.groups, dt, device)
     engine = Engine(a, source, dt, max_tokens=rows, device=device, cache=cache,
                     prefill_threads=threads if device == "cpu" else None)
     draft.engine = engine

@@ -1,0 +1,43 @@
+"""Expert sets: a MoE layer's routed experts as the model sees them (``models.ops.ExpertSet``).
+
+The model routes and calls ``run(h, ids, weights)``; an expert set knows where the experts' bytes
+are and runs the expert kernel (``kernels_cpu.moe``) over them:
+
+- :class:`ResidentExperts` — every expert of the layer held in memory (a model that fits);
+- the expert cache of a streamed model lives in :mod:`offload_rt.expert_stream`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from kernels_cpu.moe import moe_ffn
+
+
+def cast_parts(parts: Mapping[str, object], dtype: torch.dtype) -> dict[str, object]:
+    """An expert's parts for compute at ``dtype``: float matrices cast (a quantized QTensor stays blocks)."""
+    out = {}
+    for k, v in parts.items():
+        out[k] = v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype else v
+    return out
+
+
+class ResidentExperts:
+    """All experts of one layer in memory: ``experts[e]`` = {"gate_proj", "up_proj", "down_proj"}."""
+
+    def __init__(self, experts: Sequence[Mapping[str, object]], unit_bytes: int = 0):
+        self.experts = list(experts)
+        self.unit_bytes = unit_bytes  # bytes of one expert as stored (0: not from a store)
+
+    @classmethod
+    def load(cls, store, name: str, dtype: torch.dtype, device: str = "cpu") -> "ResidentExperts":
+        """Layer ``name``'s packed experts read whole from the store; float parts cast to ``dtype`` once."""
+        layout = store.expert_layout(name)
+        data = store.load(name).to(device)  # [E, U] uint8
+        experts = [cast_parts(layout.views(data[e]), dtype) for e in range(layout.count)]
+        return cls(experts, layout.unit_bytes)
+
+    def run(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return moe_ffn(h, ids, weights, self.experts.__getitem__)
