@@ -8,7 +8,8 @@ type is dequantized to float32 with gguf-py (:data:`DEQUANTIZED`: the converter 
 
 MoE files (qwen2moe, qwen3moe, llama with experts = mixtral): the stacked ``ffn_*_exps`` tensors
 become one TensorSource per expert and projection under the Hugging Face per-expert names (byte
-ranges of the file, each expert's slice of the stack), which the converter packs per layer like a
+ranges of the file, each expert's slice of the stack; early Mixtral files' per-expert
+``blk.N.ffn_{gate,up,down}.E.weight`` too), which the converter packs per layer like a
 Hugging Face checkpoint's (storage.experts); router ``ffn_gate_inp`` and the shared expert
 ``*_shexp`` get Hugging Face names too. Other MoE architectures pass through under their
 transformers model_type (``deepseek_v2``, ``gpt_oss``, ...): the model layer refuses them.
@@ -51,6 +52,7 @@ _OTHER_MODEL_TYPE = {"deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss", "glm4moe"
 # stacked experts: blk.N.ffn_{gate,up,down}_exps.weight, ggml dims {n_embd, n_ff, E} (gate/up) and
 # {n_ff, n_embd, E} (down): expert e is bytes [e * n / E, (e + 1) * n / E) of the tensor
 _EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_EXP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")  # early Mixtral files: one per expert
 
 
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's llama3 RoPE: theta_i = pos * base^(-2i/d) / factor_i
@@ -369,6 +371,9 @@ class GGUFSource:
                 out.extend(self._expert_tensors(t, block))
                 continue
             name = gguf_to_hf_name(t.name, block)
+            legacy = _EXP_RE.match(t.name)
+            if legacy:
+                name = expert_name(int(legacy.group(1)), int(legacy.group(3)), f"{legacy.group(2)}_proj", block)
             shape = t.hf_shape
             if name.endswith("mlp.shared_expert_gate.weight") and len(shape) == 1:
                 shape = (1, *shape)  # HF's [1, H]

@@ -88,13 +88,14 @@ def write_hf_gguf(path: Path, hf, arch: str, qtype_of: Callable[[str, np.ndarray
 
 
 def write_moe_gguf(path: Path, ckpt: Path, qtype_of: Callable[[str, np.ndarray], Q] = lambda name, a: Q.F32,
-                   file_type: int = 0) -> dict[str, np.ndarray]:
+                   file_type: int = 0, per_expert: bool = False) -> dict[str, np.ndarray]:
     """Write MoE checkpoint directory ``ckpt`` (tests.moe_models) to ``path`` as llama.cpp's converter does:
     each layer's per-expert projections stacked into ``blk.N.ffn_{gate,up,down}_exps`` ([E, out, in], ggml
     dims {in, out, E}), router ``ffn_gate_inp``, qwen2_moe's shared expert ``*_shexp``; GGUF architecture
     qwen3moe / qwen2moe / llama (Mixtral, Q/K permuted). ``qtype_of(gguf_name, array)`` picks each tensor's
     type (F32, F16, Q8_0, Q4_0, Q4_1 or a K-quant). Returns what the file holds as float32 under the
-    checkpoint's (per-expert) names, as write_hf_gguf does.
+    checkpoint's (per-expert) names, as write_hf_gguf does. ``per_expert``: the early Mixtral layout instead,
+    one 2-D tensor per expert ``blk.N.ffn_{gate,up,down}.E.weight`` (llama.cpp still loads such files).
     """
     import transformers
 
@@ -124,6 +125,11 @@ def write_moe_gguf(path: Path, ckpt: Path, qtype_of: Callable[[str, np.ndarray],
     for layer in range(c.num_hidden_layers):
         for proj, hf_proj in projs.items():
             names = [f"model.layers.{layer}.{block}.experts.{e}.{hf_proj}.weight" for e in range(n_exp)]
+            if per_expert:
+                for e, n in enumerate(names):
+                    gname = f"blk.{layer}.ffn_{proj.split('_')[0]}.{e}.weight"
+                    held[n] = _add_tensor(w, gname, tensors[n], qtype_of(gname, tensors[n]), c, arch)
+                continue
             stacked = np.stack([tensors[n] for n in names])
             gname = tmap.get_name(f"model.layers.{layer}.mlp.experts.{proj}", try_suffixes=(".weight",)) + ".weight"
             values = _add_tensor(w, gname, stacked, qtype_of(gname, stacked), c, arch)

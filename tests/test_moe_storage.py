@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -284,6 +285,39 @@ def test_gguf_stacked_experts(tmp_path, model_type):
                     got = v.float().numpy()
                 want = held[expert_name(layer, e, part, block)]
                 assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), (name, e, part)
+
+
+def test_gguf_other_expert_types(tmp_path):
+    """Q5_K and Q4_1 experts stay blocks; Q5_0 (no native kernel) is dequantized per expert to float32."""
+    types = {"ffn_gate_exps": Q.Q5_K, "ffn_up_exps": Q.Q5_0, "ffn_down_exps": Q.Q4_1}
+    ckpt = checkpoint(tmp_path, "qwen3_moe", hidden_size=256, width=256)
+    path = tmp_path / "m.gguf"
+    held = write_moe_gguf(path, ckpt, lambda gname, a: types.get(gname.split(".")[-2], Q.F32))
+    st = storage.open_or_convert(path, tmp_path / "cache", progress=False)
+    lay = st.expert_layout(packed_name(1))
+    assert {n: p.fmt.name for n, p in lay.parts.items()} == {"gate_proj": "q5_k", "up_proj": "float32",
+                                                             "down_proj": "q4_1"}
+    for e, unit in enumerate(read_units(st, packed_name(1), range(EXPERTS))):
+        for part, v in lay.views(unit).items():
+            got = transcode.dequantize(v.data.numpy(), v.fmt.name) if isinstance(v, QTensor) else v.numpy()
+            want = held[expert_name(1, e, part)]
+            assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), (e, part)
+
+
+def test_gguf_per_expert_mixtral_layout(tmp_path):
+    """Early Mixtral GGUFs: one tensor per expert (blk.N.ffn_gate.E.weight), packed the same way."""
+    ckpt = checkpoint(tmp_path, "mixtral")
+    path = tmp_path / "m.gguf"
+    expert = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight$")
+    held = write_moe_gguf(path, ckpt, lambda gname, a: Q.Q8_0 if expert.match(gname) else Q.F32, per_expert=True)
+    st = storage.open_or_convert(path, tmp_path / "cache", progress=False)
+    name = packed_name(0, "block_sparse_moe")
+    assert packed_names(st) == [name, packed_name(1, "block_sparse_moe")]
+    lay = st.expert_layout(name)
+    for e, unit in enumerate(read_units(st, name, range(EXPERTS))):
+        for part, v in lay.views(unit).items():
+            got = transcode.dequantize(v.data.numpy(), "q8_0")
+            assert np.array_equal(got, held[expert_name(0, e, part, "block_sparse_moe")]), (e, part)
 
 
 def test_gguf_kquant_experts_transcoded_to_int4(tmp_path):
