@@ -5,8 +5,8 @@ safetensors stay bf16/f16/f32). A float choice stores every tensor in that float
 (quantized GGUF tensors are dequantized). ``int8``/``int4`` quantize the matrices (2-D
 tensors whose rows split into whole blocks: projections, each expert's projections, embedding,
 head) to q8_0/q4_1, the same ggml blocks a GGUF file carries, and keep vectors (norms, biases) and
-MoE routers (as llama.cpp's quantizer keeps ``ffn_gate_inp``: routing decides which experts run)
-as they are.
+MoE routers and shared-expert gates (as llama.cpp's converter and quantizer keep ``ffn_gate_inp``
+and ``ffn_gate_inp_shexp``: routing decides which experts run) as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from storage.formats import WEIGHT_CHOICES, get_format
 from storage.tensor_source import TensorSource
 
 _NP_FLOAT = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
-_ROUTER_RE = re.compile(r"^model\.layers\.\d+\.(mlp|block_sparse_moe)\.gate\.weight$")
+_ROUTER_RE = re.compile(r"^model\.layers\.\d+\.(mlp\.gate|block_sparse_moe\.gate|mlp\.shared_expert_gate)\.weight$")
 
 
 def check_choice(weights: str) -> str:

@@ -109,9 +109,26 @@ def test_hf_experts_transcoded_then_packed(tmp_path, weights, fmt, qtype):
             w = ref[expert_name(1, e, part)].numpy()
             assert isinstance(q, QTensor) and tuple(q.shape) == w.shape
             assert np.array_equal(q.data.numpy(), quantize(w, qtype)), (e, part)  # gguf-py's quantization
-    # the router stays float (llama.cpp never quantizes ffn_gate_inp); the shared expert is quantized
+    # the router and the shared expert's gate stay float (as llama.cpp keeps ffn_gate_inp, ffn_gate_inp_shexp);
+    # the shared expert is quantized
     assert st.info("model.layers.1.mlp.gate.weight").fmt.name == "float32"
+    assert st.info("model.layers.1.mlp.shared_expert_gate.weight").fmt.name == "float32"
     assert st.info("model.layers.1.mlp.shared_expert.up_proj.weight").fmt.name == fmt
+
+
+def test_layout_views_on_any_device():
+    lay = ExpertLayout.build(8, [("gate_proj", "q4_0", (3, 32)), ("up_proj", "bfloat16", (3, 32)),
+                                 ("down_proj", "float16", (32, 3))])
+    assert [p.nbytes for p in lay.parts.values()] == [54, 192, 192]
+    assert [p.offset for p in lay.parts.values()] == [0, 64, 256] and lay.unit_bytes == 4096  # aligned, padded
+    assert ExpertLayout.from_manifest(json.loads(json.dumps(lay.to_manifest()))) == lay
+    views = lay.views(torch.empty(lay.unit_bytes, dtype=torch.uint8, device="meta"))  # any device: no copy
+    assert isinstance(views["gate_proj"], QTensor) and views["gate_proj"].device.type == "meta"
+    assert tuple(views["gate_proj"].shape) == (3, 32) and views["gate_proj"].nbytes == 54
+    assert (views["up_proj"].dtype, tuple(views["up_proj"].shape)) == (torch.bfloat16, (3, 32))
+    assert (views["down_proj"].dtype, tuple(views["down_proj"].shape)) == (torch.float16, (32, 3))
+    with pytest.raises(ValueError):
+        lay.views(torch.empty(lay.unit_bytes, dtype=torch.float32))
 
 
 def test_direct_and_buffered_reads_agree(tmp_path):
