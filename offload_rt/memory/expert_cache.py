@@ -175,6 +175,8 @@ class ExpertCache:
         slot, victim = got
         st.where[expert] = slot
         st.pending.add(expert)
+        self._seq += 1
+        st.last[expert] = self._seq  # the slot's newest use (also when assigned without a lookup)
         return slot, victim
 
     def filled(self, layer: int, expert: int) -> None:
