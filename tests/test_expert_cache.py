@@ -154,6 +154,14 @@ def test_single_slot_per_layer_runs_a_tokens_misses_in_waves():
     assert cache.resident(0) == {4: 0}
 
 
+def test_the_first_wave_keeps_the_hits_it_is_computed_with():
+    cache = ExpertCache(1, E, 2)
+    run_layer(cache, 0, [1, 2])
+    assert run_layer(cache, 0, [1, 3, 4]) == [[3], [4]]  # 3 takes 2's slot, not the hit 1's; then a wave
+    assert set(cache.resident(0)) == {3, 4}
+    assert cache.evictions == 2
+
+
 def test_a_pending_expert_is_reported_pending_not_missed():
     cache = ExpertCache(1, E, 4)
     slot, _ = cache.assign(0, 11)

@@ -19,12 +19,21 @@ reports it apart, so the mover waits for that read instead of issuing a second o
 Per token and layer (the mover's loop)::
 
     look = cache.lookup(layer, ids)              # records the access: recency, frequency, stats
-    compute look.hits; wait for look.pending     # the bytes are (or will be) in those slots
-    for e in look.misses:                        # one batch read if there are free slots
-        got = cache.assign(layer, e, protect=experts_still_to_compute_from_their_slot)
-        if got is None: compute the filled ones, then assign again (a wave)
-        slot, evicted = got; read e into slot; cache.filled(layer, e)
+    wave = []                                    # misses given a slot, read in one batch
+    for e in look.misses:
+        got = cache.assign(layer, e, protect=set(look.hits) | set(wave))
+        if got is None:                          # every slot holds this token's experts, still needed
+            read the wave (one batch), cache.filled() each, compute it and the hits; wave = []
+            got = cache.assign(layer, e)
+        wave.append((e, got[0]))                 # got[1]: the expert evicted, if any
+    read the last wave, cache.filled() each; compute it, the hits (overlapping the reads) and
+    look.pending once their reads (issued earlier) complete
     cache.prefetch(layer + 1, predicted_ids)     # while this layer computes (ExpertFlow)
+
+``protect`` holds the experts of the token whose slots are still needed (hits and filled
+experts not yet computed); pending experts are protected without being named. :func:`run_layer`
+is this loop with reads that complete at once. A prefill chunk may look up the union of its
+tokens' experts in one call (more ids than slots: the waves above).
 
 Policies
 --------
@@ -33,8 +42,9 @@ Policies
          counts halve every ``half_life`` lookups of the layer (``score = Σ 2^(-age/half_life)``),
          so an expert that was hot long ago eventually leaves. Experts the layer's current
          token routed (its last lookup) go last, whatever their count: the next token is likely
-         to route them again (local routing consistency). Ties go to the least recently routed. Counts are kept for every expert routed (resident or not), so a hot expert
-         that was pushed out by noise comes back with its history.
+         to route them again (local routing consistency). Ties go to the least recently routed.
+         Counts are kept for every expert routed (resident or not), so a hot expert that was
+         pushed out by noise comes back with its history.
 
 Prefetch treats a prediction like a use that has not happened yet: it fills free slots first,
 then evicts what a miss would evict (the policy's victim among unprotected, non-pending experts
@@ -363,15 +373,18 @@ def noisy_predictions(trace, experts: int, accuracy: float, seed: int = 0) -> li
 
 
 def run_layer(cache: ExpertCache, layer: int, ids) -> list[list[int]]:
-    """The mover's steps for one token at one layer, reads completing at once: returns the waves of
-    misses read (each wave fits the slots the token's earlier experts left free)."""
+    """The mover's loop (module docstring) for one token at one layer, reads completing at once:
+    returns the waves of misses read (the first shares the slots with the hits, computed with it)."""
     look = cache.lookup(layer, ids)
     waves: list[list[int]] = [[]]
+    needed = set(look.hits)  # slots of this token not yet computed
     for e in look.misses:
-        got = cache.assign(layer, e, protect=frozenset(waves[-1]))
-        if got is None:  # every slot holds an expert filled for this token and not yet computed
+        got = cache.assign(layer, e, protect=needed)
+        if got is None:  # every slot holds an expert of this token not yet computed
             waves.append([])  # compute them: their slots may be taken
+            needed = set()
             got = cache.assign(layer, e)
+        needed.add(e)
         cache.filled(layer, e)
         waves[-1].append(e)
     return [w for w in waves if w]
