@@ -190,13 +190,14 @@ def test_protected_experts_are_never_evicted(policy):
         look = cache.lookup(0, ids)
         protect = set(rng.sample(sorted(cache.resident(0)), min(3, len(cache.resident(0)))))
         for e in look.misses:
+            in_flight = {x for x in range(32) if cache.is_pending(0, x)}
             got = cache.assign(0, e, protect=protect)
             if got is None:  # only when every placed expert is protected or in flight
                 placed = [x for x in range(32) if cache.slot_of(0, x) is not None]
                 assert len(placed) == 6 and all(x in protect or cache.is_pending(0, x) for x in placed)
                 continue
             slot, evicted = got
-            assert evicted not in protect
+            assert evicted not in protect and evicted not in in_flight
             if rng.random() < 0.8:
                 cache.filled(0, e)
             protect.add(e)
