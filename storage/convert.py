@@ -32,8 +32,10 @@ import numpy as np
 
 from offload_rt.errors import ModelSourceError, UserError
 from storage.errors import NoSpaceError, StorageError
+from storage.experts import expert_count, pack_experts
 from storage.formats import get_format
-from storage.manifest import CHUNK_LIMIT, FORMAT_VERSION, chunk_rows_for, crc_tag, n_chunks, write_manifest
+from storage.manifest import (CHUNK_LIMIT, EXPERTS_FORMAT_VERSION, FORMAT_VERSION, chunk_rows_for, crc_tag, n_chunks,
+                              write_manifest)
 from storage.sources import TensorSource, open_source
 from storage.store import WeightStore
 from storage.transcode import check_choice, target_format, transcoded
@@ -143,8 +145,10 @@ def store_bytes(tensors: list[TensorSource]) -> int:
 
 
 def stored_tensors(src, weights: str = "auto") -> list[TensorSource]:
-    """The source's tensors in the formats the store keeps them in under ``weights``."""
-    return [transcoded(t, target_format(t, weights)) for t in src.tensors()]
+    """The source's tensors in the formats the store keeps them in under ``weights``, each MoE layer's
+    experts packed into one tensor (storage.experts) after transcoding."""
+    tensors = [transcoded(t, target_format(t, weights)) for t in src.tensors()]
+    return pack_experts(tensors, expert_count(src.config()))
 
 
 def check_free_space(src, cache_dir: Path, weights: str = "auto") -> None:
@@ -241,7 +245,8 @@ def convert(src, dest: Path, *, identity: dict | None = None, progress: bool = T
     _warn_dequantized(src, weights)
     dest.mkdir(parents=True)
     group = zarr.open_group(str(dest), mode="w", zarr_format=3)  # (mode "w" empties dest: create it first)
-    group.attrs["offload_rt_format"] = FORMAT_VERSION
+    version = EXPERTS_FORMAT_VERSION if any(t.experts for t in tensors) else FORMAT_VERSION
+    group.attrs["offload_rt_format"] = version
     tok_meta = src.tokenizer(dest / "tokenizer.json")
     total = sum(t.nbytes for t in tensors)
     bar = _Progress(progress and total > 0, total, f"converting {src.display_name}")
@@ -257,7 +262,7 @@ def convert(src, dest: Path, *, identity: dict | None = None, progress: bool = T
             os.close(fd)
         bar.close()
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "source": {"path": str(Path(src.path).resolve()), "kind": src.kind, "identity": identity or src.identity()},
         "model_config": config,
         "weights": weights,
@@ -285,7 +290,7 @@ def _write_tensor(group, dest: Path, t: TensorSource, chunk_limit: int, written:
     fmt = get_format(t.fmt)
     shape = fmt.byte_shape(t.shape)  # the zarr array: the logical shape, quantized rows as bytes
     row_bytes = fmt.row_bytes(t.shape)
-    rows = chunk_rows_for(t.shape, row_bytes, chunk_limit)
+    rows = t.chunk_rows or chunk_rows_for(t.shape, row_bytes, chunk_limit)
     chunks = (rows, *shape[1:]) if shape else ()
     arr = group.create_array(t.name, shape=shape, chunks=chunks, dtype=fmt.storage_dtype, compressors=None,
                              filters=None, fill_value=0, attributes={"format": t.fmt, "shape": list(t.shape)})
@@ -308,7 +313,9 @@ def _write_tensor(group, dest: Path, t: TensorSource, chunk_limit: int, written:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if data is not None:
+            if t.produce_chunk is not None:  # built one chunk at a time (packed experts: one expert unit)
+                crc = _write_chunk(fd, t, i, n, bar)
+            elif data is not None:
                 view = data[start:start + n]
                 crc = zlib.crc32(view)
                 _write_all(fd, view)
@@ -321,8 +328,23 @@ def _write_tensor(group, dest: Path, t: TensorSource, chunk_limit: int, written:
             os.close(fd)
         written.append(path)
         sums.append(crc_tag(crc))
-    return {"format": t.fmt, "storage_dtype": fmt.storage_dtype, "shape": list(t.shape), "chunk_rows": rows,
-            "nbytes": t.nbytes, "checksums": sums, "chunk_keys": keys}
+    entry = {"format": t.fmt, "storage_dtype": fmt.storage_dtype, "shape": list(t.shape), "chunk_rows": rows,
+             "nbytes": t.nbytes, "checksums": sums, "chunk_keys": keys}
+    if t.experts is not None:
+        entry["experts"] = t.experts
+    return entry
+
+
+def _write_chunk(fd: int, t: TensorSource, i: int, n: int, bar: _Progress) -> int:
+    """Write chunk ``i`` of ``t`` (``n`` bytes) from its chunk producer; returns its crc32."""
+    a = t.produce_chunk(i)
+    if a.nbytes != n or not a.flags.c_contiguous:
+        raise ModelSourceError(f"tensor {t.name} did not convert to its declared shape {t.shape} (chunk {i}); "
+                               "report this with the model file")
+    view = memoryview(a.reshape(-1).view(np.uint8))
+    _write_all(fd, view)
+    bar.advance(n)
+    return zlib.crc32(view)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -16,6 +16,7 @@ q8_0          32     34  f16 d, 32 int8: x = q * d                  (our "int8")
 q4_k         256    144  f16 d, f16 dmin, 12 B 6-bit scales/mins, 128 B nibbles
 q5_k         256    176  f16 d, f16 dmin, 12 B scales/mins, 32 B high bits, 128 B nibbles
 q6_k         256    210  128 B low nibbles, 64 B high 2-bits, 16 int8 scales, f16 d
+uint8          1      1  raw bytes, stored as they are (packed expert units: storage.experts)
 =========  =====  =====  ==========================================================
 
 In nibble blocks of 32 the low nibbles of the 16 bytes are elements 0..15, the high ones
@@ -45,6 +46,11 @@ class Format:
     @property
     def quantized(self) -> bool:
         return self.dtype is None
+
+    @property
+    def raw(self) -> bool:
+        """Opaque bytes (``uint8``): neither values to cast nor blocks to dequantize; held as stored."""
+        return self.dtype == torch.uint8
 
     @property
     def storage_dtype(self) -> str:
@@ -91,8 +97,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("q4_k", 256, 144),
     Format("q5_k", 256, 176),
     Format("q6_k", 256, 210),
+    Format("uint8", 1, 1, torch.uint8),
 )}
-FLOAT_FORMATS = {n: f for n, f in FORMATS.items() if not f.quantized}
+FLOAT_FORMATS = {n: f for n, f in FORMATS.items() if f.dtype is not None and f.dtype.is_floating_point}
 # --weights: what each choice stores matrices as (None: keep the source's format)
 WEIGHT_CHOICES = {"auto": None, "f32": "float32", "f16": "float16", "bf16": "bfloat16", "int8": "q8_0", "int4": "q4_1"}
 # ggml type name -> store format kept as is (others are dequantized to float32 at conversion)

@@ -5,6 +5,14 @@ types, Q4_0/Q4_1/Q8_0, Q4_K/Q5_K/Q6_K) are kept as they are: a raw byte range co
 converter, or, for the Q/K projections llama.cpp's converter permuted, their rows put back
 in order as bytes (a row of blocks moves whole, so quantized rows permute exactly). Any other
 type is dequantized to float32 with gguf-py (:data:`DEQUANTIZED`: the converter warns).
+
+MoE files (qwen2moe, qwen3moe, llama with experts = mixtral): the stacked ``ffn_*_exps`` tensors
+become one TensorSource per expert and projection under the Hugging Face per-expert names (byte
+ranges of the file, each expert's slice of the stack; early Mixtral files' per-expert
+``blk.N.ffn_{gate,up,down}.E.weight`` too), which the converter packs per layer like a
+Hugging Face checkpoint's (storage.experts); router ``ffn_gate_inp`` and the shared expert
+``*_shexp`` get Hugging Face names too. Other MoE architectures pass through under their
+transformers model_type (``deepseek_v2``, ``gpt_oss``, ...): the model layer refuses them.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from offload_rt.errors import ModelSourceError
+from storage.experts import expert_name
 from storage.formats import GGML_NATIVE, get_format
 from storage.tensor_source import TensorSource, numel as _numel, stat_entry as _stat_entry
 
@@ -25,21 +34,36 @@ _GGUF_BLOCK = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 _TOP_RE = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.permute) and we un-permute.
 PERMUTED_ARCHS = {"llama", "mistral"}
-_ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                    "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # + llama with experts: "mixtral"
+# MoE architectures offload_rt does not run: passed through under transformers' model_type, so the model
+# layer refuses them by name (other unknown architectures pass through with '-' as '_')
+_OTHER_MODEL_TYPE = {"deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
+                     "qwen3next": "qwen3_next", "llama4": "llama4", "dots1": "dots1", "ernie4_5-moe": "ernie4_5_moe",
+                     "qwen3vlmoe": "qwen3_vl_moe", "granitemoe": "granitemoe", "olmoe": "olmoe", "phimoe": "phimoe"}
+# stacked experts: blk.N.ffn_{gate,up,down}_exps.weight, ggml dims {n_embd, n_ff, E} (gate/up) and
+# {n_ff, n_embd, E} (down): expert e is bytes [e * n / E, (e + 1) * n / E) of the tensor
+_EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_EXP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")  # early Mixtral files: one per expert
 
 
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's llama3 RoPE: theta_i = pos * base^(-2i/d) / factor_i
 
 
-def gguf_to_hf_name(name: str) -> str:
-    """Hugging Face name of a GGUF tensor (unknown names are kept as they are)."""
+def gguf_to_hf_name(name: str, moe_block: str = "mlp") -> str:
+    """Hugging Face name of a GGUF tensor (unknown names are kept as they are); ``moe_block`` names the MoE
+    router's module ("mlp", or "block_sparse_moe" for Mixtral)."""
     m = _BLK_RE.match(name)
+    if m and m.group(2) == "ffn_gate_inp":
+        return f"model.layers.{m.group(1)}.{moe_block}.gate.{m.group(3)}"
     if m and m.group(2) in _GGUF_BLOCK:
         return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
     m = _TOP_RE.match(name)
@@ -228,12 +252,14 @@ class GGUFSource:
                 v = v[0] if v else default
             return v
 
-        cfg: dict[str, Any] = {"model_type": _ARCH_MODEL_TYPE.get(arch, arch), "architectures": [arch]}
+        cfg: dict[str, Any] = {"model_type": self.model_type(), "architectures": [arch]}
         required = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
                     "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count"}
         for hf, key in required.items():
             v = get(key)
             if v is None:
+                if arch not in _ARCH_MODEL_TYPE:  # an architecture we do not run: the model layer refuses it
+                    return cfg
                 raise ModelSourceError(f"{self.path} lacks {arch}.{key} in its metadata; re-export the GGUF file with llama.cpp")
             cfg[hf] = int(v)
         heads = cfg["num_attention_heads"]
@@ -257,7 +283,10 @@ class GGUFSource:
         if head_dim:
             cfg["head_dim"] = int(head_dim)
         cfg["tie_word_embeddings"] = "output.weight" not in names
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in names and arch not in ("qwen2",)
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in names and arch not in ("qwen2", "qwen2moe")
+        if arch == "qwen2moe":
+            cfg["qkv_bias"] = "blk.0.attn_q.bias" in names
+        self._moe_config(cfg, get, names)
         cfg["mlp_bias"] = "blk.0.ffn_up.bias" in names
         sw = get("attention.sliding_window")
         if sw:
@@ -281,6 +310,37 @@ class GGUFSource:
         cfg["torch_dtype"] = {0: "float32", 1: "float16", 32: "bfloat16"}.get(ftype, "float32")
         return cfg
 
+    def model_type(self) -> str:
+        """transformers' model_type of this file: its architecture's, "mixtral" for llama with experts."""
+        arch = self._arch()
+        if arch == "llama" and int(self.metadata().get("llama.expert_count") or 0) > 0:
+            return "mixtral"
+        return _ARCH_MODEL_TYPE.get(arch) or _OTHER_MODEL_TYPE.get(arch) or arch.replace("-", "_")
+
+    def _moe_config(self, cfg: dict, get, names: set) -> None:
+        """The MoE keys of a Hugging Face config (qwen2_moe, qwen3_moe, mixtral) from the metadata."""
+        n = int(get("expert_count") or 0)
+        if n <= 0:
+            return
+        cfg["num_experts"] = cfg["num_local_experts"] = n
+        cfg["num_experts_per_tok"] = int(get("expert_used_count") or 0)
+        if cfg["model_type"] == "mixtral":  # its feed_forward_length is the experts' width
+            return
+        width = get("expert_feed_forward_length")
+        if width is None:  # the stacked tensors say it: ggml dims {n_embd, n_ff, E}
+            width = next((t.dims[1] for t in self.tensor_infos() if t.name == "blk.0.ffn_gate_exps.weight"), None)
+        if width is not None:
+            cfg["moe_intermediate_size"] = int(width)
+        shared = get("expert_shared_feed_forward_length")
+        if shared is None:
+            shared = next((t.dims[1] for t in self.tensor_infos() if t.name == "blk.0.ffn_gate_shexp.weight"), None)
+        if shared is not None:
+            cfg["shared_expert_intermediate_size"] = int(shared)
+        # llama.cpp renormalises the top-k weights for qwen3moe and not for qwen2moe (build_moe_ffn's norm_w)
+        cfg["norm_topk_prob"] = cfg["model_type"] == "qwen3_moe"
+        cfg["decoder_sparse_step"] = 1  # llama.cpp: every layer is MoE
+        cfg["mlp_only_layers"] = []
+
     def _rope_freq_factors(self, cfg: dict) -> list[float]:
         info = next(t for t in self.tensor_infos() if t.name == ROPE_FREQS)
         from gguf import GGMLQuantizationType as Q
@@ -300,14 +360,23 @@ class GGUFSource:
 
         arch = self._arch()
         cfg = self.config()
-        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        heads, kv_heads = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
         permute = arch in PERMUTED_ARCHS
+        block = "block_sparse_moe" if cfg["model_type"] == "mixtral" else "mlp"
         out = []
         for t in self.tensor_infos():
             if t.name == ROPE_FREQS:  # folded into the config's rope_scaling
                 continue
-            name = gguf_to_hf_name(t.name)
+            if _EXPS_RE.match(t.name):
+                out.extend(self._expert_tensors(t, block))
+                continue
+            name = gguf_to_hf_name(t.name, block)
+            legacy = _EXP_RE.match(t.name)
+            if legacy:
+                name = expert_name(int(legacy.group(1)), int(legacy.group(3)), f"{legacy.group(2)}_proj", block)
             shape = t.hf_shape
+            if name.endswith("mlp.shared_expert_gate.weight") and len(shape) == 1:
+                shape = (1, *shape)  # HF's [1, H]
             qtype = t.qtype
             n_head = None
             if permute and re.match(r"^blk\.\d+\.attn_q\.(weight|bias)$", t.name):
@@ -328,6 +397,29 @@ class GGUFSource:
                                     produce=_gguf_producer(t, native, shape, n_head, self.path)))
         if not out:
             raise ModelSourceError(f"{self.path} has no tensors; re-export the GGUF file with llama.cpp")
+        return out
+
+    def _expert_tensors(self, t, block: str) -> list[TensorSource]:
+        """The per-expert tensors (HF names) of stacked experts ``t``: byte ranges of the file, no copy
+        (a type the store cannot keep: each expert's slice dequantized on demand)."""
+        layer, proj = _EXPS_RE.match(t.name).groups()
+        if len(t.dims) != 3 or t.n_bytes % t.dims[2]:
+            raise ModelSourceError(f"{self.path}: tensor {t.name} has shape {list(t.dims)}, expected 3 dimensions "
+                                   "(experts last); re-export the GGUF file with llama.cpp")
+        n = t.dims[2]
+        per = t.n_bytes // n
+        shape = tuple(reversed(t.dims[:2]))
+        native = GGML_NATIVE.get(t.qtype.name)
+        out = []
+        for e in range(n):
+            name = expert_name(int(layer), e, f"{proj}_proj", block)
+            offset = int(t.data_offset) + e * per
+            if native is not None:
+                out.append(TensorSource(name, native, shape, file=self.path, offset=offset))
+            else:
+                piece = _GGUFTensorInfo(f"{t.name}[{e}]", t.dims[:2], t.qtype, offset, per)
+                out.append(TensorSource(name, "float32", shape, produce=_gguf_producer(piece, None, shape, None,
+                                                                                        self.path)))
         return out
 
     def dequantized_types(self) -> dict[str, int]:

@@ -14,7 +14,15 @@ Layout of one tensor entry::
         "chunk_keys": ["c/0/0"]                   # zarr chunk keys (relative to the array dir)
     }
 
-Version 1 stores (float formats only, under the key "dtype") are read as they are.
+A MoE layer's packed experts (storage.experts) are one tensor of format "uint8", shape [E, U],
+chunk_rows 1 (a chunk file per expert), whose entry also has::
+
+        "experts": {"count": E, "unit_bytes": U,
+                    "parts": {"gate_proj": {"format": "q4_k", "shape": [I, H], "offset": 0, "nbytes": n}, ...}}
+
+Such stores are format_version 3 (an older reader refuses them); stores without experts are still
+written as version 2, so their store keys (storage.convert.store_key) do not change. Version 1 stores
+(float formats only, under the key "dtype") are read as they are.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from pathlib import Path
 from offload_rt.errors import ModelSourceError
 from storage.formats import FORMATS
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # stores without packed experts (and the version in every store key)
+EXPERTS_FORMAT_VERSION = 3  # stores with packed experts
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 CHUNK_LIMIT = 256 << 20  # bytes; tensors above this are chunked along axis 0
 REBUILD_HINT = "rerun with --rebuild-store to convert it again"
@@ -87,7 +96,7 @@ def _check(m) -> str | None:
     if not isinstance(m, dict):
         return "not a JSON object"
     if m.get("format_version") not in READABLE_VERSIONS:
-        return f"format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}"
+        return f"format_version {m.get('format_version')!r}, expected one of {READABLE_VERSIONS}"
     for key, typ in (("source", dict), ("model_config", dict), ("tokenizer", dict), ("tensors", dict)):
         if not isinstance(m.get(key), typ):
             return f"missing or bad {key!r}"
@@ -111,8 +120,24 @@ def _check(m) -> str | None:
             keys = t.get("chunk_keys")
             if keys is not None and len(keys) != len(sums):
                 return f"tensor {name}: chunk_keys do not match its checksums"
+            if "experts" in t:
+                problem = _check_experts(t["experts"], shape, rows)
+                if problem:
+                    return f"tensor {name}: {problem}"
         except (KeyError, TypeError, ValueError):
             return f"tensor {name}: missing or bad fields"
+    return None
+
+
+def _check_experts(entry, shape: list, chunk_rows: int) -> str | None:
+    from storage.experts import ExpertLayout
+
+    try:
+        layout = ExpertLayout.from_manifest(entry)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"bad experts entry ({e})"
+    if shape != [layout.count, layout.unit_bytes] or chunk_rows != 1:
+        return "its experts entry does not match its shape and chunks"
     return None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from offload_rt.errors import CorruptStoreError, ModelSourceError
+from storage.experts import ExpertLayout
 from storage.formats import Format, QTensor, get_format
 from storage.manifest import REBUILD_HINT, crc_tag, load_manifest, n_chunks, tensor_format
 READ_BLOCK = 64 << 20  # bytes per preadv call (large sequential reads; the kernel reads ahead within them)
@@ -58,14 +59,17 @@ class TensorInfo:
         return n
 
     def held_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes once loaded for compute at ``dtype``: a float tensor is cast to it, a quantized one stays as stored."""
-        return self.nbytes if self.quantized else self.numel * dtype.itemsize
+        """Bytes once loaded for compute at ``dtype``: a float tensor is cast to it, a quantized or raw one
+        (packed experts) stays as stored."""
+        return self.nbytes if self.quantized or self.fmt.raw else self.numel * dtype.itemsize
 
     def view(self, buf: torch.Tensor, dtype: torch.dtype | None = None):
         """The tensor over ``buf`` (uint8, exactly its bytes): a float tensor of ``dtype`` (default: as stored)
         and the logical shape, or a :class:`QTensor` over the blocks."""
         if self.quantized:
             return QTensor(buf.view(self.fmt.byte_shape(self.shape)), self.fmt, self.shape)
+        if self.fmt.raw:  # opaque bytes (packed experts): never cast
+            return buf.view(self.shape)
         return buf.view(dtype or self.dtype).view(self.shape)
 
 
@@ -97,6 +101,7 @@ class WeightStore:
         self._path = Path(path)
         self._manifest = manifest
         self._entries: dict[str, _Entry] = {}
+        self._layouts: dict[str, ExpertLayout] = {}
         for name, t in manifest["tensors"].items():
             fmt = get_format(tensor_format(t))
             shape = tuple(int(s) for s in t["shape"])
@@ -109,6 +114,8 @@ class WeightStore:
             self._entries[name] = _Entry(
                 TensorInfo(name, fmt, shape, int(t["nbytes"])), rows, chunk_bytes,
                 tuple(str(base / k) for k in keys), tuple(t["checksums"]))
+            if "experts" in t:
+                self._layouts[name] = ExpertLayout.from_manifest(t["experts"])
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -154,6 +161,11 @@ class WeightStore:
 
     def info(self, name: str) -> TensorInfo:
         return self._entry(name).info
+
+    def expert_layout(self, name: str) -> ExpertLayout | None:
+        """The unit layout of packed experts ``name`` (storage.experts); None for any other tensor."""
+        self._entry(name)
+        return self._layouts.get(name)
 
     @property
     def total_bytes(self) -> int:
@@ -218,15 +230,52 @@ class WeightStore:
                 raise ValueError(f"read_many({name!r}): buffer has {len(buf)} bytes, the tensor {e.info.nbytes}")
             aligned = direct and _O_DIRECT and out.data_ptr() % DIRECT_ALIGN == 0
             pos = 0
-            for i, path in enumerate(e.files):
+            for i in range(len(e.files)):
                 n = min(e.chunk_bytes, e.info.nbytes - pos)
-                for off in range(0, n, PIECE_BYTES):
-                    m = min(PIECE_BYTES, n - off)
-                    jobs.append((name, path, buf[pos + off:pos + off + m], off, e.chunk_bytes, aligned, drop_cache))
-                if verify:
-                    checks.append((name, i, buf[pos:pos + n], e.checksums[i]))
+                self._chunk_jobs(name, e, i, buf[pos:pos + n], aligned, drop_cache, verify, jobs, checks)
                 pos += n
             total += e.info.nbytes
+        self._run(jobs, checks, executor)
+        return total
+
+    def read_experts(self, name: str, ids, outs, *, executor=None, direct: bool = True, drop_cache: bool = True,
+                     verify: bool = False) -> int:
+        """Read experts ``ids[i]`` of packed experts ``name`` into ``outs[i]`` (contiguous CPU uint8 tensors of
+        ``unit_bytes`` each; view them with ``expert_layout(name).views``). One chunk file per expert, split
+        into pieces read in parallel on ``executor`` like :meth:`read_many`; O_DIRECT where ``direct`` and
+        a buffer is 4 KiB-aligned; ``verify`` checks each expert's crc32. Returns the bytes read."""
+        e = self._entry(name)
+        layout = self._layouts.get(name)
+        if layout is None:
+            raise ValueError(f"read_experts({name!r}): not a packed experts tensor")
+        ids, outs = list(ids), list(outs)
+        if len(ids) != len(outs):
+            raise ValueError(f"read_experts({name!r}): {len(ids)} ids but {len(outs)} buffers")
+        jobs, checks = [], []
+        for x, out in zip(ids, outs):
+            x = int(x)
+            if not 0 <= x < layout.count:
+                raise IndexError(f"expert {x} out of range for {name} with {layout.count} experts")
+            buf = _torch_buffer(out)
+            if len(buf) != layout.unit_bytes:
+                raise ValueError(f"read_experts({name!r}): buffer has {len(buf)} bytes, an expert {layout.unit_bytes}")
+            aligned = direct and _O_DIRECT and out.data_ptr() % DIRECT_ALIGN == 0
+            self._chunk_jobs(name, e, x, buf, aligned, drop_cache, verify, jobs, checks)
+        self._run(jobs, checks, executor)
+        return len(ids) * layout.unit_bytes
+
+    @staticmethod
+    def _chunk_jobs(name: str, e: _Entry, i: int, view: memoryview, aligned: bool, drop_cache: bool, verify: bool,
+                    jobs: list, checks: list) -> None:
+        """Queue the reads of chunk ``i`` into ``view`` (its bytes) in PIECE_BYTES pieces, and its checksum."""
+        n = len(view)
+        for off in range(0, n, PIECE_BYTES):
+            m = min(PIECE_BYTES, n - off)
+            jobs.append((name, e.files[i], view[off:off + m], off, e.chunk_bytes, aligned, drop_cache))
+        if verify:
+            checks.append((name, i, view, e.checksums[i]))
+
+    def _run(self, jobs: list, checks: list, executor) -> None:
         if executor is None:
             for j in jobs:
                 self._read_piece(*j)
@@ -236,7 +285,6 @@ class WeightStore:
         for name, i, view, want in checks:
             if crc_tag(zlib.crc32(view)) != want:
                 raise self._corrupt(name, f"failed its checksum (chunk {i})")
-        return total
 
     def _fill(self, name: str, fd: int, view: memoryview, progress: list, end: int, offset: int) -> None:
         """preadv into view[progress[0]:end] from file offset+progress[0] until done (progress updated)."""

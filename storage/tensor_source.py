@@ -22,6 +22,10 @@ class TensorSource:
     offset: int = 0
     produce: Callable[[], np.ndarray] | None = None  # ... or an array built on demand (C-contiguous; for a
     # quantized format its bytes, [rows, row_bytes] uint8)
+    produce_chunk: Callable[[int], np.ndarray] | None = None  # ... or chunk i's bytes built on demand, one chunk
+    # at a time (chunk_rows rows of axis 0 each; packed experts: one expert unit), so memory stays one chunk
+    chunk_rows: int | None = None  # rows per chunk file (None: the converter's choice; required with produce_chunk)
+    experts: dict | None = None  # packed experts: the manifest's "experts" entry (storage.experts.ExpertLayout)
 
     @property
     def nbytes(self) -> int:

@@ -3,11 +3,15 @@
 ``auto`` keeps every tensor as the source has it (a GGUF's quantized blocks stay quantized,
 safetensors stay bf16/f16/f32). A float choice stores every tensor in that float type
 (quantized GGUF tensors are dequantized). ``int8``/``int4`` quantize the matrices (2-D
-tensors whose rows split into whole blocks: projections, embedding, head) to q8_0/q4_1,
-the same ggml blocks a GGUF file carries, and keep vectors (norms, biases) as they are.
+tensors whose rows split into whole blocks: projections, each expert's projections, embedding,
+head) to q8_0/q4_1, the same ggml blocks a GGUF file carries, and keep vectors (norms, biases) and
+MoE routers and shared-expert gates (as llama.cpp's converter and quantizer keep ``ffn_gate_inp``
+and ``ffn_gate_inp_shexp``: routing decides which experts run) as they are.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -16,6 +20,7 @@ from storage.formats import WEIGHT_CHOICES, get_format
 from storage.tensor_source import TensorSource
 
 _NP_FLOAT = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+_ROUTER_RE = re.compile(r"^model\.layers\.\d+\.(mlp\.gate|block_sparse_moe\.gate|mlp\.shared_expert_gate)\.weight$")
 
 
 def check_choice(weights: str) -> str:
@@ -32,7 +37,7 @@ def target_format(t: TensorSource, weights: str) -> str:
     fmt = get_format(want)
     if not fmt.quantized:
         return want
-    if len(t.shape) == 2 and t.shape[-1] % fmt.block == 0:
+    if len(t.shape) == 2 and t.shape[-1] % fmt.block == 0 and not _ROUTER_RE.match(t.name):
         return want
     return "float32" if get_format(t.fmt).quantized else t.fmt  # vectors keep their float type
 
