@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -25,14 +26,26 @@ def weight_formats(store) -> str:
     """One --plan line: the stored formats, with bytes and bits per weight (quantized bytes are what move)."""
     by: dict[str, list[int]] = {}
     for name in store.tensor_names:
-        info = store.info(name)
-        n = by.setdefault(info.fmt.name, [0, 0, 0])
-        n[0] += 1
-        n[1] += info.nbytes
-        n[2] += info.numel
+        info, layout = store.info(name), store.expert_layout(name)
+        parts = ([(p.fmt.name, layout.count, p.nbytes * layout.count, layout.count * math.prod(p.shape))
+                  for p in layout.parts.values()] if layout is not None else [(info.fmt.name, 1, info.nbytes, info.numel)])
+        for fmt, count, nbytes, numel in parts:  # a MoE layer's packed experts: each part by its own format
+            n = by.setdefault(fmt, [0, 0, 0])
+            n[0] += count
+            n[1] += nbytes
+            n[2] += numel
     parts = [f"{f} {c} tensors {format_size(b)} ({8 * b / max(w, 1):.2f} bits/weight)"
              for f, (c, b, w) in sorted(by.items(), key=lambda kv: -kv[1][1])]
     return f"stored weights ({store.manifest.get('weights', 'auto')}): " + ", ".join(parts)
+
+
+def moe_plan_stats(ep) -> dict:
+    """The expert plan's figures for ``--stats`` ``"moe"`` (a run adds the measured ones)."""
+    s = ep.spec
+    return {"experts_per_layer": s.experts, "active_per_token": s.active, "moe_layers": s.layers,
+            "expert_bytes": s.unit_bytes, "resident": ep.resident, "slots_per_layer": ep.slots_per_layer,
+            "expert_cache_bytes": ep.host_bytes, "predicted_hit_rate": round(ep.hit_rate, 4),
+            "predicted_expert_disk_bytes_per_token": ep.disk_bytes_per_token}
 
 
 def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, plan_only: bool = False) -> int:
@@ -87,6 +100,9 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             print(weight_formats(model.store))
             print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
             print(prepared.kv.describe() + f"; attention {prepared.attention}")
+            if prepared.experts is not None:
+                print(prepared.experts.describe())
+                print(f"predicted decode with the routed experts: {prepared.predicted_tok_s:.2f} tok/s")
             if prepared.draft is not None:
                 print(prepared.draft.describe())
             print(baseline.describe(base, prepared.budgets.host))
@@ -98,6 +114,8 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             if stats:
                 emit({"model": model.name, "device": device, **baseline.stats_fields(base),
                       "host_budget_bytes": prepared.budgets.host, "placement": dict(prepared.placement.tier_bytes),
+                      "predicted_tok_s": round(prepared.predicted_tok_s, 4),
+                      "moe": None if prepared.experts is None else moe_plan_stats(prepared.experts),
                       "spec": None if prepared.draft is None else {
                           "budget": prepared.draft.budget, "draft_bytes": prepared.draft.bytes,
                           "predicted_tokens_per_pass": round(prepared.draft.tokens_per_pass, 4)}})
@@ -150,7 +168,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                 "peaks": {"disk": prepared.bandwidths.disk_read, "h2d": prepared.bandwidths.h2d,
                           "mem": prepared.bandwidths.mem_read, "matvec": prepared.bandwidths.matvec},
                 "budgets": {"host": prepared.budgets.host, "device": prepared.budgets.device},
-                "predicted_tok_s": p.predicted_tok_s, "prefetch_depth": p.prefetch_depth,
+                "predicted_tok_s": prepared.predicted_tok_s, "prefetch_depth": p.prefetch_depth,
             })
             tracer.write(cfg.profile)
         if stats:
@@ -166,7 +184,12 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                 rec["decode_step_s_by_threads"] = {str(n): round(t, 6) for n, t in sorted(tuner.estimate.items())}
             rec["startup_peak_rss_bytes"] = startup_peak  # imports and conversion, before the baseline
             rec["peak_rss_bytes"] = max(rec["peak_rss_bytes"], startup_peak)
-            rec.update(predicted_tok_s=round(p.predicted_tok_s, 4), bound=p.bound,
+            rec.update(predicted_tok_s=round(prepared.predicted_tok_s, 4), bound=p.bound,
                        stream_bytes_per_token=p.stream_bytes_per_token, prefetch_depth=p.prefetch_depth)
+            if prepared.experts is not None:
+                stream = getattr(source, "expert_stream", None)
+                rec["moe"] = {**moe_plan_stats(prepared.experts), **(stream.stats() if stream is not None else {
+                    "hit_rate": 1.0, "expert_disk_read_bytes": 0,
+                    "cached_experts": prepared.experts.spec.layers * prepared.experts.spec.experts})}
             emit(rec)
     return code

@@ -100,11 +100,14 @@ def _spec_budget(budget: int | None, draft: str | None) -> int | None:
                    "guesses a tree of tokens that one pass of the target verifies. Same output as without.")
 @click.option("--spec-budget", type=int, default=None,
               help="Tree nodes verified per target pass with --draft (8-1024; default: the planner chooses).")
+@click.option("--expert-slots", type=click.IntRange(min=1), default=None,
+              help="Mixture-of-Experts: at most this many routed experts per layer cached in RAM (default: as many "
+                   "as --cpu-mem leaves after the always-needed weights); the rest are read from disk when routed.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, weights, device,
                 gpu_mem, cpu_mem, offload_dir, raw, stop, stats, rebuild_store, threads, ignore_eos, plan_only,
                 profile, config_file, prefetch_depth, ctx_size, kv_cpu_mem, attention, lsh_k, lsh_l, draft, spec_budget,
-                debug):
+                expert_slots, debug):
     """Run MODEL (a Hugging Face checkpoint directory or a .gguf file; default: SmolLM2-135M-Instruct).
 
     With --prompt/--prompt-file or piped stdin: answer once, streaming to stdout.
@@ -142,6 +145,7 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             lsh_l=lsh_l,
             draft=_draft(draft),
             spec_budget=_spec_budget(spec_budget, draft),
+            expert_slots=expert_slots,
         )
         if config_file is not None:
             from offload_rt.presets import apply_preset

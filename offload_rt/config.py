@@ -102,6 +102,7 @@ class RunConfig:
     lsh_l: int = 150  # MagicPIG: hash tables
     draft: str | None = None  # SpecExec draft: a model path, or "self-int4" (the target as int4); None: off
     spec_budget: int | None = None  # tree nodes per target pass (None: the planner chooses; offload_rt.spec.budget)
+    expert_slots: int | None = None  # MoE: cap on routed experts cached in RAM per layer (None: what the budget allows)
 
     @property
     def store_dir(self) -> Path:

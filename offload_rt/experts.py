@@ -30,6 +30,8 @@ class ResidentExperts:
     def __init__(self, experts: Sequence[Mapping[str, object]], unit_bytes: int = 0):
         self.experts = list(experts)
         self.unit_bytes = unit_bytes  # bytes of one expert as stored (0: not from a store)
+        first = next(iter(self.experts[0].values())) if self.experts else None
+        self.device = first.device if first is not None else torch.device("cpu")  # where they compute
 
     @classmethod
     def load(cls, store, name: str, dtype: torch.dtype, device: str = "cpu") -> "ResidentExperts":
@@ -40,4 +42,7 @@ class ResidentExperts:
         return cls(experts, layout.unit_bytes)
 
     def run(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        dev = self.device
+        if h.device != dev:  # experts in RAM beside a GPU: only the rows cross the link
+            return moe_ffn(h.to(dev), ids.to(dev), weights.to(dev), self.experts.__getitem__).to(h.device)
         return moe_ffn(h, ids, weights, self.experts.__getitem__)

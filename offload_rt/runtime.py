@@ -22,6 +22,7 @@ from offload_rt import kv as kv_mod
 from offload_rt.memory import budgets as budgets_mod
 from offload_rt.memory import gpu as gpu_mod
 from offload_rt.memory import calibrate
+from offload_rt.memory.expert_plan import ExpertPlan, ExpertSpec, plan_experts
 from offload_rt.memory.kv_plan import KVShape, KVSplit, split_kv
 from offload_rt.memory.plan import MAX_PREFETCH_DEPTH, Bandwidths, Budgets, GroupSpec, Placement, cli_size, plan
 from offload_rt.memory.tiers import Tiers
@@ -133,8 +134,27 @@ def activation_bytes(args, prefill_chunk: int, dequant: int = 0) -> int:
 
 
 def has_quantized(store) -> bool:
-    """Whether the store holds any block-quantized tensor (its kernels and scratch are then needed)."""
-    return any(store.info(n).quantized for n in store.tensor_names)
+    """Whether the store holds any block-quantized tensor or expert part (its kernels and scratch are then
+    needed)."""
+    for n in store.tensor_names:
+        layout = store.expert_layout(n)
+        if store.info(n).quantized or (layout is not None and any(p.fmt.quantized for p in layout.parts.values())):
+            return True
+    return False
+
+
+def expert_spec(store, args, dtype: torch.dtype) -> ExpertSpec | None:
+    """The routed experts' planner inputs (None for a dense model): one expert's stored and held bytes,
+    the routers the predictor keeps resident."""
+    layers = [i for i in range(args.num_hidden_layers) if args.expert_tensor(i) is not None]
+    if not layers:
+        return None
+    layouts = [store.expert_layout(args.expert_tensor(i)) for i in layers]
+    held = max(sum(p.nbytes if p.fmt.quantized else p.nbytes // p.fmt.block_bytes * dtype.itemsize
+                   for p in lay.parts.values()) for lay in layouts)
+    routers = sum(_nbytes(store, args.router_tensor(i), dtype) for i in layers)
+    return ExpertSpec(layers=len(layers), experts=layouts[0].count, active=args.num_experts_per_tok,
+                      unit_bytes=max(lay.unit_bytes for lay in layouts), held_bytes=held, router_bytes=routers)
 
 
 def dequant_scratch_bytes(store, cuda: bool) -> int:
@@ -173,7 +193,16 @@ class Prepared:
     gpu_context_bytes: int = 0  # the CUDA context as measured (outside the device budget), 0 without CUDA
     kv: KVSplit | None = None  # the KV cache's tiers
     attention: str = "exact"  # exact | magicpig
+    experts: ExpertPlan | None = None  # a MoE model's routed experts: resident, or a RAM cache over the disk
     draft: object | None = None  # spec.setup.DraftPlan: the draft's residency and the speculation budget
+
+    @property
+    def predicted_tok_s(self) -> float:
+        """The plan's decode speed, a MoE model's routed experts (compute and expected misses) included."""
+        s = self.placement.predicted_s_per_token
+        if self.experts is not None:
+            s += self.experts.compute_s_per_token + self.experts.disk_s_per_token
+        return 1.0 / s if s > 0 else float("inf")
 
     def kv_cache(self, cfg: RunConfig, args, dtype: torch.dtype, tracer=None):
         """The run's KV cache where the plan put it: dense on the GPU, or chunked in RAM and on disk."""
@@ -205,7 +234,34 @@ class Prepared:
             return StreamingWeights(store, groups, placement.tiers, dtype, embed_name=models.of(args).EMBED,
                                     embed_tier=embed_tier(placement, args), tiers=tiers,
                                     accel=accel if split else HostAccel(), kv_tier=placement.kv_tier,
-                                    depth=placement.prefetch_depth, tracer=tracer)
+                                    depth=placement.prefetch_depth, tracer=tracer,
+                                    experts=self.expert_sets(cfg, store, args, dtype))
+
+        return build
+
+
+    def expert_sets(self, cfg: RunConfig, store, args, dtype: torch.dtype):
+        """The factory of the MoE layers' expert sets (StreamingWeights' ``experts``), per the expert plan:
+        every expert resident, or an expert cache (offload_rt.expert_stream) over the store."""
+        ep = self.experts
+        if ep is None:
+            return None
+
+        def build(source, groups) -> dict:
+            from offload_rt.experts import ResidentExperts
+
+            if ep.resident:
+                source.tiers.host.reserve("experts", ep.host_bytes)
+                return {g.name: ResidentExperts.load(store, g.experts, dtype) for g in groups}
+            from offload_rt.expert_stream import ExpertStream
+
+            source.tiers.host.reserve("experts.routers", ep.spec.router_bytes)
+            routers = [store.load(args.router_tensor(g.index)).to(dtype) for g in groups]
+            stream = ExpertStream(store, [g.experts for g in groups], ep.slots_per_layer, dtype,
+                                  executor=source._pool, tiers=source.tiers, counters=source.counters,
+                                  tracer=source.tracer, routers=routers, active=ep.spec.active)
+            source.expert_stream = stream
+            return {g.name: stream.layer(i) for i, g in enumerate(groups)}
 
         return build
 
@@ -236,6 +292,8 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
     bw = bw.for_dtype(str(dtype).replace("torch.", ""))
     dev, ctx = gpu_budget(cfg, dtype, gpu_used_before) if cuda else (None, 0)  # after calibration: its kernels count
     specs = group_specs(store, groups, dtype, args)
+    espec = expert_spec(store, args, dtype)
+    emin = espec.min_bytes if espec is not None else 0  # the experts' share of --cpu-mem, at least
 
     def place(tree: int):
         """The target's plan beside a draft for a tree of ``tree`` nodes (0: no speculation)."""
@@ -253,6 +311,8 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                                   f"allows ({format_size(dev if cuda else host)}); raise {where}, or use a smaller "
                                   "draft or --spec-budget")
             bud = Budgets(device=left, host=host) if cuda else Budgets(device=dev, host=left)
+        if emin:  # the routed experts' minimum (one slot per MoE layer, the routers) comes off the host first
+            bud = Budgets(device=bud.device, host=bud.host - emin)
         # At least two slots in flight: with one, the reader idles while each streamed layer computes
         # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
         kv, attention = plan_kv(cfg, args, dtype, extra_tokens=extra)
@@ -264,6 +324,14 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                              embed_bytes=untied_embed_bytes(store, args, dtype),
                              depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
         except BudgetError as e:
+            if emin and getattr(e, "tier", None) == "host":
+                need = e.need + emin + (sum(held) if held is not None and not cuda else 0)
+                e = BudgetError(f"--cpu-mem {cli_size(host)} is below the minimum working set of {format_size(need)} "
+                                f"(the always-needed weights, buffers and KV cache, plus {format_size(emin)} for one "
+                                f"expert slot per MoE layer and the routers{' and the draft' if held else ''}); "
+                                f"raise it to at least {cli_size(need, round_up=True)}")
+                e.tier, e.need = "host", need
+                raise e from None
             if held is None or getattr(e, "tier", None) != ("device" if cuda else "host"):
                 raise
             e.need += sum(held)  # the budget the user types holds the draft too
@@ -275,6 +343,8 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                                 "or use a smaller --spec-budget")
                 e.tier, e.need = "host", need
             raise e
+        if emin:
+            bud = Budgets(device=bud.device, host=bud.host + emin)
         return bud, kv, attention, placement, held
 
     try:
@@ -315,7 +385,11 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                 f"--gpu-mem {cli_size(gpu_mod.gpu_mem_for(e.need, ctx), round_up=True)} or use --device cpu"
             ) from None
         raise
+    eplan = None
+    if espec is not None:
+        eplan = plan_experts(espec, bud.host - placement.host_used_bytes, disk_read=bw.disk_read, matvec=bw.matvec,
+                             max_slots=cfg.expert_slots)
     if cuda:  # the caching allocator may not grow past what the budget implies: an overrun fails loudly
         gpu_mod.cap_allocator(device, gpu_mod.allocator_limit(cfg.gpu_mem, context_bytes=ctx, placement=dev))
     return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx, kv=kv, attention=attention,
-                    draft=draft_plan)
+                    draft=draft_plan, experts=eplan)

@@ -133,7 +133,9 @@ class StreamingWeights:
     def __init__(self, store, groups: Sequence[Group], tiers_of: Mapping[str, str], dtype: torch.dtype, *,
                  embed_name: str, embed_tier: str, tiers: Tiers, accel: HostAccel | None = None,
                  kv_tier: str = "host", depth: int = 2, readers: int = 8, tracer=None,
-                 verify_first_pass: bool = True):
+                 verify_first_pass: bool = True, experts=None):
+        """``experts(source, groups)``: the MoE layers' expert sets ({group name: models.ops.ExpertSet}), built
+        once the resident groups are in (offload_rt.runtime picks resident experts or the expert cache)."""
         self.store, self.groups, self.dtype = store, list(groups), dtype
         self.accel = accel or HostAccel()
         self.device = self.accel.device
@@ -236,6 +238,11 @@ class StreamingWeights:
             # place from a thread outside it raises. The current CUDA device is per thread too.
             self._ring = Prefetcher(len(ring), self._fill_slot, itertools.cycle(self.streamed),
                                     name="offload-prefetch", context=lambda: thread_context(self.accel))
+        moe = [g for g in self.groups if g.experts is not None]
+        self.expert_sets = experts(self, moe) if moe and experts is not None else {}
+        for name, table in self._resident.items():
+            if name in self.expert_sets:
+                table["experts"] = self.expert_sets[name]
         self._occupancy()
 
     # ------------------------------------------------------------------ loading
@@ -414,8 +421,9 @@ class StreamingWeights:
                         t.copy_(views[key])
                         held[key] = t
                 views = held
+            ex = self.expert_sets.get(g.name)
             try:
-                yield g, views
+                yield g, (views if ex is None else {**views, "experts": ex})
             finally:
                 self._next_seq = seq + 1
                 self._release(slot)
@@ -424,6 +432,10 @@ class StreamingWeights:
             self._occupancy()
 
     def close(self) -> None:
+        for ex in {id(v): v for v in self.expert_sets.values()}.values():
+            close = getattr(ex, "close", None)
+            if close is not None:
+                close()  # prefetch reads in flight finish before the pool goes
         if self._ring is not None:
             self._ring.close()
         self._pool.shutdown(wait=True)

@@ -171,6 +171,10 @@ class LlamaArgs:
         """The store name of layer ``layer``'s packed routed experts (None: a dense layer, as every one here)."""
         return None
 
+    def router_tensor(self, layer: int) -> str | None:
+        """The store name of layer ``layer``'s router [experts, hidden] (None: a dense layer)."""
+        return None
+
     def expert_parts(self, layer: int) -> dict[str, tuple[int, ...]]:
         """Shapes of one routed expert's parts in layer ``layer`` (empty for a dense layer)."""
         return {}

@@ -97,6 +97,9 @@ class MoeArgs(LlamaArgs):
             return None
         return LAYER_PREFIX.format(layer) + f"{self.moe_prefix}.experts"
 
+    def router_tensor(self, layer: int) -> str | None:
+        return LAYER_PREFIX.format(layer) + f"{self.moe_prefix}.gate.weight" if self.sparse_layers[layer] else None
+
     def expert_parts(self, layer: int) -> dict[str, tuple[int, ...]]:
         if not self.sparse_layers[layer]:
             return {}
