@@ -154,7 +154,7 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             cfg = apply_preset(cfg, config_file, given=_given_options())
         interactive = prompt is None and sys.stdin.isatty() and not plan_only
         if prompt is None and not interactive and not plan_only:
-            prompt = _decoded(sys.stdin.buffer.read(), "stdin", sys.stdin.encoding or "utf-8")
+            prompt = _read_stdin()
             if not prompt.strip():
                 raise UsageError("no prompt: pass --prompt TEXT, --prompt-file F, pipe text on stdin, or run in a terminal for chat")
         if prompt is not None and not raw and (prompt_file is not None or not interactive):
@@ -196,6 +196,14 @@ def _decoded(text: str | bytes, what: str, encoding: str = "utf-8") -> str:
     return text
 
 
+def _read_stdin() -> str:
+    """All of piped stdin, decoded by us (Python's own decoding would pass undecodable bytes on as surrogates)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # stdin replaced by a text-only stream (embedded use)
+        return _decoded(sys.stdin.read(), "stdin")
+    return _decoded(raw.read(), "stdin", sys.stdin.encoding or "utf-8")
+
+
 def _is_terminal(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -203,25 +211,26 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _is_unwritable(e: OSError) -> bool:
-    """A write refused by a read-only filesystem or permissions: the user's setup, not a bug."""
-    return e.errno in _UNWRITABLE and e.filename is not None
+    """A file access refused by a read-only filesystem or by permissions: the user's setup, not a bug."""
+    return e.errno in _REFUSED and e.filename is not None
 
 
 def _unwritable_message(e: OSError, store_dir: Path | None) -> str:
-    """One line for a refused write; under the offload dir, say that it must be writable (not "free space")."""
+    """One line for a refused access; in the offload dir, say that it must be writable (not "free space")."""
     where = Path(os.fsdecode(e.filename))
     try:
         inside = store_dir is not None and where.resolve().is_relative_to(Path(store_dir).expanduser().resolve())
     except (OSError, ValueError):
         inside = False
     if inside:
-        return (f"the offload dir {store_dir} is not writable ({e.strerror}): a run writes there (the first run's "
-                "disk measurement, a converted store, KV spill); choose a writable --offload-dir")
-    return f"cannot write {where}: {e.strerror}"
+        what = "not writable" if e.errno == errno.EROFS else "not accessible"
+        return (f"the offload dir {store_dir} is {what} ({e.strerror}): a run writes there (the first run's disk "
+                "measurement, a converted store, KV spill); choose a writable --offload-dir")
+    return f"cannot access {where}: {e.strerror}"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -35,8 +35,9 @@ class LineReader:
     """``input()`` with line editing, a persistent history and bracketed paste, where readline exists.
 
     Without readline (a Python built without it) this is plain ``input()``. Each line read is appended
-    to the history file at once (a killed session keeps what was typed); the file is cut to
-    HISTORY_LENGTH lines on leaving. A history file that cannot be read or written is no error.
+    to the history file at once (a killed session keeps what was typed; two sessions at once both keep
+    theirs), which is kept to its last HISTORY_LENGTH lines. A history file that cannot be read or
+    written is no error.
     """
 
     def __init__(self, history: Path | None = None):
@@ -63,17 +64,14 @@ class LineReader:
         if self.readline is not None and self.history is not None and line.strip():
             try:
                 self.history.parent.mkdir(parents=True, exist_ok=True)
-                self.readline.append_history_file(1, self.history)
-            except (OSError, AttributeError):  # read-only cache dir; libedit builds without append
+                self.history.touch()  # (readline appends only to a file that exists)
+                if hasattr(self.readline, "append_history_file"):
+                    self.readline.append_history_file(1, self.history)  # (then cut to the history length)
+                else:  # a readline library without append_history
+                    self.readline.write_history_file(self.history)
+            except OSError:  # a read-only cache dir: the history lives as long as the session
                 pass
         return line
-
-    def close(self) -> None:
-        if self.readline is not None and self.history is not None and self.history.exists():
-            try:
-                self.readline.write_history_file(self.history)  # cut to HISTORY_LENGTH
-            except OSError:
-                pass
 
 
 def terminal_reader() -> LineReader:
@@ -91,8 +89,7 @@ class ChatREPL:
         self.session = session
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        self._reader = terminal_reader() if read_line is None else None
-        self.read_line = read_line or self._reader
+        self.read_line = read_line or terminal_reader()
         self.system: str | None = None
         self.history: list[dict] = []
 
@@ -140,13 +137,6 @@ class ChatREPL:
     def run(self) -> int:
         print(f"offload-run chat with {self.session.model.name}. {HELP}; Ctrl-C stops an answer, Ctrl-D exits.",
               file=self.err)
-        try:
-            return self._loop()
-        finally:
-            if self._reader is not None:
-                self._reader.close()
-
-    def _loop(self) -> int:
         while True:
             try:
                 line = self.read_line(">>> ")

@@ -69,6 +69,20 @@ def test_repl_history_lives_in_the_cache_dir(monkeypatch, tmp_path):
     assert repl_mod.history_path() == tmp_path / "cache" / "repl_history"
 
 
+def test_repl_lines_are_kept_in_a_new_history_file(monkeypatch, tmp_path):
+    readline = __import__("pytest").importorskip("readline")
+    path = tmp_path / "cache" / "repl_history"  # neither the file nor its directory exists yet
+
+    def typed(_prompt):  # what input() does with readline: the line joins the history
+        readline.add_history("a line typed")
+        return "a line typed"
+
+    monkeypatch.setattr("builtins.input", typed)
+    reader = repl_mod.LineReader(path)
+    assert reader(">>> ") == "a line typed"
+    assert path.read_text().splitlines()[-1] == "a line typed"
+
+
 def test_readme_claims_the_code_holds():
     from offload_rt.threads import SPIN_ENV
 
