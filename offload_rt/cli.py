@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -113,14 +114,17 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
     With --prompt/--prompt-file or piped stdin: answer once, streaming to stdout.
     With a terminal on stdin: a chat REPL.
     """
+    cfg = None
     try:
         if prompt is not None and prompt_file is not None:
             raise UsageError("give either --prompt or --prompt-file, not both")
         if prompt_file is not None:
             try:
-                prompt = prompt_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"cannot read --prompt-file {prompt_file}: {getattr(e, 'strerror', None) or e}")
+                prompt = _decoded(prompt_file.read_bytes(), f"--prompt-file {prompt_file}", "utf-8")
+            except OSError as e:
+                raise UsageError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
+        elif prompt is not None:
+            prompt = _decoded(prompt, "--prompt")  # argv bytes that are not UTF-8 arrive as lone surrogates
         cfg = RunConfig(
             model=model,
             max_new_tokens=max_new_tokens,
@@ -146,6 +150,7 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             draft=_draft(draft),
             spec_budget=_spec_budget(spec_budget, draft),
             expert_slots=expert_slots,
+            progress=_is_terminal(sys.stderr),  # progress bars only where they can be redrawn in place
         )
         if config_file is not None:
             from offload_rt.presets import apply_preset
@@ -153,7 +158,7 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             cfg = apply_preset(cfg, config_file, given=_given_options())
         interactive = prompt is None and sys.stdin.isatty() and not plan_only
         if prompt is None and not interactive and not plan_only:
-            prompt = sys.stdin.read()
+            prompt = _read_stdin()
             if not prompt.strip():
                 raise UsageError("no prompt: pass --prompt TEXT, --prompt-file F, pipe text on stdin, or run in a terminal for chat")
         if prompt is not None and not raw and (prompt_file is not None or not interactive):
@@ -176,7 +181,60 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
         sys.exit(130)
     except MemoryError:
         _fail("out of memory; lower --cpu-mem/--gpu-mem so more streams from disk, or use a smaller --dtype", debug)
+    except OSError as e:
+        if not _is_unwritable(e):
+            raise
+        _fail(_unwritable_message(e, cfg.store_dir if cfg is not None else None), debug)
     sys.exit(code)
+
+
+def _decoded(text: str | bytes, what: str, encoding: str = "utf-8") -> str:
+    """User input as text the tokenizer takes: undecodable bytes become U+FFFD, said in one warning line."""
+    from offload_rt.tokenizer import decode_input, scrub_undecodable
+
+    text, bad = decode_input(text, encoding) if isinstance(text, bytes) else scrub_undecodable(text)
+    if bad:
+        print(f"offload-run: warning: {what} is not valid {encoding.upper().replace('_', '-')}: {bad} byte"
+              f"{'s' if bad > 1 else ''} replaced with U+FFFD (convert the text first, e.g. iconv -f latin1 -t utf-8)",
+              file=sys.stderr)
+    return text
+
+
+def _read_stdin() -> str:
+    """All of piped stdin, decoded by us (Python's own decoding would pass undecodable bytes on as surrogates)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # stdin replaced by a text-only stream (embedded use)
+        return _decoded(sys.stdin.read(), "stdin")
+    return _decoded(raw.read(), "stdin", sys.stdin.encoding or "utf-8")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _is_unwritable(e: OSError) -> bool:
+    """A file access refused by a read-only filesystem or by permissions: the user's setup, not a bug."""
+    return e.errno in _REFUSED and e.filename is not None
+
+
+def _unwritable_message(e: OSError, store_dir: Path | None) -> str:
+    """One line for a refused access; in the offload dir, say that it must be writable (not "free space")."""
+    where = Path(os.fsdecode(e.filename))
+    try:
+        inside = store_dir is not None and where.resolve().is_relative_to(Path(store_dir).expanduser().resolve())
+    except (OSError, ValueError):
+        inside = False
+    if inside:
+        what = "not writable" if e.errno == errno.EROFS else "not accessible"
+        return (f"the offload dir {store_dir} is {what} ({e.strerror}): a run writes there (the first run's disk "
+                "measurement, a converted store, KV spill); choose a writable --offload-dir")
+    return f"cannot access {where}: {e.strerror}"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -252,6 +310,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         _reader_left()
+
+
+def report_main() -> None:
+    """``offload-report``: the profiling report of a ``--profile`` trace (``python -m tools.report`` in a checkout)."""
+    from tools.report import main as report
+
+    sys.exit(report())
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ sets any of :data:`PRESET_KEYS`; values given on the command line win
 (:func:`merge`). ``configs/defaults.toml`` holds the planner's tunables
 (:func:`load_defaults`, schema :data:`DEFAULTS_SCHEMA`).
 
-The files ship in the repository's ``configs/`` directory, found relative to
-the package (``Path(__file__).parents[1] / "configs"``): a source checkout, an
-editable install, or a wheel (``configs`` installs as a data package beside
-``offload_rt``).
+The files ship in the repository's ``configs/`` directory, found where
+:mod:`offload_rt._folders` finds it: beside ``offload_rt/`` in a source checkout or an
+editable install, inside it in a wheel (``offload_rt/configs``).
 
 Every problem — missing file, bad TOML, unknown key, bad value — is a
 UsageError with one line naming the file and the key.
@@ -20,10 +19,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from offload_rt._folders import folder
 from offload_rt.config import parse_size
 from offload_rt.errors import UsageError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = (folder("configs") or Path(__file__).resolve().parents[1]) / "configs"
 DEFAULTS_FILE = CONFIG_DIR / "defaults.toml"
 
 

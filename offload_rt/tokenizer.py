@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,6 +22,26 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from offload_rt.errors import ChatTemplateError, ModelSourceError
+
+
+# A byte that did not decode, as Python's "surrogateescape" keeps it (stdin, argv, a terminal's line), or any
+# other lone surrogate: the tokenizer cannot encode them.
+_UNDECODABLE = re.compile("[\ud800-\udfff]")
+
+
+def scrub_undecodable(text: str) -> tuple[str, int]:
+    """``text`` with each undecodable byte (a lone surrogate) replaced by U+FFFD, and how many were replaced.
+
+    Python decodes stdin, argv and terminal input with ``surrogateescape`` under a C/UTF-8 locale, so a
+    Latin-1 ``\xe9`` arrives as ``\udce9``; this is the text the model can be given.
+    """
+    count = len(_UNDECODABLE.findall(text))
+    return (_UNDECODABLE.sub("\ufffd", text), count) if count else (text, 0)
+
+
+def decode_input(data: bytes, encoding: str = "utf-8") -> tuple[str, int]:
+    """Bytes of user input (a pipe, a file) as text: what does not decode becomes U+FFFD; (text, bytes replaced)."""
+    return scrub_undecodable(data.decode(encoding, "surrogateescape"))
 
 
 class _Refusal(TemplateError):
@@ -104,7 +125,8 @@ class Tokenizer:
         return "the vocabularies differ"
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text``; an undecodable input byte (a lone surrogate) is encoded as U+FFFD."""
+        ids = self._tok.encode(scrub_undecodable(text)[0], add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id] + ids

@@ -204,19 +204,32 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _Progress:
-    """A rich progress bar (bytes written) on stderr; a no-op when disabled."""
+    """A rich progress bar (bytes written) on stderr; a no-op when disabled or when the console is no terminal
+    (a pipe or a file gets no bytes from it, not even a newline).
 
-    def __init__(self, enabled: bool, total: int, label: str):
+    One line, one column short of the terminal's width so that no terminal wraps it: the label is cut
+    (with an ellipsis) before the figures are.
+    """
+
+    def __init__(self, enabled: bool, total: int, label: str, console=None):
         self._p = None
         if not enabled:
             return
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
+        from rich.table import Column
 
-        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                           transient=True)
+        console = console if console is not None else Console(stderr=True)
+        if not console.is_terminal:
+            return
+        console.width = max(1, console.width - 1)
+        fixed = Column(no_wrap=True)
+        self._p = Progress(TextColumn("[bold]{task.description}",
+                                      table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                           BarColumn(bar_width=20), DownloadColumn(table_column=fixed),
+                           TransferSpeedColumn(table_column=fixed), TimeRemainingColumn(table_column=fixed),
+                           console=console, transient=True, expand=True)
         self._task = self._p.add_task(label, total=total)
         self._p.start()
 
