@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import os
 import re
 import shutil
@@ -132,6 +133,9 @@ def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: 
         _install(tmp, final, replace=rebuild)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise UserError(f"the offload dir {cache_dir} is not writable ({e.strerror}): cannot write the weight "
+                            "store there; choose a writable --offload-dir") from None
         if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)):
             raise UserError(f"could not write the weight store {final}: {e.strerror or e}; "
                             "free disk space or choose another store directory") from None

@@ -200,8 +200,6 @@ def test_read_only_offload_dir_with_a_store_says_so(first_run, tmp_path):
     assert "free" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="storage/convert.py _convert_locked maps every OSError to 'free disk space' "
-                                       "(the storage helper's file; the change is in the issue 21 report)")
 def test_read_only_empty_offload_dir_is_not_told_to_free_space(tmp_path):
     ro = tmp_path / "ro"
     undo = _read_only(ro)
