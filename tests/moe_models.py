@@ -82,3 +82,23 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_config(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "config.json").read_text())
+
+
+def model_from_tensors(ckpt: Path, tensors: dict, dest: Path):
+    """The transformers model of checkpoint ``ckpt``'s config with ``tensors`` (checkpoint names -> float32
+    arrays, e.g. what a GGUF holds as tests.gguf_models.write_moe_gguf returns it) as its weights, loaded
+    through ``from_pretrained`` so transformers maps the per-expert names onto its fused expert parameters
+    itself. Every parameter must be given (a missing or unused name fails)."""
+    import numpy as np
+    import transformers
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text((Path(ckpt) / "config.json").read_text())
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()},
+              str(dest / "model.safetensors"), metadata={"format": "pt"})
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        dest, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.float().eval()
