@@ -19,7 +19,8 @@ from offload_rt.loader import load_model
 from offload_rt.spec.tree import Tree
 from storage.experts import parse_expert_name
 from tests.gguf_models import write_moe_gguf
-from tests.moe_models import MOE_TYPES, checkpoint_tensors, model_from_tensors, tiny_moe_model, write_moe_checkpoint
+from tests.moe_models import (MOE_TYPES, checkpoint_tensors, greedy_reference, model_from_tensors, tiny_moe_model,
+                              write_moe_checkpoint)
 
 PROMPT = [5, 17, 33, 4, 90, 12, 7, 250, 61]  # 9 rows: prefill chunks of 4, 4, 1 (PREFILL_CHUNK)
 PREFILL_CHUNK = 4
@@ -28,9 +29,8 @@ NEW_TOKENS = 10
 SEED = {("qwen3_moe", False): 4, ("mixtral", False): 3, ("qwen2_moe", False): 5,
         ("qwen3_moe", True): 0, ("mixtral", True): 6, ("qwen2_moe", True): 7}
 # Logits: same weights, float32, only the order of the sums differs: measured up to 9e-7 (logits up to ~1);
-# a reference's smallest top-1 / top-2 gap stays 25x above ATOL, so equal tokens are a fair demand.
+# a reference's smallest top-1 / top-2 gap (moe_models.MIN_GAP) stays 25x above, so equal tokens are fair.
 ATOL = 2e-5
-MIN_GAP = 5e-4
 
 
 class Models:
@@ -90,20 +90,6 @@ EXPERT_FORMATS = {"hf": ("float32",) * 3, "f32": ("float32",) * 3, "q8_0": ("q8_
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Models:
     return Models(tmp_path_factory.mktemp("moe-models"))
-
-
-def greedy_reference(hf, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy continuation (generate, do_sample=False) and each step's logits [n, vocab]."""
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt):].tolist()
-    logits = torch.stack([step[0] for step in out.logits]).float()
-    top2 = logits.topk(2, dim=-1).values
-    gap = (top2[:, 0] - top2[:, 1]).min().item()
-    assert gap > MIN_GAP, f"the reference is {gap:.1e} from a tie: pick another seed"
-    assert len(set(tokens)) >= 3, f"a degenerate reference {tokens}: pick another seed"
-    return tokens, logits
 
 
 def open_resident(models: Models, path: Path, **cfg):
