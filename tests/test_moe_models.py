@@ -92,6 +92,21 @@ def models(tmp_path_factory) -> Models:
     return Models(tmp_path_factory.mktemp("moe-models"))
 
 
+@pytest.fixture
+def moe_rows(monkeypatch) -> list[int]:
+    """The number of rows of every call of the routed-experts op (models.ops.moe) during a test."""
+    from offload_rt.models import ops
+
+    rows, op = [], ops.moe
+
+    def counting(experts, h, ids, weights):
+        rows.append(h.shape[0])
+        return op(experts, h, ids, weights)
+
+    monkeypatch.setattr(ops, "moe", counting)
+    return rows
+
+
 def open_resident(models: Models, path: Path, **cfg):
     """offload_rt's resident model of ``path`` (library level), prefill in chunks of PREFILL_CHUNK rows."""
     return load_model(RunConfig(model=str(path), offload_dir=models.stores, progress=False,
@@ -147,7 +162,7 @@ CASES = [(t, kind) for kind in ("hf", "f32", "q8_0", "kmix", "int4") for t in MO
 
 
 @pytest.mark.parametrize("model_type,kind", CASES, ids=[f"{t}-{k}" for t, k in CASES])
-def test_greedy_tokens_match_transformers(models, model_type, kind):
+def test_greedy_tokens_match_transformers(models, model_type, kind, moe_rows):
     """Prefill (chunks of 4 rows, tokens sharing experts) and decode give transformers' greedy tokens, and
     every step's logits to float32 precision, on the weights the source holds."""
     hf, ckpt = models.hf(model_type, wide=kind == "kmix")
@@ -164,6 +179,8 @@ def test_greedy_tokens_match_transformers(models, model_type, kind):
 
     ref_tokens, ref_logits = greedy_reference(ref_model, PROMPT, NEW_TOKENS)
     tokens, logits = greedy_ours(ours, PROMPT, NEW_TOKENS)
+    layers = ours.args.num_hidden_layers  # prefill chunks of 4, 4, 1 rows, then one row per decode step
+    assert moe_rows == [4] * layers + [4] * layers + [1] * layers * NEW_TOKENS
     err = (logits - ref_logits).abs().max().item()
     assert tokens == ref_tokens
     assert err < ATOL, err
@@ -194,7 +211,7 @@ def sample_tree() -> Tree:
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_tree_pass_equals_each_path_alone(models, model_type):
+def test_tree_pass_equals_each_path_alone(models, model_type, moe_rows):
     """One forward pass over a speculation tree (rows at arbitrary positions, a tree mask) gives every node
     transformers' logits for its root-to-node path run alone; a whole-prompt pass gives every prompt row's;
     keeping the accepted path continues as a plain run would."""
@@ -211,6 +228,7 @@ def test_tree_pass_equals_each_path_alone(models, model_type):
         logits = eng.forward(tree.input_ids().tolist(), positions=tree.positions(start),
                              tree_mask=tree.attention_mask(), all_logits=True)
         assert logits.shape == (len(tree), hf.config.vocab_size)
+        assert moe_rows[-1] == len(tree)  # the tree's rows went through the experts together
         for i, ref in enumerate(ref_paths):
             err = (logits[i] - ref).abs().max().item()
             assert err < ATOL, (i, tree.path_tokens(i), err)
