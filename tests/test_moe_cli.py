@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 
@@ -164,15 +165,22 @@ def test_unsupported_moe_gguf_is_a_user_error(root):
 
 
 def test_truncated_expert_chunk_is_a_user_error(root, qwen3_moe):
-    """One expert's chunk file in the converted store loses its last 4 KiB: the run names the tensor and the
-    way out (--rebuild-store) on one line."""
+    """The chunk file of an expert the prompt routes to (layer 0, first token's first choice) loses its last
+    4 KiB in the converted store: the run names the tensor and the way out (--rebuild-store) on one line,
+    whether the experts are loaded whole or read when routed."""
+    import transformers
+
+    hf, ckpt = qwen3_moe
+    ids = transformers.AutoTokenizer.from_pretrained(ckpt)(PROMPT).input_ids
+    with torch.no_grad():
+        expert = int(hf(torch.tensor([ids]), output_router_logits=True).router_logits[0][0].argmax())
     stores = root / "damaged-stores"
-    st = storage.open_or_convert(qwen3_moe[1], stores, progress=False)
+    st = storage.open_or_convert(ckpt, stores, progress=False)
     name = packed_name(0)
-    f = st.path / name / st.manifest["tensors"][name]["chunk_keys"][1]
+    f = st.path / name / st.manifest["tensors"][name]["chunk_keys"][expert]
     assert f.is_relative_to(stores) and f.stat().st_size >= 4096
     os.truncate(f, f.stat().st_size - 4096)
-    proc = run_cli(qwen3_moe[1], "--raw", "--prompt", PROMPT, "--max-new-tokens", 2, "--offload-dir", stores)
+    proc = run_cli(ckpt, "--raw", "--prompt", PROMPT, "--max-new-tokens", 2, "--offload-dir", stores)
     assert_user_error(proc, name, "--rebuild-store")
 
 
