@@ -3,7 +3,9 @@
 ``tiny_moe_model`` builds the transformers model (float32, eval mode: the reference); ``write_moe_checkpoint``
 saves it as a Hub checkpoint (transformers' ``save_pretrained`` writes the per-expert names:
 ``mlp.experts.{e}.{gate,up,down}_proj`` / Mixtral's ``block_sparse_moe.experts.{e}.w{1,2,3}``) with
-tests.hf_models' tokenizer files. ``checkpoint_tensors`` reads a checkpoint's tensors back as numpy arrays.
+tests.hf_models' tokenizer files. ``checkpoint_tensors`` reads a checkpoint's tensors back.
+``model_from_tensors`` builds the transformers model of a checkpoint with other weights (a GGUF's, a
+quantized round trip's), and ``greedy_reference`` is transformers' greedy continuation with its logits.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ TINY_MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_
                 max_position_embeddings=512, rms_norm_eps=1e-5, vocab_size=300, num_experts_per_tok=2)
 EXPERTS = 4
 WIDTH = 32
+MIN_GAP = 5e-4  # smallest top-1 / top-2 logit gap of a greedy reference (float32 runs differ by ~1e-6)
 
 
 def tiny_moe_config(model_type: str, *, experts: int = EXPERTS, width: int = WIDTH, **over):
@@ -82,3 +85,37 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_config(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "config.json").read_text())
+
+
+def model_from_tensors(ckpt: Path, tensors: dict, dest: Path):
+    """The transformers model of checkpoint ``ckpt``'s config with ``tensors`` (checkpoint names -> float32
+    arrays, e.g. what a GGUF holds as tests.gguf_models.write_moe_gguf returns it) as its weights, loaded
+    through ``from_pretrained`` so transformers maps the per-expert names onto its fused expert parameters
+    itself. Every parameter must be given (a missing or unused name fails)."""
+    import numpy as np
+    import transformers
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text((Path(ckpt) / "config.json").read_text())
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()},
+              str(dest / "model.safetensors"), metadata={"format": "pt"})
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        dest, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.float().eval()
+
+
+def greedy_reference(hf, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy continuation (generate, do_sample=False) and each step's logits [n, vocab]."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logits = torch.stack([step[0] for step in out.logits]).float()
+    top2 = logits.topk(2, dim=-1).values
+    gap = (top2[:, 0] - top2[:, 1]).min().item()
+    assert gap > MIN_GAP, f"the reference is {gap:.1e} from a tie: pick another seed"
+    assert len(set(tokens)) >= 3, f"a degenerate reference {tokens}: pick another seed"
+    return tokens, logits
