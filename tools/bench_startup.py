@@ -32,8 +32,8 @@ from pathlib import Path
 
 LLAMA_PYTHON = "/tmp/llvenv/bin/python"
 STEP_NAMES = ("python start", "imports: cli", "imports: torch", "imports: numba", "imports: offload_rt",
-              "store + config", "tokenizer", "kernels (Numba cache)", "baseline", "calibration cache", "plan",
-              "engine", "prefill + first token", "other")
+              "GGUF header (config)", "store + config", "tokenizer", "kernels (Numba cache)", "baseline",
+              "calibration cache", "plan", "weights (resident load)", "engine", "prefill + first token", "other")
 
 LLAMA_SCRIPT = r"""
 import sys, time
@@ -53,65 +53,73 @@ for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": sy
 
 def child(argv: list[str], out: Path, t_spawn: float) -> None:
     """Run ``offload-run argv`` in this process with every step before the first token timed; write
-    the seconds per step (STEP_NAMES) as JSON to ``out``."""
+    {step: [wall seconds, CPU seconds of the process]} (STEP_NAMES) as JSON to ``out``."""
     t_start = time.time()
-    clock = time.perf_counter
-    spent: dict[str, float] = {"python start": t_start - t_spawn}
-    t0 = clock()
 
-    def mark(name: str, since: float) -> float:
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    spent: dict[str, list[float]] = {"python start": [t_start - t_spawn, time.process_time()]}
+
+    def add(name: str, since: tuple[float, float], less: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
         now = clock()
-        spent[name] = spent.get(name, 0.0) + now - since
+        got = spent.setdefault(name, [0.0, 0.0])
+        got[0] += now[0] - since[0] - less[0]
+        got[1] += now[1] - since[1] - less[1]
         return now
 
-    t = t0
+    t0 = t = clock()
     import offload_rt.cli as cli  # what the console script imports (click, config)
     from offload_rt.threads import configure_process
 
     configure_process()  # as cli.main does, before torch loads OpenMP
-    t = mark("imports: cli", t)
+    t = add("imports: cli", t)
     import torch  # noqa: F401
 
-    t = mark("imports: torch", t)
+    t = add("imports: torch", t)
     import numba  # noqa: F401
 
-    t = mark("imports: numba", t)
+    t = add("imports: numba", t)
     import kernels_cpu.attention
     import kernels_cpu.matvec
     import kernels_cpu.quant  # the default model's Q4_1 blocks run through it
     import kernels_cpu.rowops
     import offload_rt.app as app
-    import offload_rt.loader as loader
     import offload_rt.memory.baseline as baseline
     import offload_rt.memory.calibrate as calibrate
     import offload_rt.memory.plan  # noqa: F401
     import offload_rt.runtime as runtime
+    import offload_rt.scheduler as scheduler
     import offload_rt.session  # noqa: F401
+    import offload_rt.tokenizer as tokenizer
+    import storage
 
-    t = mark("imports: offload_rt", t)
+    t = add("imports: offload_rt", t)
 
     def timed(owner, attr: str, name: str, minus: tuple[str, ...] = ()):
         """Wrap ``owner.attr`` so its calls add to step ``name`` (less the steps ``minus`` inside it)."""
         real = getattr(owner, attr)
 
         def wrapper(*a, **k):
-            before = {m: spent.get(m, 0.0) for m in minus}
+            before = {m: list(spent.get(m, (0.0, 0.0))) for m in minus}
             s = clock()
             try:
                 return real(*a, **k)
             finally:
-                inner = sum(spent.get(m, 0.0) - before[m] for m in minus)
-                spent[name] = spent.get(name, 0.0) + clock() - s - inner
+                inner = [sum(spent.get(m, (0.0, 0.0))[i] - before[m][i] for m in minus) for i in (0, 1)]
+                add(name, s, tuple(inner))
 
         setattr(owner, attr, wrapper)
 
-    timed(loader, "Tokenizer", "tokenizer")
-    timed(app, "open_model", "store + config", minus=("tokenizer",))
+    timed(storage, "read_source_config", "GGUF header (config)")
+    timed(tokenizer.Tokenizer, "__init__", "tokenizer")
+    timed(app, "open_model", "store + config", minus=("tokenizer", "GGUF header (config)"))
     for mod in (kernels_cpu.matvec, kernels_cpu.attention, kernels_cpu.rowops, kernels_cpu.quant):
         timed(mod, "warm_up", "kernels (Numba cache)")
     timed(baseline, "measure", "baseline")
     timed(calibrate, "load_or_measure", "calibration cache")
     timed(runtime, "prepare", "plan", minus=("calibration cache",))
+    timed(scheduler.StreamingWeights, "__init__", "weights (resident load)")
     timed(app, "attach_engine", "engine")
     marks = {}
     real_attach, real_write = app.attach_engine, sys.stdout.write
@@ -135,9 +143,11 @@ def child(argv: list[str], out: Path, t_spawn: float) -> None:
     finally:
         sys.stdout.write = real_write
     end = marks.get("first", clock())
-    spent["prefill + first token"] = end - marks.get("engine", end)  # the session: template, prefill, a token
-    spent["total"] = spent["python start"] + (end - t0)
-    spent["other"] = spent["total"] - sum(v for k, v in spent.items() if k != "total")
+    # the session: chat template, prompt tokens, prefill, the first token
+    spent["prefill + first token"] = [end[i] - marks.get("engine", end)[i] for i in (0, 1)]
+    spent["total"] = [spent["python start"][0] + end[0] - t0[0], end[1]]
+    spent["other"] = [spent["total"][i] - sum(v[i] for k, v in spent.items() if k not in ("total", "other"))
+                      for i in (0, 1)]
     out.write_text(json.dumps(spent))
 
 
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             t, cpu = llama(a.llama_python, gguf, a.prompt, threads)
             runs["llama"].append(t)
             runs["llama_cpu"].append(cpu)
-    steps = {k: statistics.median(r.get(k, 0.0) for r in runs["steps"]) for k in (*STEP_NAMES, "total")}
+    steps = {k: [statistics.median(r.get(k, (0.0, 0.0))[i] for r in runs["steps"]) for i in (0, 1)]
+             for k in (*STEP_NAMES, "total")}
     imports = import_costs()
     if a.json:
         print(json.dumps({"model": str(gguf), "threads": threads, "runs": runs, "steps_median_s": steps,
@@ -244,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp not run: {has_llama}")
     else:
         print(f"llama.cpp command → first token: {_stats(runs['llama'])}, CPU {_stats(runs['llama_cpu'])}")
-    print("breakdown (median seconds of the instrumented run):")
+    print("breakdown (medians of the instrumented run; CPU: the process's, all threads):")
+    print(f"  {'step':26s} {'wall s':>7s} {'CPU s':>7s}")
     for k in (*STEP_NAMES, "total"):
-        print(f"  {k:24s} {steps[k]:6.3f}")
+        print(f"  {k:26s} {steps[k][0]:7.3f} {steps[k][1]:7.3f}")
     print("imports (self time by package, python -X importtime):")
     for pkg, s in imports:
-        print(f"  {pkg:24s} {s:6.3f}")
+        print(f"  {pkg:26s} {s:7.3f}")
     return 0
 
 
