@@ -37,6 +37,11 @@ def _fake_compute(monkeypatch) -> None:
     monkeypatch.setattr(calibrate, "others_cpu", lambda a, b: 0.0)
 
 
+def _entry(tmp_path) -> dict:
+    cache = json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())
+    return cache["entries"][calibrate.cache_key(tmp_path)]
+
+
 def test_probe_size_follows_the_free_space():
     assert disk_probe.probe_size(None) == calibrate.DISK_TEST_BYTES  # unknown: the probe's own errors decide
     assert disk_probe.probe_size(100 * GiB) == calibrate.DISK_TEST_BYTES
@@ -98,7 +103,7 @@ def test_a_skipped_probe_runs_once_the_disk_has_room(monkeypatch, tmp_path):
     monkeypatch.setattr(calibrate, "measure_layer_costs", lambda d: pytest.fail("compute measured again"))
     later = calibrate.load_or_measure(tmp_path, progress=False)
     assert later.disk_read == 1.8e9 and later.matvec == first.matvec and probed == [calibrate.DISK_TEST_BYTES]
-    entry = json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())["entries"][calibrate.cache_key(tmp_path)]
+    entry = _entry(tmp_path)
     assert entry["disk_read"] == 1.8e9 and entry["disk_probe_bytes"] == calibrate.DISK_TEST_BYTES
     assert calibrate.load_or_measure(tmp_path, progress=False).disk_read == 1.8e9 and len(probed) == 1
 
@@ -132,5 +137,5 @@ def test_measured_entry_records_the_probe(monkeypatch, tmp_path):
     monkeypatch.setattr(calibrate, "measure_disk_read", lambda d, n: 2e9)
     bw = calibrate.load_or_measure(tmp_path, progress=False)
     assert isinstance(bw, Bandwidths) and bw.disk_read == 2e9
-    entry = json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())["entries"][calibrate.cache_key(tmp_path)]
+    entry = _entry(tmp_path)
     assert entry["disk_probe_bytes"] == calibrate.DISK_TEST_BYTES and entry["disk_note"] == ""

@@ -72,7 +72,7 @@ def test_a_machine_busy_throughout_is_recorded_as_such(monkeypatch, tmp_path):
                   token=[1e-3] * 3)
     calibrate.load_or_measure(tmp_path, progress=False)
     assert log == ["round"] * calibrate.CALIBRATION_ROUNDS
-    entry = json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())["entries"][calibrate.cache_key(tmp_path)]
+    entry = _entry(tmp_path)
     assert entry["quiet"] is False and entry["others_cpu"] == 0.9 and entry["rounds"] == 3
 
 
@@ -125,7 +125,8 @@ def cache(monkeypatch, tmp_path):
 
 
 def _entry(tmp_path) -> dict:
-    return json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())["entries"][calibrate.cache_key(tmp_path)]
+    cache = json.loads((tmp_path / "cache" / calibrate.CACHE_FILE).read_text())
+    return cache["entries"][calibrate.cache_key(tmp_path)]
 
 
 def test_a_contradicting_run_makes_the_next_run_measure_again(cache):
@@ -166,7 +167,8 @@ def test_what_cannot_contradict_the_figures(cache, monkeypatch):
     assert calibrate.check_run_speed(tmp_path, 8.1, 45.0, tokens=64) is None  # nothing cached: nothing to mark
     calibrate.load_or_measure(tmp_path, progress=False, measure=measure)
     assert calibrate.check_run_speed(tmp_path, 8.1, 45.0, tokens=3) is None  # too few tokens to judge
-    assert calibrate.check_run_speed(tmp_path, 0.0, 45.0) is None and calibrate.check_run_speed(tmp_path, 8.1, 0.0) is None
+    assert calibrate.check_run_speed(tmp_path, 0.0, 45.0) is None
+    assert calibrate.check_run_speed(tmp_path, 8.1, 0.0) is None
     assert calibrate.check_run_speed(tmp_path, 8.1, 45.0, cuda=True, tokens=64) is None  # another entry
     monkeypatch.setenv(calibrate.ENV_OVERRIDE, "disk=1e9,matvec=1e10")  # figures given, not measured
     assert calibrate.check_run_speed(tmp_path, 8.1, 45.0, tokens=64) is None

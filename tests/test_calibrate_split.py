@@ -32,7 +32,8 @@ def _names_used_by_callers() -> set[str]:
             if path.name in ("calibrate.py",):
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "calibrate":
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                        and node.value.id == "calibrate"):
                     used.add(node.attr)
     return used
 

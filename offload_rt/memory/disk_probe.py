@@ -83,7 +83,8 @@ def probe_disk(directory: Path, wanted: int = DISK_TEST_BYTES, *, measure=None) 
     except OSError as e:
         return DiskProbe(DEFAULT_DISK_READ, 0, f"disk speed not measured: {directory}: "
                          f"{e.strerror or e}; assuming {DEFAULT_DISK_READ / 1e6:.0f} MB/s")
-    note = "" if size >= wanted else f"disk speed measured with a {format_size(size)} probe ({format_size(free or 0)} free)"
+    note = "" if size >= wanted else (f"disk speed measured with a {format_size(size)} probe "
+                                      f"({format_size(free or 0)} free)")
     return DiskProbe(rate, size, note)
 
 
