@@ -162,6 +162,15 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             engine.close()
             if speculator is not None:
                 speculator.draft.close()
+        res = session.last
+        if not cfg.bandwidth_hints and speculator is None and res.new_tokens > 1 and not interactive:
+            from offload_rt.memory import calibrate
+
+            # a calibration taken on a busy machine is re-measured when a run contradicts it by more than 2x
+            note = calibrate.check_run_speed(cfg.store_dir, prepared.predicted_tok_s, res.decode_tok_s,
+                                             cuda=device == "cuda", tokens=res.new_tokens - 1)
+            if note:
+                print(f"offload-run: note: {note}", file=sys.stderr)
         if tracer is not None:
             tracer.meta.update({
                 "model": model.name, "device": device, "placement": dict(p.tier_bytes), "tiers": dict(p.tiers),

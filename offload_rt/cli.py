@@ -174,6 +174,9 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
         _fail(_gpu_oom_message(e), debug)
     except BrokenPipeError:
         _reader_left()
+    except OSError as e:  # I/O the user can act on: a full or read-only disk, permissions
+        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}; "
+              "check the free space and permissions of --offload-dir", debug)
     except KeyboardInterrupt:
         if debug:
             raise
