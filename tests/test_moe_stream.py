@@ -147,7 +147,8 @@ def test_prefetch_never_changes_outputs(family_models, family, slots):
     assert_same(on, off)
     assert on.stats["predict"] and not off.stats["predict"]
     assert off.stats["prefetches"] == 0 and off.stats["prediction_accuracy"] is None
-    assert on.stats["prefetches"] > 0  # decode tokens predicted the next layer's experts and read some early
+    assert on.stats["prediction_accuracy"] is not None  # decode tokens predicted the next layer's experts
+    assert on.stats["prefetches"] > 0 or slots == 1  # and read some early (one slot may hold a predicted one)
 
 
 # --- the cache's figures ------------------------------------------------------------------------------
