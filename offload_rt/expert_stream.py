@@ -134,10 +134,11 @@ class ExpertStream:
         return out
 
     def _one_by_one(self, li: int, h, ids, weights, wanted: list[int], t0: float) -> torch.Tensor:
-        """Each expert in ascending id: in a slot (read if needed), computed on its rows, accumulated."""
-        out = torch.zeros_like(h)
-        wait = 0.0
-        for e in wanted:
+        """Each expert on its rows: those already in a slot first (no read), then the others one at a time, each
+        read into a slot the policy frees; accumulated in ascending id as moe_ffn does (the same bits)."""
+        placed = [e for e in wanted if self.cache.slot_of(li, e) is not None]
+        ys, wait = {}, 0.0
+        for e in placed + [e for e in wanted if e not in placed]:
             t = time.perf_counter()
             self._settle({(li, e)} if self.cache.is_pending(li, e) else frozenset())
             if self.cache.slot_of(li, e) is None:
@@ -147,12 +148,15 @@ class ExpertStream:
                     got = self.cache.assign(li, e, protect=frozenset({e}))
                 self._filled(li, e, got[0], self._read(li, [e], [got[0]], executor=self.executor))
             wait += time.perf_counter() - t
-            tok, pos = torch.where(ids == e)
+            pos, tok = torch.where((ids == e).T)  # moe_ffn's row order: the kernels' bits depend on it
             t = time.perf_counter()
-            y = moe_ffn(h[tok], torch.full((tok.numel(), 1), e, dtype=ids.dtype), weights[tok, pos][:, None],
-                        lambda x: self.expert(li, x))
-            out.index_add_(0, tok, y)
+            with self.tracer.span("compute", f"experts {li}", layer=li, experts=1):
+                ys[e] = tok, moe_ffn(h[tok], torch.full((tok.numel(), 1), e, dtype=ids.dtype),
+                                     weights[tok, pos][:, None], lambda x: self.expert(li, x))
             self.compute_s += time.perf_counter() - t
+        out = torch.zeros_like(h)
+        for e in wanted:
+            out.index_add_(0, *ys[e])
         self.wait_s += wait
         return out
 
