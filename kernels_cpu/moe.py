@@ -1,0 +1,297 @@
+"""Routed-expert compute of a Mixture-of-Experts block: :func:`moe_ffn`.
+
+For each token t and each of its k routed experts e = ids[t, j] (weight weights[t, j]), an expert is
+a SwiGLU MLP: ``down(silu(gate(h_t)) * up(h_t))``. The result is accumulated exactly as transformers'
+MoE blocks do (qwen2_moe, qwen3_moe, mixtral): experts in ascending id, each expert's float output
+times its routing weight, rounded to h's dtype, added into the output with ``index_add_`` in h's
+dtype (so a bfloat16 h rounds once per product and once per addition, in that order).
+
+Two paths, one result (tested against each other and against a float64 reference):
+
+* the reference path (any T, any device, any weight format): the experts hit, each once, over the
+  tokens routed to it, through ``kernels_cpu.matvec.linear`` (a quantized weight: the fused
+  multi-row kernel of kernels_cpu.quant for a prefill chunk, its mat-vec for one token; a float
+  weight: torch in the weight's dtype). Each expert's matrices are read once per call.
+* the decode path (T == 1, CPU, h float32/bfloat16, parts quantized (ggml blocks) or
+  float32/bfloat16): one Numba call over the k chosen experts, reading each weight where it lies (by
+  address: no copy of an expert into a float buffer). Phase 1: gate and up mat-vecs of all k experts,
+  parallel over experts x blocks of ROWS_PER_TASK rows, silu(gate) * up in the same task; phase 2:
+  down mat-vecs of all k, parallel over experts x row blocks; then the weighted sum in ascending
+  expert order, rounded as the reference path rounds. The row dot products are the quant kernels'
+  own (kernels_cpu/quant_ir.py's ``_dot_<fmt>``: blocks widened in registers, float32 accumulation),
+  so one token's expert outputs are the mat-vec's bit for bit; a float32/bfloat16 part takes a plain
+  vectorised loop (bfloat16 widened in registers as kernels_cpu/matvec.py does). Threads: Numba's,
+  as the caller set them (kernels_cpu.matvec.decode_scope).
+
+Numba caches the kernels here against this file only: after editing quant_ir.py, delete
+kernels_cpu/__pycache__/moe.*.nb[ic] as well (see quant_ir's docstring).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numba as nb
+import numpy as np
+import torch
+import torch.nn.functional as F
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from kernels_cpu import matvec as fmv
+from kernels_cpu.attention import _ptr
+from kernels_cpu.matvec import ROWS_PER_TASK, _bits_to_f32
+from kernels_cpu.quant_ir import (  # module globals, so that the kernels here can be cached (see quant_ir)
+    _dot_q4_0, _dot_q4_1, _dot_q4_k, _dot_q5_k, _dot_q6_k, _dot_q8_0)
+from storage.formats import QTensor
+
+PARTS = ("gate_proj", "up_proj", "down_proj")
+# format id of a part in the decode kernel: ggml block formats (the ids of kernels_cpu.quant's _mv_addr),
+# then the float formats it reads directly
+FORMAT_IDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5, "float32": 6, "bfloat16": 7}
+_FLOAT_IDS = {torch.float32: 6, torch.bfloat16: 7}
+# per format id: elements and bytes of one block along a row (a float format: one element)
+_BLOCK = np.array([32, 32, 32, 256, 256, 256, 1, 1], dtype=np.int64)
+_BLOCK_BYTES = np.array([18, 20, 34, 144, 176, 210, 4, 2], dtype=np.int64)
+
+Expert = Callable[[int], dict]  # expert id -> {"gate_proj": w, "up_proj": w, "down_proj": w}
+
+
+# ---- the decode kernel ----
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """A float32's bits as a uint32 (an LLVM bitcast, free)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _to_bf16(v):  # pragma: no cover - compiled
+    """v rounded to the nearest bfloat16 (ties to even, as torch rounds), as a float32."""
+    b = _f32_bits(v)
+    b = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return _bits_to_f32(b)
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _sums32(x):  # pragma: no cover - compiled
+    """Sums of x over each 32 elements (the affine formats' offset term), 0 past a partial group."""
+    xs = np.zeros((x.shape[0] + 31) // 32, dtype=np.float32)
+    for j in range(x.shape[0]):
+        xs[j // 32] += x[j]
+    return xs
+
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _dot_rows(fid, addr, n, k, r0, r1, x, xs, out):  # pragma: no cover - compiled
+    """out[i] = row i of the [n, k] matrix of format ``fid`` at ``addr`` times x, for i in [r0, r1)."""
+    if fid == 6:
+        wf = nb.carray(_ptr(addr, np.float32), (n, k))
+        for i in range(r0, r1):
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += wf[i, j] * x[j]
+            out[i] = acc
+        return
+    if fid == 7:
+        wb = nb.carray(_ptr(addr, np.uint16), (n, k))
+        for i in range(r0, r1):
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += _bits_to_f32(np.uint32(wb[i, j]) << np.uint32(16)) * x[j]
+            out[i] = acc
+        return
+    w = nb.carray(_ptr(addr, np.uint8), (n, k // _BLOCK[fid] * _BLOCK_BYTES[fid]))
+    if fid == 0:
+        for i in range(r0, r1):
+            out[i] = _dot_q4_0(w, i, x, xs)
+    elif fid == 1:
+        for i in range(r0, r1):
+            out[i] = _dot_q4_1(w, i, x, xs)
+    elif fid == 2:
+        for i in range(r0, r1):
+            out[i] = _dot_q8_0(w, i, x, xs)
+    elif fid == 3:
+        for i in range(r0, r1):
+            out[i] = _dot_q4_k(w, i, x, xs)
+    elif fid == 4:
+        for i in range(r0, r1):
+            out[i] = _dot_q5_k(w, i, x, xs)
+    else:
+        for i in range(r0, r1):
+            out[i] = _dot_q6_k(w, i, x, xs)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _moe_decode(x_addr, x_bf16, H, I, fids, addrs, wts, out_addr):  # pragma: no cover - compiled
+    """One token through k experts: out[H] = sum_j wts[j] * down_j(silu(gate_j(x)) * up_j(x)).
+
+    x: H values at ``x_addr`` (bfloat16 if ``x_bf16``, else float32); fids, addrs: int64 [k, 3], the
+    format id and address of gate, up and down of the j-th expert, in ascending expert id (the order
+    of the sum); wts: float32 [k]. out: H values at ``out_addr`` in x's dtype, accumulated as the
+    reference path (a product rounded to x's dtype, then added and rounded)."""
+    k = fids.shape[0]
+    x = np.empty(H, dtype=np.float32)
+    if x_bf16:
+        xb = nb.carray(_ptr(x_addr, np.uint16), H)
+        for i in range(H):
+            x[i] = _bits_to_f32(np.uint32(xb[i]) << np.uint32(16))
+    else:
+        xf = nb.carray(_ptr(x_addr, np.float32), H)
+        for i in range(H):
+            x[i] = xf[i]
+    xs = _sums32(x)
+    act = np.empty((k, I), dtype=np.float32)
+    up = np.empty((k, I), dtype=np.float32)
+    blocks_i = (I + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in nb.prange(k * blocks_i):  # phase 1: gate and up, experts x row blocks
+        j, b = t // blocks_i, t % blocks_i
+        r0, r1 = b * ROWS_PER_TASK, min(I, (b + 1) * ROWS_PER_TASK)
+        a, u = act[j], up[j]
+        _dot_rows(fids[j, 0], addrs[j, 0], I, H, r0, r1, x, xs, a)
+        _dot_rows(fids[j, 1], addrs[j, 1], I, H, r0, r1, x, xs, u)
+        for i in range(r0, r1):
+            a[i] = a[i] / (np.float32(1.0) + np.exp(-a[i])) * u[i]
+    ys = np.empty((k, (I + 31) // 32), dtype=np.float32)
+    for j in range(k):
+        ys[j] = _sums32(act[j])
+    y = np.empty((k, H), dtype=np.float32)
+    blocks_h = (H + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for t in nb.prange(k * blocks_h):  # phase 2: down, experts x row blocks
+        j, b = t // blocks_h, t % blocks_h
+        _dot_rows(fids[j, 2], addrs[j, 2], H, I, b * ROWS_PER_TASK, min(H, (b + 1) * ROWS_PER_TASK),
+                  act[j], ys[j], y[j])
+    if x_bf16:  # the weighted sum, experts in ascending id, rounded as index_add_ in bfloat16 rounds
+        ob = nb.carray(_ptr(out_addr, np.uint16), H)
+        for i in range(H):
+            s = np.float32(0.0)
+            for j in range(k):
+                s = _to_bf16(s + _to_bf16(y[j, i] * wts[j]))
+            ob[i] = np.uint16(_f32_bits(s) >> np.uint32(16))
+    else:
+        of = nb.carray(_ptr(out_addr, np.float32), H)
+        for i in range(H):
+            s = np.float32(0.0)
+            for j in range(k):
+                s += y[j, i] * wts[j]
+            of[i] = s
+
+
+# ---- Python entry points ----
+
+def _check_parts(e: int, parts: dict, H: int, I: int | None) -> int:
+    """The expert's intermediate size; ValueError when its parts do not fit h and each other."""
+    try:
+        g, u, d = (parts[p] for p in PARTS)
+    except KeyError as err:
+        raise ValueError(f"moe_ffn: expert {e} has no {err.args[0]} (parts: {', '.join(PARTS)})") from None
+    i = int(g.shape[0])
+    if tuple(g.shape) != (i, H) or tuple(u.shape) != (i, H) or tuple(d.shape) != (H, i) or (I is not None and i != I):
+        raise ValueError(f"moe_ffn: expert {e}: gate {tuple(g.shape)}, up {tuple(u.shape)}, down {tuple(d.shape)} "
+                         f"do not fit hidden size {H}" + ("" if I is None else f" and intermediate size {I}"))
+    return i
+
+
+def _decode_meta(w) -> tuple[int, int] | None:
+    """(format id, address) of a part the decode kernel reads where it lies, or None."""
+    if isinstance(w, QTensor):
+        data = w.data
+        fid = FORMAT_IDS.get(w.fmt.name)
+    else:
+        data = w
+        fid = _FLOAT_IDS.get(w.dtype)
+    if fid is None or data.device.type != "cpu" or not data.is_contiguous():
+        return None
+    return fid, data.data_ptr()
+
+
+def _decode(h: torch.Tensor, ids: list, weights: list, expert: Expert) -> torch.Tensor | None:
+    """The decode path (one token); None when a part or h is not one the kernel reads."""
+    H = h.shape[1]
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # the sum in ascending expert id
+    meta, I = [], None
+    for j in order:
+        parts = expert(ids[j])
+        I = _check_parts(ids[j], parts, H, I)
+        for p in PARTS:
+            m = _decode_meta(parts[p])
+            if m is None:
+                return None
+            meta.append(m)
+    fa = np.array(meta, dtype=np.int64).reshape(len(ids), 3, 2)
+    wts = np.array([weights[j] for j in order], dtype=np.float32)
+    x = h if h.is_contiguous() else h.contiguous()
+    out = torch.empty(1, H, dtype=h.dtype)
+    _moe_decode(x.data_ptr(), h.dtype == torch.bfloat16, H, I, np.ascontiguousarray(fa[:, :, 0]),
+                np.ascontiguousarray(fa[:, :, 1]), wts, out.data_ptr())
+    return out
+
+
+def _project(x: torch.Tensor, w) -> torch.Tensor:
+    """x (float32 [n, in]) times a part -> float32 [n, out]: a quantized part through the quant kernels
+    (float32 throughout), a float part in its own dtype (as the model's own Linear would compute)."""
+    if isinstance(w, QTensor):
+        return fmv.linear(x, w)
+    return fmv.linear(x.to(w.dtype), w).to(torch.float32)
+
+
+def moe_ffn_reference(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: Expert) -> torch.Tensor:
+    """:func:`moe_ffn` for any T, device and weight format, in transformers' loop: each expert hit (in
+    ascending id) once over the tokens routed to it (the quantized parts through the fused multi-row
+    kernel), its output times the routing weight, ``index_add_`` in h's dtype."""
+    T, H = h.shape
+    out = torch.zeros(T, H, dtype=h.dtype, device=h.device)
+    flat = ids.reshape(-1)
+    I = None
+    for e in torch.unique(flat).tolist():  # host sync: which experts to run decides the work
+        tok, slot = torch.where(ids == e)
+        parts = expert(e)
+        I = _check_parts(e, parts, H, I)
+        x = h[tok].to(torch.float32)
+        act = F.silu(_project(x, parts["gate_proj"])) * _project(x, parts["up_proj"])
+        y = _project(act, parts["down_proj"]) * weights[tok, slot, None].to(torch.float32)
+        out.index_add_(0, tok, y.to(h.dtype))
+    return out
+
+
+def moe_ffn(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: Expert) -> torch.Tensor:
+    """The routed experts' output for hidden states ``h`` [T, H] (float32 or bfloat16; other dtypes and
+    devices through the reference path): ``sum_j weights[t, j] * down(silu(gate(h_t)) * up(h_t))`` over
+    the experts ``ids[t, j]`` (int64 [T, k], distinct per token), in h's dtype, accumulated like
+    transformers (ascending expert id; each product rounded to h's dtype, then added).
+
+    ``expert(e)`` gives expert e's parts ``{"gate_proj": [I, H], "up_proj": [I, H], "down_proj": [H, I]}``,
+    each a float tensor or a storage.formats.QTensor (formats may differ between parts and experts).
+    One CPU token goes through the Numba decode kernel (no copy of any expert), more tokens through
+    :func:`moe_ffn_reference`. ValueError when ids/weights/parts do not fit h."""
+    if h.dim() != 2 or ids.dim() != 2 or ids.shape[0] != h.shape[0] or tuple(weights.shape) != tuple(ids.shape):
+        raise ValueError(f"moe_ffn: h [T, H], ids [T, k], weights [T, k] expected; got {tuple(h.shape)}, "
+                         f"{tuple(ids.shape)}, {tuple(weights.shape)}")
+    if h.shape[0] == 1 and ids.shape[1] and h.device.type == "cpu" and h.dtype in _FLOAT_IDS:
+        # host sync (a CPU tensor: free): the ids pick the weights the kernel reads
+        y = _decode(h, ids[0].tolist(), weights[0].tolist(), expert)
+        if y is not None:
+            return y
+    return moe_ffn_reference(h, ids, weights, expert)
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the decode kernel for every part format and both h dtypes,
+    so that the cost is part of the process's measured baseline and nothing compiles mid-run."""
+    H = I = 256
+    ws = {}
+    for name, fid in FORMAT_IDS.items():
+        nbytes = H // _BLOCK[fid] * _BLOCK_BYTES[fid]
+        ws[fid] = np.zeros((H, nbytes), dtype=np.uint8)
+    fids = np.array([[f, f, f] for f in ws], dtype=np.int64)
+    addrs = np.array([[w.ctypes.data] * 3 for w in ws.values()], dtype=np.int64)
+    wts = np.ones(len(ws), dtype=np.float32)
+    for dt in (torch.float32, torch.bfloat16):
+        x, out = torch.zeros(H, dtype=dt), torch.empty(H, dtype=dt)
+        _moe_decode(x.data_ptr(), dt == torch.bfloat16, H, I, fids, addrs, wts, out.data_ptr())
