@@ -167,20 +167,23 @@ def _moe_decode(x_addr, x_bf16, H, I, fids, addrs, wts, out_addr):  # pragma: no
         j, b = t // blocks_h, t % blocks_h
         _dot_rows(fids[j, 2], addrs[j, 2], H, I, b * ROWS_PER_TASK, min(H, (b + 1) * ROWS_PER_TASK),
                   act[j], ys[j], y[j])
-    if x_bf16:  # the weighted sum, experts in ascending id, rounded as index_add_ in bfloat16 rounds
+    s = np.zeros(H, dtype=np.float32)  # the weighted sum, experts in ascending id (vectorised over rows)
+    if x_bf16:  # rounded as index_add_ in bfloat16 rounds: the product, then the sum
+        for j in range(k):
+            wj = wts[j]
+            for i in range(H):
+                s[i] = _to_bf16(s[i] + _to_bf16(y[j, i] * wj))
         ob = nb.carray(_ptr(out_addr, np.uint16), H)
         for i in range(H):
-            s = np.float32(0.0)
-            for j in range(k):
-                s = _to_bf16(s + _to_bf16(y[j, i] * wts[j]))
-            ob[i] = np.uint16(_f32_bits(s) >> np.uint32(16))
+            ob[i] = np.uint16(_f32_bits(s[i]) >> np.uint32(16))
     else:
+        for j in range(k):
+            wj = wts[j]
+            for i in range(H):
+                s[i] += y[j, i] * wj
         of = nb.carray(_ptr(out_addr, np.float32), H)
         for i in range(H):
-            s = np.float32(0.0)
-            for j in range(k):
-                s += y[j, i] * wts[j]
-            of[i] = s
+            of[i] = s[i]
 
 
 # ---- Python entry points ----
