@@ -250,9 +250,11 @@ def moe_ffn_reference(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
         tok, slot = torch.where(ids == e)
         parts = expert(e)
         I = _check_parts(e, parts, H, I)
+        w = weights[tok, slot, None].to(device=h.device, dtype=torch.float32)
+        tok = tok.to(h.device)
         x = h[tok].to(torch.float32)
         act = F.silu(_project(x, parts["gate_proj"])) * _project(x, parts["up_proj"])
-        y = _project(act, parts["down_proj"]) * weights[tok, slot, None].to(torch.float32)
+        y = _project(act, parts["down_proj"]) * w
         out.index_add_(0, tok, y.to(h.dtype))
     return out
 
@@ -282,13 +284,10 @@ def warm_up() -> None:
     """Compile (or load from Numba's cache) the decode kernel for every part format and both h dtypes,
     so that the cost is part of the process's measured baseline and nothing compiles mid-run."""
     H = I = 256
-    ws = {}
-    for name, fid in FORMAT_IDS.items():
-        nbytes = H // _BLOCK[fid] * _BLOCK_BYTES[fid]
-        ws[fid] = np.zeros((H, nbytes), dtype=np.uint8)
-    fids = np.array([[f, f, f] for f in ws], dtype=np.int64)
-    addrs = np.array([[w.ctypes.data] * 3 for w in ws.values()], dtype=np.int64)
-    wts = np.ones(len(ws), dtype=np.float32)
+    fids = np.array(sorted(FORMAT_IDS.values()), dtype=np.int64)  # one expert per format, zero weights
+    ws = [np.zeros((H, H // _BLOCK[f] * _BLOCK_BYTES[f]), dtype=np.uint8) for f in fids]
+    addrs = np.array([[w.ctypes.data] * 3 for w in ws], dtype=np.int64)
+    fids, wts = np.repeat(fids[:, None], 3, axis=1), np.ones(len(ws), dtype=np.float32)
     for dt in (torch.float32, torch.bfloat16):
         x, out = torch.zeros(H, dtype=dt), torch.empty(H, dtype=dt)
         _moe_decode(x.data_ptr(), dt == torch.bfloat16, H, I, fids, addrs, wts, out.data_ptr())
