@@ -96,9 +96,9 @@ def shape_for(fmts) -> tuple[int, int]:
 
 @pytest.fixture
 def no_reference(monkeypatch):
-    """One token must take the decode kernel: the reference path fails the test if called."""
+    """CPU tokens must take the kernels: the reference path fails the test if called."""
     def fail(*a, **k):
-        raise AssertionError("the reference path ran for one CPU token")
+        raise AssertionError("the reference path ran for CPU tokens")
     monkeypatch.setattr(moe, "moe_ffn_reference", fail)
 
 
@@ -117,26 +117,53 @@ def test_decode_matches_float64(fmts, k, no_reference):
 
 @pytest.mark.parametrize("fmts", UNIFORM + MIXED, ids="-".join)
 @pytest.mark.parametrize("T,k", [(3, 1), (5, 2), (13, 8)])
-def test_prefill_matches_float64(fmts, T, k):
+def test_prefill_matches_float64(fmts, T, k, no_reference):
     H, I = shape_for(fmts)
     experts = Experts(10, H, I, fmts, seed=T)
     ids, w = routing(T, 10, k, seed=T)
     h = hidden(T, H, seed=T)
     y = moe.moe_ffn(h, ids, w, experts)
     assert y.dtype == torch.float32 and y.shape == (T, H)
-    bound = NMSE_F32 if "bfloat16" not in fmts else NMSE_BF16  # a bfloat16 part computes in bfloat16
-    assert nmse(y, reference64(h, ids, w, experts)) <= bound
+    assert nmse(y, reference64(h, ids, w, experts)) <= NMSE_F32
     assert sorted(experts.asked) == sorted(set(ids.reshape(-1).tolist()))  # each expert hit, once
+
+
+@pytest.mark.parametrize("fmts", [("q4_1",) * 3, ("q4_k", "q4_k", "q6_k"), ("bfloat16", "q8_0", "float32")], ids="-".join)
+@pytest.mark.parametrize("T,k", [(1, 2), (13, 8)])
+def test_reference_path_matches_float64(fmts, T, k):
+    """transformers' loop itself (what the kernels are held to, and the path of other devices and dtypes)."""
+    H, I = shape_for(fmts)
+    experts = Experts(10, H, I, fmts, seed=T)
+    ids, w = routing(T, 10, k, seed=T)
+    h = hidden(T, H, seed=T)
+    bound = NMSE_F32 if "bfloat16" not in fmts else NMSE_BF16  # a bfloat16 part computes in bfloat16 here
+    assert nmse(moe.moe_ffn_reference(h, ids, w, experts), reference64(h, ids, w, experts)) <= bound
+
+
+@pytest.mark.parametrize("fmts", [("q4_0",) * 3, ("q4_k", "q4_k", "q6_k"), ("float32", "bfloat16", "q5_k")], ids="-".join)
+@pytest.mark.parametrize("group_bytes", (1, 40_000, moe.GROUP_BYTES))
+def test_grouped_batches_of_rows(fmts, group_bytes, monkeypatch):
+    """Rows taken a few at a time (one row; a batch that splits experts; all at once) give the same output
+    (to float32 rounding: a token tile of another size sums in another order)."""
+    H, I = shape_for(fmts)
+    experts = Experts(6, H, I, fmts)
+    ids, w = routing(21, 6, 3, seed=4)
+    h = hidden(21, H, seed=4)
+    ref = moe.moe_ffn(h, ids, w, experts)
+    monkeypatch.setattr(moe, "GROUP_BYTES", group_bytes)
+    assert nmse(moe.moe_ffn(h, ids, w, experts), ref.double().numpy()) <= 1e-12
+    assert nmse(ref, reference64(h, ids, w, experts)) <= NMSE_F32
 
 
 @pytest.mark.parametrize("fmts", [("q4_0",) * 3, ("q4_k", "q4_k", "q6_k"), ("float32",) * 3, ("bfloat16", "q4_1", "float32")],
                          ids="-".join)
-def test_decode_equals_reference_path(fmts):
-    """One token: the kernel and transformers' loop (moe_ffn_reference) agree to float32 rounding."""
+@pytest.mark.parametrize("T", (1, 2, 9))
+def test_kernels_equal_reference_path(fmts, T):
+    """The decode and grouped kernels and transformers' loop (moe_ffn_reference) agree to float32 rounding."""
     H, I = shape_for(fmts)
     experts = Experts(16, H, I, fmts)
-    ids, w = routing(1, 16, 8, seed=3)
-    h = hidden(1, H, seed=3)
+    ids, w = routing(T, 16, 8, seed=3)
+    h = hidden(T, H, seed=3)
     y = moe.moe_ffn(h, ids, w, experts)
     ref = moe.moe_ffn_reference(h, ids, w, experts)
     bound = 1e-12 if "bfloat16" not in fmts else NMSE_BF16
@@ -146,8 +173,8 @@ def test_decode_equals_reference_path(fmts):
 @pytest.mark.parametrize("fmts", [("q4_k", "q4_k", "q6_k"), ("q8_0",) * 3, ("bfloat16",) * 3], ids="-".join)
 @pytest.mark.parametrize("T", (1, 6))
 def test_bfloat16_hidden(fmts, T):
-    """bfloat16 h: bfloat16 out, within bfloat16 rounding of the float64 reference; one token's kernel
-    rounds as index_add_ in bfloat16 does (product, then sum, rounded in ascending expert order)."""
+    """bfloat16 h: bfloat16 out, within bfloat16 rounding of the float64 reference; the kernels round
+    as index_add_ in bfloat16 does (product, then sum, rounded in ascending expert order)."""
     H, I = shape_for(fmts)
     experts = Experts(12, H, I, fmts)
     ids, w = routing(T, 12, 8, seed=T, dtype=torch.bfloat16)
@@ -155,7 +182,7 @@ def test_bfloat16_hidden(fmts, T):
     y = moe.moe_ffn(h, ids, w, experts)
     assert y.dtype == torch.bfloat16 and y.shape == (T, H)
     assert nmse(y, reference64(h, ids, w, experts)) <= NMSE_BF16
-    if T == 1 and "bfloat16" not in fmts:  # (a bfloat16 part's reference computes in bfloat16)
+    if "bfloat16" not in fmts:  # (a bfloat16 part's reference computes in bfloat16)
         ref = moe.moe_ffn_reference(h, ids, w, experts)
         diff = (y.float() - ref.float()).abs()
         ulp = ref.float().abs() * 2.0 ** -7  # one bfloat16 step

@@ -16,6 +16,11 @@ the expert bytes a call reads, next to the memory read bandwidth measured in the
 * torch (bfloat16 only): the loop with ``F.linear`` at torch's threads (the alternative for float experts).
 
 Formats: q4_0 (llama.cpp's Q4_0 file), q4_k/q4_k/q6_k (a Q4_K_M file's experts), bfloat16.
+
+Then prefill (``--prefill``, T tokens of one chunk routed uniformly): ``moe_ffn`` on [T, H] (the grouped
+kernel: tokens grouped by expert, each expert's blocks decoded once per tile of its tokens, one call)
+against ``moe_ffn_reference`` (transformers' loop over the experts hit, each through the fused multi-row
+kernel of kernels_cpu.quant.linear) and T one-token calls of the decode kernel; ms per layer, G multiply-adds/s.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--calls", type=int, default=64, help="routings per sweep")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prefill", default="16,128", help="comma-separated token counts for the prefill table ('' for none)")
     ap.add_argument("--mixes", default=",".join(MIXES), help=f"comma-separated, of {', '.join(MIXES)}")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -133,7 +139,43 @@ def main(argv=None) -> int:
               f"{t_loop * 1e6:.0f} ({nbytes / t_loop / 1e9:.1f}) | {t_ref * 1e6:.0f} | "
               f"{'-' if t_torch is None else f'{t_torch * 1e6:.0f}'} | {t_loop / t_ours:.2f}x |", flush=True)
         del layer
+    if a.prefill:
+        prefill_table(a, [int(t) for t in a.prefill.split(",")], rng)
     return 0
+
+
+def prefill_table(a, tokens: list[int], rng) -> None:
+    H, I, E, k = a.hidden, a.width, a.experts, a.k
+    print(f"\nprefill: moe_ffn on T tokens (grouped kernel) vs transformers' loop of quant.linear and T one-token "
+          f"decode calls, {a.threads} threads, best of {a.repeats}\n")
+    print("| experts | T | experts hit | grouped ms (GMAC/s) | transformers loop ms (GMAC/s) | "
+          "token by token ms (GMAC/s) | grouped vs loop |")
+    print("|---|---|---|---|---|---|---|")
+    for mix in a.mixes.split(","):
+        if mix == "bf16":
+            continue
+        layer = make_layer(MIXES[mix], E, H, I, rng)
+        for T in tokens:
+            ids = torch.from_numpy(np.stack([rng.choice(E, k, replace=False) for _ in range(T)])).to(torch.int64)
+            w = torch.softmax(torch.randn(T, k), -1)
+            h = torch.randn(T, H)
+            macs = 3 * H * I * k * T
+            rows = [(h[t:t + 1], ids[t:t + 1], w[t:t + 1]) for t in range(T)]
+            with fmv.decode_scope(a.threads):
+                t_grouped = time_layer(moe.moe_ffn, layer, [(ids, w)], h, a.repeats)
+                t_ref = time_layer(moe.moe_ffn_reference, layer, [(ids, w)], h, a.repeats)
+                t_tokens = min(_sweep(lambda: [moe.moe_ffn(*r, layer.__getitem__) for r in rows])
+                               for _ in range(a.repeats))
+            cells = " | ".join(f"{t * 1e3:.1f} ({macs / t / 1e9:.0f})" for t in (t_grouped, t_ref, t_tokens))
+            print(f"| {mix} | {T} | {len(set(ids.reshape(-1).tolist()))} | {cells} | {t_ref / t_grouped:.2f}x |",
+                  flush=True)
+        del layer
+
+
+def _sweep(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
