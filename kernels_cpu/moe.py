@@ -201,9 +201,10 @@ def _moe_decode(x_addr, x_bf16, H, I, fids, addrs, wts, out_addr):  # pragma: no
 def _tile_rows(fid, addr, n, k, r0, r1, x, s0, s1, out):  # pragma: no cover - compiled
     """out[s, i] = row i of the [n, k] matrix of format ``fid`` at ``addr`` times x[s], for i in [r0, r1)
     and s in [s0, s1): each block of MM_ROWS rows decoded once per tile of tokens (quant_ir's tiles)."""
-    if fid >= 6:
+    if fid >= 6 or s1 - s0 == 1:  # a float part, or one token: the mat-vec's dot (faster than a 1-token tile)
         for s in range(s0, s1):
-            _dot_rows(fid, addr, n, k, r0, r1, x[s], x[s], out[s])  # (no offset term: xs unused)
+            xs = _sums32(x[s]) if fid == 1 or fid == 3 or fid == 4 else x[s]  # the affine formats' sums
+            _dot_rows(fid, addr, n, k, r0, r1, x[s], xs, out[s])
         return
     w = nb.carray(_ptr(addr, np.uint8), (n, k // _BLOCK[fid] * _BLOCK_BYTES[fid]))
     t0 = s0
