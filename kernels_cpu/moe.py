@@ -29,7 +29,8 @@ Three paths, one result (tested against each other and against a float64 referen
   vectorised loop (bfloat16 widened in registers as kernels_cpu/matvec.py does). Threads: Numba's,
   as the caller set them (kernels_cpu.matvec.decode_scope).
 
-Numba caches the kernels here against this file only: after editing quant_ir.py, delete
+Numba caches the kernels here against this file only: after editing quant_ir.py (or the helpers imported
+from quant.py and matvec.py), delete
 kernels_cpu/__pycache__/moe.*.nb[ic] as well (see quant_ir's docstring).
 """
 
