@@ -336,7 +336,8 @@ def _decode(h: torch.Tensor, ids: list, weights: list, expert: Expert) -> torch.
 
 
 def _grouped(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: Expert) -> torch.Tensor | None:
-    """The grouped path (T > 1 on the CPU): one Numba call for all the experts hit, or None (see :func:`_parts_meta`)."""
+    """The grouped path (T > 1 on the CPU): one Numba call for all the experts hit, or None
+    (see :func:`_parts_meta`)."""
     (T, H), k = h.shape, ids.shape[1]
     sorted_ids, order = torch.sort(ids.reshape(-1).cpu(), stable=True)  # rows by expert id, then token
     hit, counts = torch.unique_consecutive(sorted_ids, return_counts=True)

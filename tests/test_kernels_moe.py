@@ -1,13 +1,14 @@
-"""Routed-expert compute (kernels_cpu/moe.py) against a float64 reference, and its two paths against each other.
+"""Routed-expert compute (kernels_cpu/moe.py) against a float64 reference, and its three paths (the decode
+kernel, the grouped kernel, transformers' loop) against each other.
 
 Experts are random SwiGLU MLPs in every weight format the kernel reads (ggml blocks: gguf-py's
 quantization or random blocks with sane scales, as tests/test_kernels_quant.py builds them; float32 and
 bfloat16), uniform and mixed between parts (a Q4_K_M file: q4_k gate/up, q6_k down). The float64
 reference dequantizes with gguf-py and sums ``w * down(silu(gate x) * up x)`` per token.
 
-Metric: NMSE = sum((y - ref)^2) / sum(ref^2) over the output. float32 h: float32 accumulation gives
-~1e-14..1e-12 here, NMSE_F32 = 1e-9 (a wrong block or scale gives > 1e-3); bfloat16 h: the output
-rounded to bfloat16 (a relative 2^-9 at most per rounding) gives ~1e-5..3e-5, NMSE_BF16 = 1e-4.
+Metric: NMSE = sum((y - ref)^2) / sum(ref^2) over the output. float32 h: float32 accumulation measures
+2e-15..6e-13 here, NMSE_F32 = 1e-9; bfloat16 h (or a bfloat16 part in transformers' loop, which computes
+in bfloat16): rounding to bfloat16 (a relative 2^-9 at most each time) measures 6e-6..3e-5, NMSE_BF16 = 1e-4.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ NMSE_F32 = 1e-9
 NMSE_BF16 = 1e-4
 QUANT = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
 UNIFORM = [(f, f, f) for f in (*QUANT, "float32", "bfloat16")]
-MIXED = [("q4_k", "q4_k", "q6_k"), ("q4_0", "q8_0", "q5_k"), ("bfloat16", "q4_1", "float32"), ("q6_k", "float32", "q4_k")]
+MIXED = [("q4_k", "q4_k", "q6_k"), ("q4_0", "q8_0", "q5_k"), ("bfloat16", "q4_1", "float32"),
+         ("q6_k", "float32", "q4_k")]
 
 
 def make_part(fmt: str, n: int, k: int, seed: int):
@@ -128,7 +130,8 @@ def test_prefill_matches_float64(fmts, T, k, no_reference):
     assert sorted(experts.asked) == sorted(set(ids.reshape(-1).tolist()))  # each expert hit, once
 
 
-@pytest.mark.parametrize("fmts", [("q4_1",) * 3, ("q4_k", "q4_k", "q6_k"), ("bfloat16", "q8_0", "float32")], ids="-".join)
+@pytest.mark.parametrize("fmts", [("q4_1",) * 3, ("q4_k", "q4_k", "q6_k"), ("bfloat16", "q8_0", "float32")],
+                         ids="-".join)
 @pytest.mark.parametrize("T,k", [(1, 2), (13, 8)])
 def test_reference_path_matches_float64(fmts, T, k):
     """transformers' loop itself (what the kernels are held to, and the path of other devices and dtypes)."""
@@ -140,7 +143,8 @@ def test_reference_path_matches_float64(fmts, T, k):
     assert nmse(moe.moe_ffn_reference(h, ids, w, experts), reference64(h, ids, w, experts)) <= bound
 
 
-@pytest.mark.parametrize("fmts", [("q4_0",) * 3, ("q4_k", "q4_k", "q6_k"), ("float32", "bfloat16", "q5_k")], ids="-".join)
+@pytest.mark.parametrize("fmts", [("q4_0",) * 3, ("q4_k", "q4_k", "q6_k"), ("float32", "bfloat16", "q5_k")],
+                         ids="-".join)
 @pytest.mark.parametrize("group_bytes", (1, 40_000, moe.GROUP_BYTES))
 def test_grouped_batches_of_rows(fmts, group_bytes, monkeypatch):
     """Rows taken a few at a time (one row; a batch that splits experts; all at once) give the same output
@@ -155,8 +159,8 @@ def test_grouped_batches_of_rows(fmts, group_bytes, monkeypatch):
     assert nmse(ref, reference64(h, ids, w, experts)) <= NMSE_F32
 
 
-@pytest.mark.parametrize("fmts", [("q4_0",) * 3, ("q4_k", "q4_k", "q6_k"), ("float32",) * 3, ("bfloat16", "q4_1", "float32")],
-                         ids="-".join)
+@pytest.mark.parametrize("fmts", [("q4_0",) * 3, ("q4_k", "q4_k", "q6_k"), ("float32",) * 3,
+                                  ("bfloat16", "q4_1", "float32")], ids="-".join)
 @pytest.mark.parametrize("T", (1, 2, 9))
 def test_kernels_equal_reference_path(fmts, T):
     """The decode and grouped kernels and transformers' loop (moe_ffn_reference) agree to float32 rounding."""

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--calls", type=int, default=64, help="routings per sweep")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--prefill", default="16,128", help="comma-separated token counts for the prefill table ('' for none)")
+    ap.add_argument("--prefill", default="16,128",
+                    help="comma-separated token counts for the prefill table ('' for none)")
     ap.add_argument("--mixes", default=",".join(MIXES), help=f"comma-separated, of {', '.join(MIXES)}")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
