@@ -26,6 +26,7 @@ kernel of kernels_cpu.quant.linear) and T one-token calls of the decode kernel; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -84,20 +85,22 @@ def torch_linear(x, w):
     return F.linear(x.to(w.dtype), w)
 
 
-def time_layer(fn, layer, routes, h, repeats: int, cpu: list | None = None) -> float:
-    """Seconds per call, best of ``repeats`` sweeps over the routings (after one warm-up sweep); the
-    process's CPU seconds per call in that sweep appended to ``cpu`` (the work done, whatever the
+def time_layer(fns: dict, layer, routes, h, repeats: int, threads: int | None = None) -> dict:
+    """{name: (seconds per call, CPU seconds per call)} of each function, best of ``repeats`` sweeps over
+    the routings (after one warm-up sweep), the functions' sweeps interleaved so that a burst of the
+    machine's other load hits them alike. Inside kernels_cpu.matvec.decode_scope(threads) unless
+    ``threads`` is None. CPU seconds: the process's, in the best sweep (the work done, whatever the
     machine's other load: on a busy machine the wall time is mostly waiting for a core)."""
-    best, best_cpu = float("inf"), 0.0
+    best = {name: (float("inf"), 0.0) for name in fns}
     for r in range(repeats + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for ids, w in routes:
-            fn(h, ids, w, layer.__getitem__)
-        t, c = (time.perf_counter() - t0) / len(routes), (time.process_time() - c0) / len(routes)
-        if r and t < best:
-            best, best_cpu = t, c
-    if cpu is not None:
-        cpu.append(best_cpu)
+        for name, fn in fns.items():
+            with fmv.decode_scope(threads) if threads else contextlib.nullcontext():
+                t0, c0 = time.perf_counter(), time.process_time()
+                for ids, w in routes:
+                    fn(h, ids, w, layer.__getitem__)
+                t, c = (time.perf_counter() - t0) / len(routes), (time.process_time() - c0) / len(routes)
+            if r and t < best[name][0]:
+                best[name] = (t, c)
     return best
 
 
@@ -136,16 +139,15 @@ def main(argv=None) -> int:
         t_torch = None
         if mix == "bf16":  # torch at its own threads, before any Numba region has run in this table
             torch.set_num_threads(a.threads)
-            t_torch = time_layer(lambda *v: loop(*v, linear=torch_linear), layer, routes, h, a.repeats)
-        with fmv.decode_scope(a.threads):
-            cpu = []
-            t_ours = time_layer(moe.moe_ffn, layer, routes, h, a.repeats, cpu)
-            t_loop = time_layer(loop, layer, routes, h, a.repeats, cpu)
-            t_ref = time_layer(moe.moe_ffn_reference, layer, routes, h, a.repeats)
+            t_torch = time_layer({"torch": lambda *v: loop(*v, linear=torch_linear)}, layer, routes, h, a.repeats)
+            t_torch = t_torch["torch"][0]
+        r = time_layer({"ours": moe.moe_ffn, "loop": loop, "ref": moe.moe_ffn_reference}, layer, routes, h,
+                       a.repeats, a.threads)
+        (t_ours, c_ours), (t_loop, c_loop), t_ref = r["ours"], r["loop"], r["ref"][0]
         print(f"| {mix} | {nbytes / 1e6:.1f} | {t_ours * 1e6:.0f} ({nbytes / t_ours / 1e9:.1f}) | "
               f"{t_loop * 1e6:.0f} ({nbytes / t_loop / 1e9:.1f}) | {t_ref * 1e6:.0f} | "
               f"{'-' if t_torch is None else f'{t_torch * 1e6:.0f}'} | {t_loop / t_ours:.2f}x | "
-              f"{cpu[0] * 1e6:.0f} / {cpu[1] * 1e6:.0f} |", flush=True)
+              f"{c_ours * 1e6:.0f} / {c_loop * 1e6:.0f} |", flush=True)
         del layer
     if a.prefill:
         prefill_table(a, [int(t) for t in a.prefill.split(",")], rng)
@@ -169,21 +171,18 @@ def prefill_table(a, tokens: list[int], rng) -> None:
             h = torch.randn(T, H)
             macs = 3 * H * I * k * T
             rows = [(h[t:t + 1], ids[t:t + 1], w[t:t + 1]) for t in range(T)]
-            with fmv.decode_scope(a.threads):
-                t_grouped = time_layer(moe.moe_ffn, layer, [(ids, w)], h, a.repeats)
-                t_ref = time_layer(moe.moe_ffn_reference, layer, [(ids, w)], h, a.repeats)
-                t_tokens = min(_sweep(lambda: [moe.moe_ffn(*r, layer.__getitem__) for r in rows])
-                               for _ in range(a.repeats))
+
+            def one_by_one(h, ids, w, expert):
+                for r in rows:
+                    moe.moe_ffn(*r, expert)
+
+            r = time_layer({"grouped": moe.moe_ffn, "ref": moe.moe_ffn_reference, "tokens": one_by_one}, layer,
+                           [(ids, w)], h, a.repeats, a.threads)
+            t_grouped, t_ref, t_tokens = r["grouped"][0], r["ref"][0], r["tokens"][0]
             cells = " | ".join(f"{t * 1e3:.1f} ({macs / t / 1e9:.0f})" for t in (t_grouped, t_ref, t_tokens))
             print(f"| {mix} | {T} | {len(set(ids.reshape(-1).tolist()))} | {cells} | {t_ref / t_grouped:.2f}x |",
                   flush=True)
         del layer
-
-
-def _sweep(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
