@@ -286,16 +286,16 @@ def plan_bandwidths(cfg: RunConfig, cuda: bool) -> tuple[Bandwidths, str]:
     cached calibration, or :data:`PLAN_DEFAULT_BANDWIDTHS`; and a line saying which."""
     hints = cfg.bandwidth_hints or {}
     if {"disk_read", "matvec"} <= set(hints) and (hints.get("h2d") or not cuda):
-        return bandwidths_from_hints(hints), "bandwidths from the preset's hints"
+        return bandwidths_from_hints(hints), "bandwidth source: the preset's hints"
     env = calibrate.bandwidths_from_env()
     if env is not None:
-        return env, f"bandwidths from {calibrate.ENV_OVERRIDE}"
+        return env, f"bandwidth source: {calibrate.ENV_OVERRIDE}"
     bw = calibrate.cached(cfg.store_dir, cuda=cuda)
     if bw is not None and (bw.h2d or not cuda):
-        return bw, "bandwidths measured on this machine (cached)"
+        return bw, "bandwidth source: measured on this machine (cached)"
     bw = PLAN_DEFAULT_BANDWIDTHS if cuda else replace(PLAN_DEFAULT_BANDWIDTHS, h2d=None)
-    return bw, ("bandwidths not measured on this machine yet: planned with defaults (a CPU streaming from "
-                "NVMe); the first run measures them")
+    return bw, ("bandwidth source: defaults (a CPU streaming from NVMe), not measured on this machine yet; "
+                "the first run measures them")
 
 
 def bandwidths_from_hints(hints: dict) -> Bandwidths:

@@ -84,3 +84,53 @@ def test_impossible_settings_are_clamped_with_one_notice_each(off):
 @pytest.mark.parametrize("prompt", ["", "  \n\t "])
 def test_an_empty_or_blank_prompt_is_refused(off, prompt):
     assert_user_error(run_cli("--prompt", prompt, "--offload-dir", off), "the prompt is empty")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_gguf):
+    from tests.test_plan_runs import write_checkpoint
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    return write_checkpoint(tmp / "ckpt", default_gguf, tied=False, dtype=torch.float32, vocab=1000, layers=4), tmp
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_draft_larger_than_the_budget_names_the_budget_that_runs(tiny, monkeypatch, device):
+    """In-process, on the plan of an unconverted tiny checkpoint; CUDA with the GPU's figures stubbed as in
+    tests/test_gpu_prepare.py: the refusal's figure is accepted, the one below it refused again."""
+    from offload_rt import runtime
+    from offload_rt.config import RunConfig
+    from offload_rt.errors import BudgetError
+    from offload_rt.loader import open_model
+    from offload_rt.memory import calibrate, gpu
+    from offload_rt.spec.setup import open_draft
+    from tests.test_gpu_prepare import CONTEXT, HINTS, TOTAL
+
+    monkeypatch.setattr(gpu, "measure_gpu_context", lambda *a, **k: CONTEXT)
+    monkeypatch.setattr(gpu, "gpu_free_total", lambda *a, **k: (TOTAL - CONTEXT, TOTAL))
+    monkeypatch.setattr(gpu, "cap_allocator", lambda *a: None)
+    monkeypatch.setattr(calibrate, "matmul_flops", lambda *a, **k: 1e11)
+    ckpt, tmp = tiny
+    option = "--gpu-mem" if device == "cuda" else "--cpu-mem"
+
+    def prepare(mem: int):
+        cfg = RunConfig(model=str(ckpt), device=device, cpu_mem=1 << 30 if device == "cuda" else mem,
+                        gpu_mem=mem if device == "cuda" else None, bandwidth_hints=HINTS, ctx_size=64,
+                        prefill_chunk=4, progress=False, offload_dir=tmp / "off", draft="self-int4", spec_budget=8)
+        model = open_model(cfg, plan_only=True)
+        draft = open_draft(cfg, model, device, plan_only=True)
+        return runtime.prepare(cfg, model.store, model.args, model.dtype, model.groups, device, draft=draft,
+                               plan_only=True)
+
+    def least(mem: int) -> int:
+        with pytest.raises(BudgetError) as e:
+            prepare(mem)
+        m = re.search(rf"at least (?:{option} )?(\d+)M", str(e.value))
+        assert m, str(e.value)
+        return int(m.group(1)) << 20
+
+    # below the draft alone (on a GPU: beside the context and the allocator's margin)
+    need = least(CONTEXT + (66 << 20) if device == "cuda" else 1)
+    assert prepare(need).draft is not None
+    assert least(need - (1 << 20)) == need
+    assert not (tmp / "off").exists()  # planned, never converted

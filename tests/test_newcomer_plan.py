@@ -100,7 +100,7 @@ def test_plan_on_a_fresh_checkpoint_writes_no_store_and_plans_as_after_conversio
     lines = plan_lines(fresh)
     assert not off.exists() or not any(off.iterdir()), list(off.iterdir())
     assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))
-    assert any(ln.startswith("bandwidths not measured on this machine yet: planned with defaults")
+    assert any(ln.startswith("bandwidth source: defaults") and "not measured on this machine yet" in ln
                for ln in lines), fresh.stdout
     assert any(ln.startswith("placement: ") for ln in lines)
     if name == "moe":
@@ -122,4 +122,4 @@ def test_plan_bandwidths_come_from_the_cache_or_the_defaults(tmp_path, monkeypat
     assert not (tmp_path / "cache").exists() and not (tmp_path / "off").exists()
     measured = dataclasses.replace(bw, disk_read=2e9, matvec=3e10)
     calibrate.load_or_measure(cfg.store_dir, cache_dir=tmp_path / "cache", measure=lambda *a, **k: measured)
-    assert runtime.plan_bandwidths(cfg, cuda=False) == (measured, "bandwidths measured on this machine (cached)")
+    assert runtime.plan_bandwidths(cfg, cuda=False) == (measured, "bandwidth source: measured on this machine (cached)")
