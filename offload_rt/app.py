@@ -114,7 +114,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         if cfg.draft is not None:
             from offload_rt.spec.setup import open_draft
 
-            draft = open_draft(cfg, model, device, plan_only=True)  # planned before it is converted (if kept)
+            draft = open_draft(cfg, model, device, plan_only=plan_only)  # (converted before the baseline)
         warm_up()
         if runtime.has_quantized(model.store) or (draft is not None and runtime.has_quantized(draft.store)):
             from kernels_cpu import quant
@@ -140,8 +140,6 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                                    gpu_used_before=gpu_used_before, draft=draft, plan_only=plan_only)
         if prepared.notice:
             notice(prepared.notice)
-        if prepared.draft is not None and not plan_only:
-            draft = open_draft(cfg, model, device)  # the store the speculator reads (converted once)
         startup_peak = max(startup_peak, peak_rss_bytes())  # a first run on this machine calibrates in prepare
         baseline.reset_peak_rss()  # from here on, VmHWM is the run's own peak
         if plan_only:
