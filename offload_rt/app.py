@@ -4,22 +4,66 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 
 import torch
 
 from offload_rt.config import RunConfig, format_size
+from offload_rt.memory.plan import cli_size
 from offload_rt.errors import UsageError
 from offload_rt.loader import attach_engine, open_model
 from offload_rt.session import Session
 from offload_rt.stats import emit, peak_rss_bytes
 
 
+def notice(message: str) -> None:
+    """One line on stderr about a setting the run changed or ignored (never an error: the run goes on)."""
+    print(f"offload-run: note: {message}", file=sys.stderr, flush=True)
+
+
 def pick_device(cfg: RunConfig) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     if cfg.device == "auto":  # --gpu-mem 0 asks for no GPU
-        return "cuda" if torch.cuda.is_available() and cfg.gpu_mem != 0 else "cpu"
-    return cfg.device
+        device = "cuda" if torch.cuda.is_available() and cfg.gpu_mem != 0 else "cpu"
+    else:
+        device = cfg.device
+    if device == "cpu" and cfg.gpu_mem not in (None, 0):
+        why = "--device cpu" if cfg.device == "cpu" else "no CUDA device is available here"
+        notice(f"--gpu-mem {_size_text(cfg.gpu_mem)} is ignored: {why}; running on the CPU")
+    return device
+
+
+def _size_text(value) -> str:
+    return value if isinstance(value, str) else cli_size(value)
+
+
+def check_prompt(prompt: str | None, interactive: bool, plan_only: bool) -> None:
+    """An empty or whitespace-only prompt is refused (a model asked nothing answers noise)."""
+    if prompt is not None and not interactive and not plan_only and not prompt.strip():
+        raise UsageError("the prompt is empty; pass some text with --prompt, --prompt-file or on stdin")
+
+
+def clamp_limits(cfg: RunConfig) -> RunConfig:
+    """Settings no machine here can honour, brought within what it has, each with one notice line.
+
+    ``--cpu-mem`` above this machine's RAM (or its cgroup limit) becomes ``auto`` (the free memory less a
+    margin): a budget is a ceiling, and as with llama.cpp's or ollama's offload counts, asking for more
+    than exists means "as much as there is", not an error; the plan then promises a peak the machine can
+    hold. ``--threads`` above the CPUs this process may run on (affinity, cgroup quota) becomes that
+    count: more threads than CPUs only wait for each other (llama.cpp accepts any -t and runs slower).
+    """
+    from offload_rt.memory.budgets import host_memory_limit
+    from offload_rt.threads import usable_cpus
+
+    if isinstance(cfg.cpu_mem, int) and cfg.cpu_mem > (limit := host_memory_limit()):
+        notice(f"--cpu-mem {format_size(cfg.cpu_mem)} is more than this machine has ({format_size(limit)} of RAM for "
+               "this process); using --cpu-mem auto (the free memory less a margin)")
+        cfg = replace(cfg, cpu_mem="auto")
+    if cfg.threads and cfg.threads > (cpus := usable_cpus()):
+        notice(f"--threads {cfg.threads} is more than the {cpus} CPUs this process may use; using {cpus}")
+        cfg = replace(cfg, threads=cpus)
+    return cfg
 
 
 def weight_formats(store) -> str:
@@ -58,17 +102,19 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
     from offload_rt.memory import baseline
     from offload_rt.threads import available_cores, wait_policy
 
+    check_prompt(prompt, interactive, plan_only)
+    cfg = clamp_limits(cfg)
     n = cfg.threads or available_cores()
     set_threads(n)  # first: starting Numba's OpenMP pool resets torch's thread count (same libgomp)
     torch.set_num_threads(n)
     device = pick_device(cfg)
     with torch.inference_mode():
-        model = open_model(cfg)
-        draft = None
+        model = open_model(cfg, plan_only=plan_only)  # --plan converts nothing: a new checkpoint is planned
+        draft = None  # from its headers (storage.convert.SourceView)
         if cfg.draft is not None:
             from offload_rt.spec.setup import open_draft
 
-            draft = open_draft(cfg, model, device)
+            draft = open_draft(cfg, model, device, plan_only=plan_only)  # (converted before the baseline)
         warm_up()
         if runtime.has_quantized(model.store) or (draft is not None and runtime.has_quantized(draft.store)):
             from kernels_cpu import quant
@@ -91,7 +137,9 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
         startup_peak = peak_rss_bytes()
         base = baseline.measure()
         prepared = runtime.prepare(cfg, model.store, model.args, model.dtype, model.groups, device,
-                                   gpu_used_before=gpu_used_before, draft=draft)
+                                   gpu_used_before=gpu_used_before, draft=draft, plan_only=plan_only)
+        if prepared.notice:
+            notice(prepared.notice)
         startup_peak = max(startup_peak, peak_rss_bytes())  # a first run on this machine calibrates in prepare
         baseline.reset_peak_rss()  # from here on, VmHWM is the run's own peak
         if plan_only:
@@ -99,6 +147,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                   f"{str(model.dtype).replace('torch.', '')}, device {device})")
             print(weight_formats(model.store))
             print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
+            print(prepared.bandwidths_note)
             print(prepared.kv.describe() + f"; attention {prepared.attention}")
             if prepared.experts is not None:
                 print(prepared.experts.describe())
@@ -112,7 +161,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                 print(f"GPU: CUDA context {format_size(prepared.gpu_context_bytes)} (measured), device budget "
                       f"{format_size(prepared.budgets.device)} for weights, slots, KV and activations")
             if stats:
-                emit({"model": model.name, "device": device, **baseline.stats_fields(base),
+                emit({"model": model.name, "device": device, "threads": n, **baseline.stats_fields(base),
                       "host_budget_bytes": prepared.budgets.host, "placement": dict(prepared.placement.tier_bytes),
                       "predicted_tok_s": round(prepared.predicted_tok_s, 4),
                       "moe": None if prepared.experts is None else moe_plan_stats(prepared.experts),
@@ -135,7 +184,7 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
                                on_warm=baseline.drop_library_page_cache,
                                cache=prepared.kv_cache(cfg, model.args, model.dtype, tracer))
         speculator = None
-        if draft is not None:
+        if prepared.draft is not None:
             from offload_rt.runtime import context_tokens
             from offload_rt.spec.setup import build_speculator
 

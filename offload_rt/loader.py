@@ -75,13 +75,19 @@ class LoadedModel:
     engine: Engine | None = None  # set by attach_engine
 
 
-def open_store(cfg: RunConfig):
-    """Validate the source cheaply, then convert it (once) and return (path, weight store)."""
+def open_store(cfg: RunConfig, *, plan_only: bool = False):
+    """Validate the source cheaply, then convert it (once) and return (path, weight store). ``plan_only``:
+    the store if it exists, else a view of the source as it would be stored (storage.convert.SourceView,
+    the same planner inputs from the checkpoint's headers): nothing is converted or written."""
     import storage
 
     path = resolve_model(cfg.model)
     source_cfg = storage.read_source_config(path)
     models.args_from_config(source_cfg)  # reject an unsupported architecture before converting
+    if plan_only:
+        from storage.convert import store_or_view
+
+        return path, store_or_view(path, cfg.store_dir, weights=cfg.weights)
     return path, storage.open_or_convert(path, cfg.store_dir, weights=cfg.weights, rebuild=cfg.rebuild_store,
                                          progress=cfg.progress)
 
@@ -115,9 +121,10 @@ def check_tensors(store, args, path: Path) -> None:
                                    f"{list(shape)}; re-download the checkpoint or correct config.json")
 
 
-def open_model(cfg: RunConfig) -> LoadedModel:
-    """The model's store, config, tokenizer and compute dtype; no weights loaded yet."""
-    path, store = open_store(cfg)
+def open_model(cfg: RunConfig, *, plan_only: bool = False) -> LoadedModel:
+    """The model's store, config, tokenizer and compute dtype; no weights loaded yet. ``plan_only``: an
+    unconverted checkpoint stays so (its ``store`` is a view that plans but cannot load, see open_store)."""
+    path, store = open_store(cfg, plan_only=plan_only)
     args = models.args_from_config(store.model_config)
     check_tensors(store, args, path)
     kind = store.manifest["source"]["kind"]

@@ -9,7 +9,7 @@ engine sweeps. Policy lives in ``offload_rt.memory.plan``; bytes move in the sch
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,9 @@ from offload_rt import models
 MIN_STREAM_DEPTH = 2  # slots in flight when anything streams (see prepare)
 DEFAULT_CTX = 4096  # context window (and KV budget) when --ctx-size is not given: min(model's, this)
 AUTO_MAGICPIG_TOKENS = 32768  # --attention auto: MagicPIG from this context length on (A2: 2-3x from 32k)
+# --plan before this machine is calibrated: configs/cpu-nvme.toml's hints (the CI machine, BENCHMARKS.md),
+# a pinned PCIe 4 x16 copy for h2d
+PLAN_DEFAULT_BANDWIDTHS = Bandwidths(disk_read=1.3e9, mem_read=2.4e10, matvec=1.35e10, h2d=2.5e10)
 
 
 def _nbytes(store, name: str, dtype: torch.dtype) -> int:
@@ -195,6 +198,8 @@ class Prepared:
     attention: str = "exact"  # exact | magicpig
     experts: ExpertPlan | None = None  # a MoE model's routed experts: resident, or a RAM cache over the disk
     draft: object | None = None  # spec.setup.DraftPlan: the draft's residency and the speculation budget
+    notice: str | None = None  # one line for stderr: a --draft the plan runs without (predicted slower)
+    bandwidths_note: str | None = None  # --plan: where the bandwidths came from (nothing measured)
 
     @property
     def predicted_tok_s(self) -> float:
@@ -276,17 +281,44 @@ def gpu_budget(cfg: RunConfig, dtype: torch.dtype, used_before: int | None) -> t
     return gpu_mod.device_budget(cfg.gpu_mem, context_bytes=ctx, free=free, total=total), ctx
 
 
+def plan_bandwidths(cfg: RunConfig, cuda: bool) -> tuple[Bandwidths, str]:
+    """``--plan``'s figures without measuring anything: the override, the preset's hints, this machine's
+    cached calibration, or :data:`PLAN_DEFAULT_BANDWIDTHS`; and a line saying which."""
+    hints = cfg.bandwidth_hints or {}
+    if {"disk_read", "matvec"} <= set(hints) and (hints.get("h2d") or not cuda):
+        return bandwidths_from_hints(hints), "bandwidth source: the preset's hints"
+    env = calibrate.bandwidths_from_env()
+    if env is not None:
+        return env, f"bandwidth source: {calibrate.ENV_OVERRIDE}"
+    bw = calibrate.cached(cfg.store_dir, cuda=cuda)
+    if bw is not None and (bw.h2d or not cuda):
+        return bw, "bandwidth source: measured on this machine (cached)"
+    bw = PLAN_DEFAULT_BANDWIDTHS if cuda else replace(PLAN_DEFAULT_BANDWIDTHS, h2d=None)
+    return bw, ("bandwidth source: defaults (a CPU streaming from NVMe), not measured on this machine yet; "
+                "the first run measures them")
+
+
+def bandwidths_from_hints(hints: dict) -> Bandwidths:
+    return Bandwidths(disk_read=hints["disk_read"], mem_read=hints.get("mem_read", hints["matvec"]),
+                      matvec=hints["matvec"], h2d=hints.get("h2d"))
+
+
 def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group], device: str, *,
-            gpu_used_before: int | None = None, draft=None) -> Prepared:
+            gpu_used_before: int | None = None, draft=None, plan_only: bool = False) -> Prepared:
     """Budgets, bandwidths, plan. ``gpu_used_before``: the GPU's used bytes read before this process
     created its CUDA context (how the context is measured); CUDA runs only. ``draft``: the speculation
-    draft (spec.setup.open_draft), placed resident before the target gets what is left."""
+    draft (spec.setup.open_draft), placed resident before the target gets what is left; dropped (with
+    ``Prepared.notice`` saying so) when speculation is predicted slower than without it, unless
+    ``--spec-budget`` asks for it. ``plan_only``: nothing is measured or written (:func:`plan_bandwidths`);
+    ``store`` may be a WeightStore or a storage.convert.SourceView."""
     cuda = device == "cuda"
     host = budgets_mod.resolve_budget(cfg.cpu_mem, kind="cpu")
     hints = cfg.bandwidth_hints or {}
-    if {"disk_read", "matvec"} <= set(hints) and (hints.get("h2d") or not cuda):
-        bw = Bandwidths(disk_read=hints["disk_read"], mem_read=hints.get("mem_read", hints["matvec"]),
-                        matvec=hints["matvec"], h2d=hints.get("h2d"))
+    bw_note = None
+    if plan_only:
+        bw, bw_note = plan_bandwidths(cfg, cuda)
+    elif {"disk_read", "matvec"} <= set(hints) and (hints.get("h2d") or not cuda):
+        bw = bandwidths_from_hints(hints)
     else:
         bw = calibrate.load_or_measure(cfg.store_dir, progress=cfg.progress, cuda=cuda)
     bw = bw.for_dtype(str(dtype).replace("torch.", ""))
@@ -295,21 +327,20 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
     espec = expert_spec(store, args, dtype)
     emin = espec.min_bytes if espec is not None else 0  # the experts' share of --cpu-mem, at least
 
-    def place(tree: int):
-        """The target's plan beside a draft for a tree of ``tree`` nodes (0: no speculation)."""
+    def place(tree: int, with_draft: bool = True):
+        """The target's plan beside a draft for a tree of ``tree`` nodes (0 or not ``with_draft``: alone)."""
         from offload_rt.spec import setup as spec
 
-        extra = spec.tree_headroom(tree) if draft is not None else 0
-        bud, held = Budgets(device=dev, host=host), None
-        if draft is not None:
+        drafted = draft is not None and with_draft
+        extra = spec.tree_headroom(tree) if drafted else 0
+        bud, held, short = Budgets(device=dev, host=host), None, False
+        if drafted:
             held = spec.draft_bytes(draft, cfg, context_tokens(args, cfg.ctx_size), tree, device)
-            need = sum(held)
-            left = (dev if cuda else host) - need
-            if left <= 0:
-                where = "--gpu-mem" if cuda else "--cpu-mem"
-                raise BudgetError(f"the draft ({draft.name}) needs {format_size(need)} resident, more than {where} "
-                                  f"allows ({format_size(dev if cuda else host)}); raise {where}, or use a smaller "
-                                  "draft or --spec-budget")
+            left = (dev if cuda else host) - sum(held)
+            # Not even the draft fits: plan the target in nothing (1 byte keeps a device tier a device tier),
+            # so that its refusal carries the target's minimum, and the message the smallest value that runs.
+            short = left <= 0
+            left = max(left, 1 if cuda else 0)
             bud = Budgets(device=left, host=host) if cuda else Budgets(device=dev, host=left)
         if emin:  # the routed experts' minimum (one slot per MoE layer, the routers) comes off the host first
             bud = Budgets(device=bud.device, host=bud.host - emin)
@@ -324,6 +355,14 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                              embed_bytes=untied_embed_bytes(store, args, dtype),
                              depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))
         except BudgetError as e:
+            if short and not cuda:
+                need = e.need + emin + sum(held)
+                e = BudgetError(f"the draft ({draft.name}) needs {format_size(sum(held))} resident, more than "
+                                f"--cpu-mem allows ({format_size(host)}); raise it to at least "
+                                f"{cli_size(need, round_up=True)} (the draft for a tree of {tree} beside the "
+                                "target's minimum working set), or use a smaller draft or --spec-budget")
+                e.tier, e.need = "host", need
+                raise e from None
             if emin and getattr(e, "tier", None) == "host":
                 need = e.need + emin + (sum(held) if held is not None and not cuda else 0)
                 e = BudgetError(f"--cpu-mem {cli_size(host)} is below the minimum working set of {format_size(need)} "
@@ -347,6 +386,7 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
             bud = Budgets(device=bud.device, host=bud.host + emin)
         return bud, kv, attention, placement, held
 
+    notice = None
     try:
         draft_plan = None
         if draft is None:
@@ -377,6 +417,13 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                                         chosen=cfg.spec_budget is None, agreement=agreement,
                                         tokens_per_pass=per_pass, predicted_tok_s=tok_s,
                                         target_pass_s=cost.target_pass_s(tree + 1), draft_s=cost.draft_s(tree, depth))
+            if cfg.spec_budget is None:  # the planner's choice includes not speculating at all
+                alone = place(0, with_draft=False)
+                without = 1.0 / alone[3].predicted_s_per_token if alone[3].predicted_s_per_token > 0 else float("inf")
+                if tok_s < without:
+                    notice = (f"--draft {cfg.draft}: speculation is predicted slower here ({tok_s:.3g} tok/s with "
+                              f"the draft, {without:.3g} without it); running without it (--spec-budget N forces it)")
+                    (bud, kv, attention, placement, _), draft_plan = alone, None
     except BudgetError as e:
         if cuda and getattr(e, "tier", None) == "device":  # say it in what the user types: the footprint
             raise BudgetError(
@@ -392,4 +439,4 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
     if cuda:  # the caching allocator may not grow past what the budget implies: an overrun fails loudly
         gpu_mod.cap_allocator(device, gpu_mod.allocator_limit(cfg.gpu_mem, context_bytes=ctx, placement=dev))
     return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx, kv=kv, attention=attention,
-                    draft=draft_plan, experts=eplan)
+                    draft=draft_plan, experts=eplan, notice=notice, bandwidths_note=bw_note)

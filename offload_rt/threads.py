@@ -72,8 +72,9 @@ def _cgroup_cpu_limit(root: Path = cgroups.ROOT, proc_cgroup: Path = cgroups.PRO
     return best
 
 
-def available_cores() -> int:
-    """Cores this process may use: affinity mask, capped by a cgroup CPU quota and the physical cores."""
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (the most
+    ``--threads`` can use; more threads only wait for each other)."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -81,6 +82,12 @@ def available_cores() -> int:
     quota = _cgroup_cpu_limit()
     if quota is not None:
         n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def available_cores() -> int:
+    """Cores this process may use: :func:`usable_cpus`, capped by the physical cores (the default thread count)."""
+    n = usable_cpus()
     try:
         import psutil
 

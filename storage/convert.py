@@ -33,12 +33,12 @@ import numpy as np
 
 from offload_rt.errors import ModelSourceError, UserError
 from storage.errors import NoSpaceError, StorageError
-from storage.experts import expert_count, pack_experts
+from storage.experts import ExpertLayout, expert_count, pack_experts
 from storage.formats import get_format
 from storage.manifest import (CHUNK_LIMIT, EXPERTS_FORMAT_VERSION, FORMAT_VERSION, chunk_rows_for, crc_tag, n_chunks,
                               write_manifest)
 from storage.sources import TensorSource, open_source
-from storage.store import WeightStore
+from storage.store import TensorInfo, WeightStore
 from storage.transcode import check_choice, target_format, transcoded
 
 IO_BLOCK = 16 << 20  # bytes per read/write when copying a raw byte range
@@ -153,6 +153,73 @@ def stored_tensors(src, weights: str = "auto") -> list[TensorSource]:
     experts packed into one tensor (storage.experts) after transcoding."""
     tensors = [transcoded(t, target_format(t, weights)) for t in src.tensors()]
     return pack_experts(tensors, expert_count(src.config()))
+
+
+class SourceView:
+    """A checkpoint as its store would be under ``weights``, from the source's headers only: what the
+    planner reads of a :class:`WeightStore` (``tensor_names``, ``info``, ``expert_layout``, ``model_config``,
+    ``manifest``, the tokenizer), with nothing converted or written to the store directory (``--plan``).
+    Formats are the transcoded ones (storage.transcode); each MoE layer's experts are packed, so
+    ``expert_layout`` gives the units the store would hold (storage.experts.ExpertLayout)."""
+
+    def __init__(self, source: str | os.PathLike, weights: str = "auto"):
+        src = open_source(source)
+        self._src = src
+        self._tensors = {t.name: t for t in stored_tensors(src, check_choice(weights))}
+        self._manifest = {"source": {"path": str(Path(src.path).resolve()), "kind": src.kind},
+                          "model_config": src.config(), "weights": weights}
+        self._tmp = None  # the tokenizer, written on first use into a temporary directory (not the store's)
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    @property
+    def model_config(self) -> dict:
+        return self._manifest["model_config"]
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensors[name]
+        return TensorInfo(name, get_format(t.fmt), tuple(int(s) for s in t.shape), int(t.nbytes))
+
+    def expert_layout(self, name: str) -> ExpertLayout | None:
+        t = self._tensors[name]
+        return None if t.experts is None else ExpertLayout.from_manifest(t.experts)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors.values())
+
+    def _tokenizer(self) -> tuple[Path, dict]:
+        if self._tmp is None:
+            import tempfile
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="offload_rt-plan-")
+            self._meta = self._src.tokenizer(Path(self._tmp.name) / "tokenizer.json")
+        return Path(self._tmp.name) / "tokenizer.json", self._meta
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self._tokenizer()[0]
+
+    @property
+    def tokenizer_meta(self) -> dict:
+        return self._tokenizer()[1]
+
+
+def store_or_view(source: str | os.PathLike, cache_dir: str | os.PathLike, *,
+                  weights: str = "auto") -> "WeightStore | SourceView":
+    """The store of ``source`` in ``weights`` when it exists, else a :class:`SourceView` of it: what a plan
+    reads, without converting or writing anything."""
+    final = store_path(source, cache_dir, weights)
+    return WeightStore.open(final) if final.is_dir() else SourceView(source, weights)
 
 
 def check_free_space(src, cache_dir: Path, weights: str = "auto") -> None:

@@ -76,6 +76,16 @@ def available_host_memory() -> int:
     return min(avail, cg) if cg is not None else avail
 
 
+def host_memory_limit() -> int:
+    """The most RAM this process could ever have: the machine's, or a smaller cgroup limit (an ancestor's
+    included). A ``--cpu-mem`` above it cannot be honoured (offload_rt.app clamps it to ``auto``)."""
+    import psutil
+
+    limits = [cg.limit for cg in _memory_cgroups(Path("/proc/self/cgroup"), Path("/sys/fs/cgroup"))
+              if 0 < cg.limit < _NO_LIMIT]
+    return min([int(psutil.virtual_memory().total), *limits])
+
+
 def auto_cpu_budget() -> int:
     """Free host memory now, less the run-time slack the budget does not cover, less a margin.
 

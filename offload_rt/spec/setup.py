@@ -29,10 +29,10 @@ def draft_rows(budget: int) -> int:
     return 2 * budget + 1
 
 
-def open_draft(cfg: RunConfig, target, device: str):
+def open_draft(cfg: RunConfig, target, device: str, *, plan_only: bool = False):
     """The draft as a :class:`~offload_rt.loader.LoadedModel` (no engine yet): ``self-int4`` is the
     target's checkpoint stored as int4 blocks (its own store, converted once); a path is any supported
-    model with the target's tokenizer."""
+    model with the target's tokenizer. ``plan_only``: nothing converted (loader.open_model)."""
     from offload_rt.loader import open_model
 
     if cfg.draft == SELF_INT4:
@@ -40,7 +40,7 @@ def open_draft(cfg: RunConfig, target, device: str):
     else:
         dcfg = replace(cfg, model=str(cfg.draft), weights="auto", dtype=None)
     try:
-        draft = open_model(dcfg)
+        draft = open_model(dcfg, plan_only=plan_only)
     except UserError as e:
         raise type(e)(f"--draft {cfg.draft}: {e}") from None
     diff = target.tokenizer.vocabulary_difference(draft.tokenizer)
