@@ -120,6 +120,10 @@ def main(cfg: RunConfig, *, prompt: str | None, interactive: bool, stats: bool, 
             from kernels_cpu import quant
 
             quant.warm_up()
+        if runtime.has_experts(model.args):
+            from kernels_cpu import moe
+
+            moe.warm_up()  # the routed experts' kernels
         attention_kernels.warm_up()  # compiled (or loaded from Numba's cache) before the baseline is measured
         rowops.warm_up()  # the fused single-row kernels of decode (calibration times layers with them)
         if runtime.may_use_magicpig(cfg, model.args):

@@ -160,6 +160,20 @@ def expert_spec(store, args, dtype: torch.dtype) -> ExpertSpec | None:
                       unit_bytes=max(lay.unit_bytes for lay in layouts), held_bytes=held, router_bytes=routers)
 
 
+def has_experts(args) -> bool:
+    """Whether the model has Mixture-of-Experts layers (routed experts: their kernels and scratch)."""
+    return any(args.expert_tensor(i) is not None for i in range(args.num_hidden_layers))
+
+
+def moe_scratch_bytes(args) -> int:
+    """The routed experts' kernel scratch (a prefill chunk's gate/up/down rows, kernels_cpu.moe)."""
+    if not has_experts(args):
+        return 0
+    from kernels_cpu.moe import GROUP_BYTES
+
+    return GROUP_BYTES
+
+
 def dequant_scratch_bytes(store, cuda: bool) -> int:
     """What quantized matrices need beside them at compute time: on the CPU the prefill's reusable block
     of dequantized rows; on a GPU one linear's block of dequantized rows and its intermediates."""
@@ -347,7 +361,8 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
         # At least two slots in flight: with one, the reader idles while each streamed layer computes
         # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
         kv, attention = plan_kv(cfg, args, dtype, extra_tokens=extra)
-        scratch = activation_bytes(args, max(cfg.prefill_chunk, extra), dequant_scratch_bytes(store, cuda))
+        scratch = activation_bytes(args, max(cfg.prefill_chunk, extra),
+                                   dequant_scratch_bytes(store, cuda) + moe_scratch_bytes(args))
         try:
             placement = plan(specs, bud, bw, kv_bytes=kv.host_bytes, prefetch_depth=cfg.prefetch_depth,
                              kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact",

@@ -30,11 +30,11 @@ def stats_of(proc):
 
 
 def default_store(store_dir):
-    """The default model's converted store in ``store_dir`` (opened without the runtime)."""
-    from storage.store import WeightStore
+    """The default model's f32 store in ``store_dir`` (converted here if a --plan left none: it writes nothing)."""
+    import storage
+    from offload_rt.loader import default_model_path
 
-    (path,) = store_dir.glob("SmolLM2-*-f32.zarr")
-    return WeightStore.open(path)
+    return storage.open_or_convert(default_model_path(), store_dir, weights="f32", progress=False)
 
 
 def group_bytes(store) -> dict[str, int]:

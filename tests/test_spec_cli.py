@@ -129,7 +129,10 @@ def test_greedy_speculation_prints_the_autoregressive_answer(runs, streamed_mem,
             rec["runtime_slack_bytes"], rec
     else:
         assert rec["placement"]["disk"] == 0
-    check_spec_stats(rec["spec"], budget)
+    if budget is None and not streamed:  # resident, speculation is predicted slower: the planner runs without it
+        assert rec["spec"] is None
+    else:
+        check_spec_stats(rec["spec"], budget)
     assert text == ref_text
 
 
