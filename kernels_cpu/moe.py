@@ -284,6 +284,25 @@ def _moe_grouped(x, tok, wts, offs, fids, addrs, I, R, bf16, out):  # pragma: no
                         o[i] += y[r, i] * wr
 
 
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _add_weighted(out, tok, y, wts):  # pragma: no cover - compiled
+    """out[tok[r]] += y[r] * wts[r], rows in order: the float32 weighted sum of both kernels, the same
+    expression compiled the same way (a fused multiply-add where the CPU has one), so a sum built expert by
+    expert is the sum one call builds."""
+    for r in range(tok.shape[0]):
+        o, wr = out[tok[r]], wts[r]
+        for i in range(o.shape[0]):
+            o[i] += y[r, i] * wr
+
+
+def add_weighted(out: torch.Tensor, tok: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> None:
+    """``out[tok[r]] += y[r] * weights[r]`` (float32, in place, rows in order) exactly as :func:`moe_ffn`'s
+    kernels add one expert's weighted outputs: with :func:`moe_ffn` of unit weights giving each expert's
+    own output, the experts of a call can run apart (in any order) and be summed in ascending id later
+    to the same bits (offload_rt.expert_stream, fewer slots than experts)."""
+    _add_weighted(out.numpy(), tok.numpy().astype(np.int64), y.numpy(), weights.to(torch.float32).numpy())
+
+
 # ---- Python entry points ----
 
 def _check_parts(e: int, parts: dict, H: int, I: int | None) -> int:
@@ -385,7 +404,8 @@ def moe_ffn_reference(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return out
 
 
-def moe_ffn(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: Expert) -> torch.Tensor:
+def moe_ffn(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: Expert, *,
+            grouped: bool | None = None) -> torch.Tensor:
     """The routed experts' output for hidden states ``h`` [T, H] (float32 or bfloat16; other dtypes and
     devices through the reference path): ``sum_j weights[t, j] * down(silu(gate(h_t)) * up(h_t))`` over
     the experts ``ids[t, j]`` (int64 [T, k], distinct per token), in h's dtype, accumulated like
@@ -395,13 +415,16 @@ def moe_ffn(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: E
     each a float tensor or a storage.formats.QTensor (formats may differ between parts and experts).
     One CPU token goes through the Numba decode kernel (no copy of any expert), more CPU tokens through
     the grouped kernel (tokens grouped by expert, each expert's matrices read once per batch of rows),
-    anything else through :func:`moe_ffn_reference`. ValueError when ids/weights/parts do not fit h."""
+    anything else through :func:`moe_ffn_reference`. ``grouped`` forces the grouped kernel (True) for a
+    subset of a prefill's rows computed apart (a streamed expert cache with fewer slots than experts), so
+    each expert's rows get the arithmetic the whole call gives them. ValueError when ids/weights/parts do
+    not fit h."""
     if h.dim() != 2 or ids.dim() != 2 or ids.shape[0] != h.shape[0] or tuple(weights.shape) != tuple(ids.shape):
         raise ValueError(f"moe_ffn: h [T, H], ids [T, k], weights [T, k] expected; got {tuple(h.shape)}, "
                          f"{tuple(ids.shape)}, {tuple(weights.shape)}")
     if h.shape[0] and ids.shape[1] and h.device.type == "cpu" and h.dtype in _FLOAT_IDS:
         # host sync (a CPU tensor: free): the ids pick the weights the kernel reads
-        if h.shape[0] == 1:
+        if h.shape[0] == 1 and not grouped:
             y = _decode(h, ids[0].tolist(), weights[0].tolist(), expert)
         else:
             y = _grouped(h, ids, weights, expert)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from kernels_cpu.moe import moe_ffn
+from kernels_cpu.moe import add_weighted, moe_ffn
 from offload_rt.experts import cast_parts
 from offload_rt.memory.expert_cache import ExpertCache
 from offload_rt.models import ops
@@ -148,15 +148,22 @@ class ExpertStream:
                     got = self.cache.assign(li, e, protect=frozenset({e}))
                 self._filled(li, e, got[0], self._read(li, [e], [got[0]], executor=self.executor))
             wait += time.perf_counter() - t
-            pos, tok = torch.where((ids == e).T)  # moe_ffn's row order: the kernels' bits depend on it
+            tok, pos = torch.where(ids == e)  # rows in token order, as the grouped kernel sorts them
             t = time.perf_counter()
+            # float32: the expert's own output (unit weights), summed below as the kernels sum; bfloat16: the
+            # weighted product, rounded, then added in bfloat16, which is how the kernels round it
+            w = weights[tok, pos][:, None] if h.dtype != torch.float32 else torch.ones(tok.numel(), 1)
             with self.tracer.span("compute", f"experts {li}", layer=li, experts=1):
-                ys[e] = tok, moe_ffn(h[tok], torch.full((tok.numel(), 1), e, dtype=ids.dtype),
-                                     weights[tok, pos][:, None], lambda x: self.expert(li, x))
+                ys[e] = tok, pos, moe_ffn(h[tok], torch.full((tok.numel(), 1), e, dtype=ids.dtype), w,
+                                          lambda x: self.expert(li, x), grouped=h.shape[0] > 1)
             self.compute_s += time.perf_counter() - t
         out = torch.zeros_like(h)
-        for e in wanted:
-            out.index_add_(0, *ys[e])
+        for e in wanted:  # ascending id, as one call sums them
+            tok, pos, y = ys[e]
+            if h.dtype == torch.float32:
+                add_weighted(out, tok, y, weights[tok, pos])
+            else:
+                out.index_add_(0, tok, y)
         self.wait_s += wait
         return out
 

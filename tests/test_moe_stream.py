@@ -291,12 +291,10 @@ def test_plan_prints_the_expert_tiers_and_runs_nothing(tmp_path, cli_model):
     args = (cli_model, "--offload-dir", off, "--cpu-mem", "1G", "--expert-slots", "2", "--plan")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    stores = [p for p in off.iterdir()]
-    assert stores and all((p / "manifest.json").is_file() for p in stores), stores  # the store, nothing else
-    before = files_under(off)
+    assert not off.exists() or not any(off.iterdir())  # --plan converts nothing: planned from the headers
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
-    assert files_under(off) == before  # the second --plan converted, calibrated and wrote nothing
+    assert not off.exists() or not any(off.iterdir())
     line = [ln for ln in again.stdout.splitlines() if ln.startswith("experts:")]
     assert len(line) == 1, again.stdout
     line = line[0]
