@@ -11,7 +11,9 @@ converter and ``llama_model_quantize``, ~2.95 GB); both are made under ``--work`
 - M0, resident, ``--threads`` threads, greedy, ``--tokens`` new tokens, best of ``--repeats``:
   offload_rt ``--weights int4`` on the HF checkpoint, offload_rt on the Q4_0 GGUF read natively
   (``--weights auto``), both with ``--cpu-mem`` ``--m0-cpu-mem``; llama.cpp (llama-cpp-python in
-  ``--llama-python``, mmap) on the same GGUF. Decode tok/s, ratios against llama.cpp, and the
+  ``--llama-python``, mmap) on the same GGUF (and with ``--llama-passive`` again with
+  ``OMP_WAIT_POLICY=PASSIVE``: OpenMP's spinning barriers make 2-thread llama.cpp ~10x slower when
+  other processes share the cores; ratios are against the best llama.cpp row). Decode tok/s, ratios against llama.cpp, and the
   memory-bandwidth limit: RAM read rate (torch sums over 1 GiB, 2 threads, in a child) ÷ the bytes
   one token reads from the GGUF (every tensor but the embedding, the expert tensors × k/E; counted
   with llama.cpp's gguf-py).
@@ -51,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tools import bench_quant as bq
-from tools.bench_decode import MEMCAP, publish
+from tools.bench_decode import MEMCAP, PROMPT, publish
 from tools.make_gguf import DEFAULT_LLAMA_PYTHON, find_llama_src, make_gguf
 
 PRESET = "qwen3-30b-a3b-8l"
@@ -193,9 +195,12 @@ def ours(a, model: Path, weights: str, *, cap: str | None = None, tokens: int | 
                    ctx=a.ctx, timeout=timeout or (a.timeout if cap else 3600))
 
 
-def llama(a, gguf: Path, *, cap: str | None = None) -> bq.Run:
-    return bq.llama(a.llama_python, gguf, tokens=a.tokens, threads=a.threads, n_ctx=a.ctx, cap=cap,
-                    timeout=a.timeout if cap else 3600)
+def llama(a, gguf: Path, *, cap: str | None = None, env: dict | None = None) -> bq.Run:
+    """llama.cpp decoding ``a.tokens`` tokens of ``gguf`` (tools.bench_quant.LLAMA_SCRIPT), ``env`` added."""
+    args = {"model": str(gguf), "mode": "decode", "new_tokens": a.tokens, "threads": a.threads, "n_ctx": a.ctx,
+            "n_batch": 512, "prompt": PROMPT, "prompt_file": None}
+    return bq.run_process([a.llama_python, "-c", bq.LLAMA_SCRIPT, json.dumps(args)], cap=cap, json_on="stdout",
+                          timeout=a.timeout if cap else 3600, env=env)
 
 
 def moe(r: bq.Run | None) -> dict:
@@ -229,11 +234,22 @@ def fmt(x, spec: str = ".2f") -> str:
 L_INT4 = "offload_rt `--weights int4` (HF safetensors)"
 L_GGUF = "offload_rt Q4_0 GGUF `--weights auto` (native)"
 L_LLAMA = "llama.cpp (llama-cpp-python, mmap), same Q4_0 GGUF"
+L_LLAMA_PASSIVE = "llama.cpp, same, `OMP_WAIT_POLICY=PASSIVE`"
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def cases(a, hf: Path, gguf: Path) -> list[tuple[str, str, Path, str | None]]:
-    """(label, side, model, weights) in the order the runs alternate."""
+def reference(runs: dict[str, list[bq.Run]]) -> bq.Run | None:
+    """The best llama.cpp run of any of its rows: the ratios are against it."""
+    return bq.best([r for label in (L_LLAMA, L_LLAMA_PASSIVE) for r in runs.get(label, [])], "decode_tok_s")
+
+
+def cases(a, hf: Path, gguf: Path) -> list[tuple[str, str, Path, str | dict | None]]:
+    """(label, side, model, offload_rt's --weights or llama.cpp's added environment) in the order the runs
+    alternate. ``--llama-passive`` adds a llama.cpp row with OpenMP's passive wait: its default spinning
+    barriers collapse when other processes share the cores (2 threads: ~10x slower on a loaded machine)."""
     out = [(L_INT4, "ours", hf, "int4"), (L_GGUF, "ours", gguf, "auto"), (L_LLAMA, "llama", gguf, None)]
+    if a.llama_passive:
+        out.append((L_LLAMA_PASSIVE, "llama", gguf, PASSIVE))
     return [c for c in out if c[1] in a.sides]
 
 
@@ -244,7 +260,7 @@ def run_all(a, hf: Path, gguf: Path, cap: str | None, repeats: int) -> dict[str,
             prev = runs.get(label, [])
             if cap and prev and not any(r.ok for r in prev):
                 continue  # under the cap a failure (OOM kill, thrashing past the timeout) is not repeated
-            r = ours(a, model, weights, cap=cap) if side == "ours" else llama(a, gguf, cap=cap)
+            r = ours(a, model, weights, cap=cap) if side == "ours" else llama(a, gguf, cap=cap, env=weights)
             runs.setdefault(label, []).append(r)
             print(f"  {cap or 'resident'} #{i + 1} {label}: {r.rec.get('decode_tok_s') if r.ok else why(r)}"
                   f" ({r.wall_s:.0f} s)", file=sys.stderr, flush=True)
@@ -256,7 +272,7 @@ def runs_cell(rs: list[bq.Run]) -> str:
 
 
 def m0_table(a, runs: dict[str, list[bq.Run]], traffic: dict, ram_bw: float) -> str:
-    ref = bq.best(runs.get(L_LLAMA, []), "decode_tok_s")
+    ref = reference(runs)
     limit = ram_bw / traffic["token_bytes"] if ram_bw else 0.0
     rows = []
     for label, rs in runs.items():
@@ -281,7 +297,7 @@ def m1_table(a, runs: dict[str, list[bq.Run]], traffic: dict, rates: dict[str, l
     seq = max(next(iter(rates.values()), [0.0]), default=0.0)
     rnd = max(list(rates.values())[-1] if rates else [0.0], default=0.0)
     active, e = traffic["active_expert_bytes"], traffic["experts"]
-    ref = bq.best(runs.get(L_LLAMA, []), "decode_tok_s")
+    ref = reference(runs)
     rows = []
     for label, rs in runs.items():
         b = bq.best(rs, "decode_tok_s")
@@ -343,6 +359,8 @@ def main(argv=None) -> int:
     p.add_argument("--sides", type=lambda v: set(v.split(",")), default={"ours", "llama"},
                    help="which sides run: ours,llama (default both)")
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="a Python that can import llama_cpp")
+    p.add_argument("--llama-passive", action="store_true",
+                   help="also run llama.cpp with OMP_WAIT_POLICY=PASSIVE (a loaded machine)")
     p.add_argument("--memcap", type=Path, default=MEMCAP, help=f"the memcap tool (default {MEMCAP})")
     p.add_argument("--out", type=Path, default=None, help="append the markdown to this file")
     a = p.parse_args(argv)
@@ -357,7 +375,8 @@ def main(argv=None) -> int:
     traffic = gguf_traffic(a.llama_python, gguf, work)
     traffic["total_bytes"] = gguf.stat().st_size
     for label, side, model, weights in cases(a, hf, gguf):  # untimed: convert, compile, warm the file
-        r = ours(a, model, weights, tokens=2, cpu_mem=a.m0_cpu_mem, timeout=3600) if side == "ours" else llama(a, gguf)
+        r = (ours(a, model, weights, tokens=2, cpu_mem=a.m0_cpu_mem, timeout=3600) if side == "ours"
+             else llama(a, gguf, env=weights))
         if not r.ok:
             print(f"warm-up of {label}: {why(r)}", file=sys.stderr)
     text = (f"Issue 19 M0/M1: synthetic Qwen3-30B-A3B-shaped MoE (`tools.make_checkpoint --preset {PRESET}`: "
