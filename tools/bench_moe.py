@@ -59,7 +59,7 @@ from tools.make_gguf import DEFAULT_LLAMA_PYTHON, find_llama_src, make_gguf
 PRESET = "qwen3-30b-a3b-8l"
 ALIGN = 4096
 
-# Run by --llama-python with argv[1] = the GGUF, argv[2] = llama.cpp's gguf-py directory: the expert
+# Run with argv[1] = the GGUF, argv[2] = llama.cpp's gguf-py directory: the expert
 # counts from the metadata and every tensor's (name, bytes, ggml type, shape), as one JSON line.
 GGUF_TENSORS_SCRIPT = r"""
 import json, sys
@@ -97,7 +97,8 @@ def gguf_traffic(llama_python: str, gguf: Path, work: Path) -> dict:
     "layers", "active_expert_bytes"}; expert tensors (``*_exps``) count k/E of their bytes, the
     embedding one row."""
     src = find_llama_src(llama_python, work)
-    p = subprocess.run([llama_python, "-c", GGUF_TENSORS_SCRIPT, str(gguf), str(src / "gguf-py")],
+    # the project's interpreter: gguf-py needs numpy and pyyaml, which it has (llama-cpp-python needs no yaml)
+    p = subprocess.run([sys.executable, "-c", GGUF_TENSORS_SCRIPT, str(gguf), str(src / "gguf-py")],
                        capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"reading {gguf} with gguf-py failed:\n{p.stderr[-1500:]}")
