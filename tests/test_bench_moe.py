@@ -68,7 +68,7 @@ def test_tables_before_and_after_the_moe_stats_exist():
     assert "| 200.00 | 4% |" in row and "wait_s 1.5" in row and "llama.cpp killed (OOM)" in row
     row = next(ln for ln in m1.splitlines() if ln.startswith(f"| {bm.L_GGUF}"))
     assert "40.0 MB (disk_read_bytes_decode)" in row and "| — / — |" in row
-    assert "killed (OOM) after 120 s" in m1
+    assert "killed (OOM) after 120 s" in m1 and "| — | — | — |" in m1
 
 
 def test_disk_rates_read_the_whole_file_with_o_direct(tmp_path):

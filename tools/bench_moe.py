@@ -269,7 +269,8 @@ def run_all(a, hf: Path, gguf: Path, cap: str | None, repeats: int) -> dict[str,
 
 
 def runs_cell(rs: list[bq.Run]) -> str:
-    return ", ".join(f"{r.rec['decode_tok_s']:.2f}" if r.ok else f"{why(r)} after {r.wall_s:.0f} s" for r in rs)
+    """Every run's tok/s, or its status (the reason is in the decode cell) and how long it ran."""
+    return ", ".join(f"{r.rec['decode_tok_s']:.2f}" if r.ok else f"{r.status} after {r.wall_s:.0f} s" for r in rs)
 
 
 def m0_table(a, runs: dict[str, list[bq.Run]], traffic: dict, ram_bw: float) -> str:
@@ -313,13 +314,13 @@ def m1_table(a, runs: dict[str, list[bq.Run]], traffic: dict, rates: dict[str, l
         rows.append(f"| {label} | {fmt(tok) if b else why(rs[0])} | {runs_cell(rs)} | {vs} | "
                     f"{fmt(m.get('hit_rate'), '.3f') if m.get('hit_rate') is not None else '—'} / {uniform} | "
                     f"{fmt(m.get('prefetch_accuracy'), '.3f') if m.get('prefetch_accuracy') is not None else '—'} | "
-                    f"{miss / 1e6:.1f} MB ({src}) | {fmt(lim, '.2f')} | "
+                    f"{f'{miss / 1e6:.1f} MB ({src})' if miss else '—'} | {fmt(lim, '.2f')} | "
                     f"{fmt(100 * tok / lim, '.0f') + '%' if tok and lim else '—'} | {time_split(b)} | "
                     f"{', '.join(r.peak_mb for r in rs)} |")
     ways = "; ".join(f"{w}: {', '.join(f'{x / 1e9:.2f}' for x in v)} GB/s" for w, v in rates.items())
     head = (f"M1, under `memcap {a.cap} --cold` (the Q4_0 file is {traffic['total_bytes'] / 1e9:.2f} GB): "
-            f"{a.threads} threads, greedy, {a.tokens} new tokens, best of {a.m1_repeats} [all runs; a failed "
-            f"llama.cpp run is not repeated], each run bounded by {a.timeout:.0f} s; offload_rt `--cpu-mem "
+            f"{a.threads} threads, greedy, {a.tokens} new tokens, best of {a.m1_repeats} [all runs; a run that "
+            f"failed is not repeated], each run bounded by {a.timeout:.0f} s; offload_rt `--cpu-mem "
             f"{a.m1_cpu_mem} --ctx-size {a.ctx}`. Disk read rate, O_DIRECT on the GGUF file right after the runs, "
             f"page cache dropped first: {ways}. Disk-bound limit = sequential rate {seq / 1e9:.2f} GB/s ÷ expert "
             f"bytes read from disk per token (measured). For scale: every token reading all its "
