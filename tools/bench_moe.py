@@ -88,7 +88,8 @@ def ensure_inputs(work: Path, llama_python: str) -> tuple[Path, Path]:
         if p.returncode != 0:
             raise RuntimeError(p.stderr[-2000:])
     if not gguf.is_file():
-        make_gguf(hf, gguf, qtype="Q4_0", llama_python=llama_python, work=work)
+        # the converter runs in the project's interpreter (torch, transformers, sentencepiece, pyyaml)
+        make_gguf(hf, gguf, qtype="Q4_0", llama_python=llama_python, work=work, convert_python=sys.executable)
     return hf, gguf
 
 
