@@ -10,7 +10,9 @@ intermediate is deleted, and llama.cpp loads the result and greedily decodes a f
 
 Everything llama.cpp runs in ``--llama-python``, an interpreter with ``llama_cpp`` (not a project
 dependency: its build takes minutes). The converter also needs torch, transformers, sentencepiece
-and protobuf in that interpreter. When no unpacked sdist is found (``--llama-src``, then
+and protobuf in that interpreter, or runs in ``--convert-python`` (e.g. the project's own venv, which
+has them; the converter still imports llama.cpp's vendored gguf-py, not ours). Mixture-of-Experts
+checkpoints convert the same way (the converter stacks per-expert tensors into ``*_exps``). When no unpacked sdist is found (``--llama-src``, then
 ``$LLAMA_CPP_SRC``, then ``/tmp/llsdist/*/vendor/llama.cpp``, then ``WORK/llsdist``), the sdist of
 the installed llama-cpp-python version is fetched with that interpreter's pip into ``WORK/llsdist``.
 """
@@ -124,15 +126,18 @@ def check_runs(llama_python: str, gguf: Path) -> str:
 
 
 def make_gguf(hf_dir: Path, out: Path, *, qtype: str = "Q4_0", llama_python: str = DEFAULT_LLAMA_PYTHON,
-              work: Path | None = None, llama_src: Path | None = None, threads: int = 2) -> Path:
-    """Write ``out`` (atomically) from ``hf_dir``; the bf16 intermediate lives beside it only meanwhile."""
+              work: Path | None = None, llama_src: Path | None = None, threads: int = 2,
+              convert_python: str | None = None) -> Path:
+    """Write ``out`` (atomically) from ``hf_dir``; the bf16 intermediate lives beside it only meanwhile.
+
+    ``convert_python``: the interpreter of the HF → GGUF converter (default ``llama_python``)."""
     out = Path(out)
     work = Path(work) if work else out.parent
     src = find_llama_src(llama_python, work, llama_src)
     full = out.with_name(out.name + ".bf16.tmp")
     part = out.with_name(out.name + ".tmp")
     try:
-        convert_hf(llama_python, src, Path(hf_dir), full)
+        convert_hf(convert_python or llama_python, src, Path(hf_dir), full)
         quantize(llama_python, full, part, qtype, threads)
     finally:
         full.unlink(missing_ok=True)
@@ -150,10 +155,12 @@ def main(argv=None) -> int:
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="a Python that can import llama_cpp")
     p.add_argument("--llama-src", type=Path, default=None, help="vendor/llama.cpp of an unpacked llama-cpp-python sdist")
     p.add_argument("--work", type=Path, default=None, help="where a fetched sdist goes (default: beside OUT)")
+    p.add_argument("--convert-python", default=None,
+                   help="the converter's interpreter (torch, transformers, sentencepiece; default --llama-python)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     make_gguf(a.hf_dir, a.out, qtype=a.type, llama_python=a.llama_python, work=a.work, llama_src=a.llama_src,
-              threads=a.threads)
+              threads=a.threads, convert_python=a.convert_python)
     print(a.out)
     return 0
 
