@@ -210,7 +210,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int,
             k_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of one token's q (q_heads x d) and k (k_heads x d) with its cos/sin rows [1, d] (the
-    rotate-half convention of ``models.llama.apply_rope``); returns q [1, q_heads, d], k [1, k_heads, d].
+    rotate-half convention of ``models.ops.apply_rope``); returns q [1, q_heads, d], k [1, k_heads, d].
     The caller has checked :func:`usable` (q, k, cos, sin)."""
     d = cos.numel()
     if d % 2 or sin.numel() != d or q.numel() != q_heads * d or k.numel() != k_heads * d:

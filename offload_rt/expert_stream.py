@@ -33,6 +33,9 @@ from offload_rt.models import ops
 from storage.store import aligned_buffer
 
 
+PREFETCH_MIN_PRECISION = 0.5  # read predicted experts early only while at least this share of them is routed
+
+
 class ExpertStream:
     """The expert slots of every MoE layer of a model, the cache policy over them, and their reads."""
 
@@ -94,10 +97,14 @@ class ExpertStream:
                 self._filled(li, e, self.cache.slot_of(li, e), nbytes)
 
     def _prefetch(self, li: int, h: torch.Tensor) -> None:
-        """Predict layer ``li``'s experts from rows h (its router) and read the missing ones early."""
+        """Predict layer ``li``'s experts from rows h (its router) and read the missing ones early — while
+        the predictor's measured precision is at least PREFETCH_MIN_PRECISION: a wrong prediction is a
+        read of a whole expert the disk did not need to make (the figure keeps being measured either way)."""
         logits = ops.linear(h, self.routers[li])
         predicted = torch.topk(logits[0].float(), self.active).indices.tolist()
-        for e, slot in self.cache.prefetch(li, predicted).items():
+        precision = self.cache.prediction_accuracy
+        limit = 0 if precision is not None and precision < PREFETCH_MIN_PRECISION else None
+        for e, slot in self.cache.prefetch(li, predicted, limit=limit).items():
             self._futures[(li, e)] = self.executor.submit(self._read, li, [e], [slot], executor=None)
 
     def expert(self, li: int, e: int) -> dict:

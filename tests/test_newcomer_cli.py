@@ -185,9 +185,9 @@ def _read_only(path: Path, fill=None):
     return lambda: subprocess.run(["umount", str(path)], check=True)
 
 
-def test_read_only_offload_dir_with_a_store_says_so(first_run, tmp_path):
-    """The store is there (it can be read) but a run must write (the first run's disk measurement): one line
-    naming the read-only offload dir, no traceback."""
+def test_read_only_offload_dir_with_a_store_runs_and_says_so(first_run, tmp_path):
+    """The store is there and can be read; the first run's disk measurement cannot write beside it: the run
+    answers (models on read-only media are legitimate) with one note naming the read-only dir, no traceback."""
     _, stores = first_run
     ro = tmp_path / "ro"
     undo = _read_only(ro, lambda p: shutil.copytree(stores, p, dirs_exist_ok=True))
@@ -195,9 +195,12 @@ def test_read_only_offload_dir_with_a_store_says_so(first_run, tmp_path):
         proc = _run("--offload-dir", ro, "-p", "hi", "-n", "2", env=_env(tmp_path / "cache"))
     finally:
         undo()
-    # (read-only tmpfs as root: "not writable"; mode 0555 otherwise: "not accessible")
-    err = assert_user_error(proc, f"the offload dir {ro} is not ", "choose a writable --offload-dir")
-    assert "free" not in err
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert err[0].startswith("offload-run: note: disk speed not measured") and str(ro) in err[0], err
+    assert "free" not in err[0]
 
 
 def test_read_only_empty_offload_dir_is_not_told_to_free_space(tmp_path):
