@@ -61,7 +61,7 @@ class ResidentWeights:
     """Every tensor loaded into memory once (the device tier, which on CPU is host RAM)."""
 
     def __init__(self, groups: Sequence[Group], load: Callable[[str], torch.Tensor], embed_name: str,
-                 experts: Callable[[str], object] | None = None):
+                 experts: Callable[[str], object] | None = None, dtype: torch.dtype | None = None):
         """``load(name)`` gives a tensor; ``experts(name)`` a MoE layer's expert set (models.ops.ExpertSet)
         from its packed experts' store name (needed only for models with MoE layers)."""
         self.groups = list(groups)
@@ -82,9 +82,11 @@ class ResidentWeights:
 
         self._tables = [table(g) for g in self.groups]
         self._embed = get(embed_name)
+        self.dtype = dtype  # the compute dtype rows are returned in (a quantized table's rows come as float32)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return embedding(ids, self._embed)
+        rows = embedding(ids, self._embed)
+        return rows if self.dtype is None else rows.to(self.dtype)
 
     def sweep(self):
         return zip(self.groups, self._tables)

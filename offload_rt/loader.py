@@ -154,7 +154,7 @@ def resident_source(store, args, groups, dtype: torch.dtype, device: str = "cpu"
     from offload_rt.experts import ResidentExperts
 
     return ResidentWeights(groups, lambda n: store.load(n).to(device=device, dtype=dtype), models.of(args).EMBED,
-                           experts=lambda name: ResidentExperts.load(store, name, dtype, device))
+                           experts=lambda name: ResidentExperts.load(store, name, dtype, device), dtype=dtype)
 
 
 def attach_engine(model: LoadedModel, cfg: RunConfig, source=None, *, tracer=None, device: str = "cpu",
