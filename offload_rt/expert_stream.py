@@ -128,6 +128,8 @@ class ExpertStream:
             for e, _slot in wave:
                 self.cache.discard(li, e)
             return self._one_by_one(li, h, ids, weights, wanted, t0)
+        if wave and look.hits:  # compute what is here while the misses are read, then those as they land
+            return self._overlapped(li, h, ids, weights, wanted, look, wave, t0)
         if wave:
             nbytes = self._read(li, [e for e, _ in wave], [s for _, s in wave], executor=self.executor)
             for e, s in wave:
@@ -138,6 +140,47 @@ class ExpertStream:
             out = moe_ffn(h, ids, weights, lambda e: self.expert(li, e))
         self.wait_s += t1 - t0
         self.compute_s += time.perf_counter() - t1
+        return out
+
+    def _overlapped(self, li: int, h, ids, weights, wanted: list[int], look, wave, t0: float) -> torch.Tensor:
+        """The layer's misses read (one read per expert, in parallel on the pool) while its hits compute;
+        then the pending and the misses as their reads land; summed in ascending id (the same bits)."""
+        futs = [(e, s, self.executor.submit(self._read, li, [e], [s], executor=None)) for e, s in wave]
+        try:
+            ys = self._each(li, h, ids, weights, sorted(look.hits))
+        finally:
+            t = time.perf_counter()
+            for e, s, fut in futs:
+                self._filled(li, e, s, fut.result())
+            self._settle({(li, e) for e in look.pending})
+            self.wait_s += time.perf_counter() - t
+        ys.update(self._each(li, h, ids, weights, sorted([e for e, _ in wave] + list(look.pending))))
+        return self._sum(h, weights, wanted, ys)
+
+    def _each(self, li: int, h, ids, weights, experts) -> dict:
+        """Each of ``experts`` (in a slot) on its rows, apart: {expert: (rows, positions, output)} — float32:
+        the expert's own output (unit weights); bfloat16: its weighted product, rounded as the kernels round."""
+        ys = {}
+        for e in experts:
+            tok, pos = torch.where(ids == e)  # rows in token order, as the grouped kernel sorts them
+            t = time.perf_counter()
+            w = weights[tok, pos][:, None] if h.dtype != torch.float32 else torch.ones(tok.numel(), 1)
+            with self.tracer.span("compute", f"experts {li}", layer=li, experts=1):
+                ys[e] = tok, pos, moe_ffn(h[tok], torch.full((tok.numel(), 1), e, dtype=ids.dtype), w,
+                                          lambda x: self.expert(li, x), grouped=h.shape[0] > 1)
+            self.compute_s += time.perf_counter() - t
+        return ys
+
+    @staticmethod
+    def _sum(h, weights, wanted: list[int], ys: dict) -> torch.Tensor:
+        """The experts' outputs summed in ascending id, as one moe_ffn call sums them (the same bits)."""
+        out = torch.zeros_like(h)
+        for e in wanted:
+            tok, pos, y = ys[e]
+            if h.dtype == torch.float32:
+                add_weighted(out, tok, y, weights[tok, pos])
+            else:
+                out.index_add_(0, tok, y)
         return out
 
     def _one_by_one(self, li: int, h, ids, weights, wanted: list[int], t0: float) -> torch.Tensor:
@@ -155,24 +198,9 @@ class ExpertStream:
                     got = self.cache.assign(li, e, protect=frozenset({e}))
                 self._filled(li, e, got[0], self._read(li, [e], [got[0]], executor=self.executor))
             wait += time.perf_counter() - t
-            tok, pos = torch.where(ids == e)  # rows in token order, as the grouped kernel sorts them
-            t = time.perf_counter()
-            # float32: the expert's own output (unit weights), summed below as the kernels sum; bfloat16: the
-            # weighted product, rounded, then added in bfloat16, which is how the kernels round it
-            w = weights[tok, pos][:, None] if h.dtype != torch.float32 else torch.ones(tok.numel(), 1)
-            with self.tracer.span("compute", f"experts {li}", layer=li, experts=1):
-                ys[e] = tok, pos, moe_ffn(h[tok], torch.full((tok.numel(), 1), e, dtype=ids.dtype), w,
-                                          lambda x: self.expert(li, x), grouped=h.shape[0] > 1)
-            self.compute_s += time.perf_counter() - t
-        out = torch.zeros_like(h)
-        for e in wanted:  # ascending id, as one call sums them
-            tok, pos, y = ys[e]
-            if h.dtype == torch.float32:
-                add_weighted(out, tok, y, weights[tok, pos])
-            else:
-                out.index_add_(0, tok, y)
+            ys.update(self._each(li, h, ids, weights, [e]))
         self.wait_s += wait
-        return out
+        return self._sum(h, weights, wanted, ys)
 
     def stats(self) -> dict:
         c = self.cache
