@@ -82,6 +82,12 @@ def open_store(cfg: RunConfig, *, plan_only: bool = False):
     import storage
 
     path = resolve_model(cfg.model)
+    if not cfg.rebuild_store:  # a warm start: the store's manifest has the config (its architecture was
+        from storage.convert import open_converted  # checked before it was converted)
+
+        store = open_converted(path, cfg.store_dir, weights=cfg.weights)
+        if store is not None:
+            return path, store
     source_cfg = storage.read_source_config(path)
     models.args_from_config(source_cfg)  # reject an unsupported architecture before converting
     if plan_only:

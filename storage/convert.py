@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offload_rt.errors import ModelSourceError, UserError
-from storage.errors import NoSpaceError, StorageError
+from storage.errors import ModelSourceError, NoSpaceError, StorageError
 from storage.experts import ExpertLayout, expert_count, pack_experts
 from storage.formats import get_format
 from storage.manifest import (CHUNK_LIMIT, EXPERTS_FORMAT_VERSION, FORMAT_VERSION, chunk_rows_for, crc_tag, n_chunks,
@@ -92,6 +91,16 @@ def clean_stale_tmp(cache_dir: Path) -> list[Path]:
     return removed
 
 
+def open_converted(source: str | os.PathLike, cache_dir: str | os.PathLike, *,
+                   weights: str = "auto") -> WeightStore | None:
+    """The existing store of ``source`` in ``weights``, or None when it is not converted yet. Reads the
+    source's identity only (file names, sizes, times), no tensor header: a warm start skips parsing a GGUF."""
+    check_choice(weights)
+    src = open_source(source)
+    final = Path(cache_dir).expanduser() / _store_name(src, src.identity(), weights)
+    return WeightStore.open(final) if final.is_dir() else None
+
+
 def open_or_convert(source: str | os.PathLike, cache_dir: str | os.PathLike, *, weights: str = "auto",
                     rebuild: bool = False, progress: bool = True) -> WeightStore:
     """The weight store of ``source`` (HF checkpoint dir or .gguf) in ``weights``, converting it first if needed."""
@@ -124,7 +133,7 @@ def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the store directory {cache_dir}: {e.strerror}; "
+        raise StorageError(f"cannot create the store directory {cache_dir}: {e.strerror}; "
                         "choose a writable directory for the weight store") from None
     tmp = cache_dir / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,10 +143,10 @@ def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: 
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise UserError(f"the offload dir {cache_dir} is not writable ({e.strerror}): cannot write the weight "
+            raise StorageError(f"the offload dir {cache_dir} is not writable ({e.strerror}): cannot write the weight "
                             "store there; choose a writable --offload-dir") from None
         if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)):
-            raise UserError(f"could not write the weight store {final}: {e.strerror or e}; "
+            raise StorageError(f"could not write the weight store {final}: {e.strerror or e}; "
                             "free disk space or choose another store directory") from None
         raise
     return WeightStore.open(final)
@@ -497,7 +506,7 @@ def main(argv=None) -> int:  # python -m storage.convert SOURCE CACHE_DIR
     a = ap.parse_args(argv)
     try:
         store = open_or_convert(a.source, a.cache_dir, weights=a.weights, rebuild=a.rebuild)
-    except (UserError, StorageError) as e:
+    except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(store.path)

@@ -13,6 +13,22 @@ class StorageError(Exception):
     """A problem with the weight store or where it is written that the user can fix."""
 
 
+class ModelSourceError(StorageError):
+    """MODEL is missing, not a checkpoint, truncated or corrupt (as the storage layer reads it)."""
+
+
+class CorruptStoreError(StorageError):
+    """A tensor of a converted weight store failed its checksum, or a chunk file is missing or truncated."""
+
+    def __init__(self, message: str, tensor: str | None = None):
+        super().__init__(message)
+        self.tensor = tensor  # the tensor's name in the store
+
+
+class StorageUsageError(StorageError):
+    """A bad value for an option the storage layer reads (``--weights``)."""
+
+
 class NoSpaceError(StorageError):
     """The filesystem of the store directory has less free space than a conversion needs."""
 

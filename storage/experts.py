@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from offload_rt.errors import ModelSourceError
+from storage.errors import ModelSourceError
 from storage.formats import Format, QTensor, get_format
 from storage.tensor_source import TensorSource
 

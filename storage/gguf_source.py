@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from offload_rt.errors import ModelSourceError
+from storage.errors import ModelSourceError
 from storage.experts import expert_name
 from storage.formats import GGML_NATIVE, get_format
 from storage.tensor_source import TensorSource, numel as _numel, stat_entry as _stat_entry

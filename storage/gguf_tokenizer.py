@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offload_rt.errors import ModelSourceError
+from storage.errors import ModelSourceError
 
 CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2
 

@@ -31,7 +31,7 @@ import json
 import os
 from pathlib import Path
 
-from offload_rt.errors import ModelSourceError
+from storage.errors import ModelSourceError
 from storage.formats import FORMATS
 
 FORMAT_VERSION = 2  # stores without packed experts (and the version in every store key)

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from offload_rt.errors import ModelSourceError
+from storage.errors import ModelSourceError
 from storage.formats import get_format
 from storage.tensor_source import TensorSource, numel as _numel, stat_entry as _stat_entry
 

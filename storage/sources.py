@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from offload_rt.errors import ModelSourceError
+from storage.errors import ModelSourceError
 from storage.gguf_source import (GGUFSource, gguf_to_hf_name, parse_gguf_header, permute_qk,  # noqa: F401
                                  unpermute_qk)
 from storage.safetensors_source import HFSource, read_safetensors_header  # noqa: F401

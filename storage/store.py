@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from offload_rt.errors import CorruptStoreError, ModelSourceError
+from storage.errors import CorruptStoreError, ModelSourceError
 from storage.experts import ExpertLayout
 from storage.formats import Format, QTensor, get_format
 from storage.manifest import REBUILD_HINT, crc_tag, load_manifest, n_chunks, tensor_format

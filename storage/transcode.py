@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from offload_rt.errors import UsageError
+from storage.errors import StorageUsageError
 from storage.formats import WEIGHT_CHOICES, get_format
 from storage.tensor_source import TensorSource
 
@@ -25,7 +25,7 @@ _ROUTER_RE = re.compile(r"^model\.layers\.\d+\.(mlp\.gate|block_sparse_moe\.gate
 
 def check_choice(weights: str) -> str:
     if weights not in WEIGHT_CHOICES:
-        raise UsageError(f"--weights: unknown choice {weights!r}; use one of {', '.join(WEIGHT_CHOICES)}")
+        raise StorageUsageError(f"--weights: unknown choice {weights!r}; use one of {', '.join(WEIGHT_CHOICES)}")
     return weights
 
 

@@ -34,6 +34,7 @@ def open_draft(cfg: RunConfig, target, device: str, *, plan_only: bool = False):
     target's checkpoint stored as int4 blocks (its own store, converted once); a path is any supported
     model with the target's tokenizer. ``plan_only``: nothing converted (loader.open_model)."""
     from offload_rt.loader import open_model
+    from storage.errors import StorageError
 
     if cfg.draft == SELF_INT4:
         dcfg = replace(cfg, weights="int4", dtype=None)
@@ -41,7 +42,7 @@ def open_draft(cfg: RunConfig, target, device: str, *, plan_only: bool = False):
         dcfg = replace(cfg, model=str(cfg.draft), weights="auto", dtype=None)
     try:
         draft = open_model(dcfg, plan_only=plan_only)
-    except UserError as e:
+    except (UserError, StorageError) as e:  # storage raises its own (storage.errors)
         raise type(e)(f"--draft {cfg.draft}: {e}") from None
     diff = target.tokenizer.vocabulary_difference(draft.tokenizer)
     if diff is not None:
