@@ -203,6 +203,7 @@ class ExpertStream:
         return self._sum(h, weights, wanted, ys)
 
     def stats(self) -> dict:
+        self._settle(set(self._futures))  # prefetch reads still in flight land first: their bytes count
         c = self.cache
         rec = c.stats_dict()
         rec.update(expert_disk_read_bytes=int(self.disk_bytes), expert_wait_s=round(self.wait_s, 6),
