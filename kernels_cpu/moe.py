@@ -42,12 +42,10 @@ import numba as nb
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
 
 from kernels_cpu import matvec as fmv
-from kernels_cpu.attention import _ptr
+from kernels_cpu.attention import _f32_bits, _ptr
 from kernels_cpu.matvec import ROWS_PER_TASK, _bits_to_f32
 from kernels_cpu.quant import _tokens_tile
 from kernels_cpu.quant_ir import (  # module globals, so that the kernels here can be cached (see quant_ir)
@@ -72,15 +70,6 @@ Expert = Callable[[int], dict]  # expert id -> {"gate_proj": w, "up_proj": w, "d
 
 # ---- the decode kernel ----
 
-@intrinsic
-def _f32_bits(typingctx, x):
-    """A float32's bits as a uint32 (an LLVM bitcast, free)."""
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
