@@ -42,7 +42,6 @@ import numba as nb
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import types
 
 from kernels_cpu import matvec as fmv
 from kernels_cpu.attention import _f32_bits, _ptr
