@@ -110,10 +110,12 @@ def teacher_forced(model, ids):
     return logps, torch.stack(rows)
 
 
-# Perplexity on TEXT relative to bf16 (29.2), and the logits' RMS error relative to their spread, measured:
-# int8 -0.5 % / 0.030, int4 +12.8 % / 0.111 (a 135M model loses more to 4 bits than large ones do);
-# the bounds are about twice that.
-BOUNDS = {"int8": (0.02, 0.06), "int4": (0.25, 0.2)}
+# Perplexity on TEXT relative to bf16 (29.3), and the logits' RMS error relative to their spread, measured
+# with the quantized embedding's rows in the compute dtype (bfloat16), as every run computes them:
+# int8 -2.1 % / 0.039, int4 +10.8 % / 0.108 (a 135M model loses more to 4 bits than large ones do);
+# the bounds are about twice that. (Before, a resident library model kept those rows in float32: -0.5 % /
+# 0.030 and +12.8 % / 0.111.)
+BOUNDS = {"int8": (0.045, 0.08), "int4": (0.25, 0.2)}
 
 
 @pytest.mark.parametrize("choice", ["int8", "int4"])
