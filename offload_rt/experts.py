@@ -36,8 +36,14 @@ class ResidentExperts:
     @classmethod
     def load(cls, store, name: str, dtype: torch.dtype, device: str = "cpu") -> "ResidentExperts":
         """Layer ``name``'s packed experts read whole from the store; float parts cast to ``dtype`` once."""
+        from storage.store import aligned_buffer
+
         layout = store.expert_layout(name)
-        data = store.load(name).to(device)  # [E, U] uint8
+        # checksummed, and dropped from the page cache as read (the host tier is the cache: a cgroup would be
+        # charged for the file's pages on top of the copy)
+        data = aligned_buffer(store.info(name).nbytes)
+        store.read_into(name, data, verify=True, drop_cache=True)
+        data = data.view(layout.count, layout.unit_bytes).to(device)
         experts = [cast_parts(layout.views(data[e]), dtype) for e in range(layout.count)]
         return cls(experts, layout.unit_bytes)
 
