@@ -73,6 +73,59 @@ def _matvec_bf16(w2, x, out):  # pragma: no cover - compiled
             out[i] = acc
 
 
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _rows_f32(w, x, out):  # pragma: no cover - compiled
+    # x [T, k] -> out [T, n]: each row by the same loop whatever T is (row-invariant), the task's weight rows
+    # read from RAM once for all T rows (they stay in L1/L2 while the rows go by)
+    n, k = w.shape
+    for b in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(b * ROWS_PER_TASK, min(n, (b + 1) * ROWS_PER_TASK)):
+            for r in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for j in range(k):
+                    acc += w[i, j] * x[r, j]
+                out[r, i] = acc
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _rows_bf16(w2, x, out):  # pragma: no cover - compiled
+    n, k2 = w2.shape
+    hi_mask = np.uint32(0xFFFF0000)
+    sh = np.uint32(16)
+    for b in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for i in range(b * ROWS_PER_TASK, min(n, (b + 1) * ROWS_PER_TASK)):
+            for r in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for j in range(k2):
+                    v = w2[i, j]
+                    acc += _bits_to_f32(v << sh) * x[r, 2 * j] + _bits_to_f32(v & hi_mask) * x[r, 2 * j + 1]
+                out[r, i] = acc
+
+
+def rows_linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` computed row by row with the same arithmetic for every row, whatever the number of rows
+    (float32/bfloat16 or quantized weights on the CPU): a sequence's decode row gives the same bits alone
+    and batched with others (the server's continuous batching; ``F.linear`` is not row-invariant: one row
+    goes to a gemv, more to a gemm). Other weights and devices: ``F.linear`` (no such promise)."""
+    if isinstance(w, QTensor):
+        if w.data.is_cuda or x.is_cuda or not w.data.is_contiguous():
+            return linear(x, w, b)
+        y = _quant().rows_linear(x.reshape(-1, w.shape[1]), w)
+    elif (x.device.type == "cpu" and w.dtype == x.dtype and w.dtype in (torch.float32, torch.bfloat16)
+          and w.is_contiguous() and w.shape[1] % 2 == 0):
+        xf = x.reshape(-1, w.shape[1]).to(torch.float32).contiguous()
+        y = torch.empty(xf.shape[0], w.shape[0], dtype=torch.float32)
+        if w.dtype == torch.bfloat16:
+            _rows_bf16(w.view(torch.int32).numpy().view(np.uint32), xf.numpy(), y.numpy())
+        else:
+            _rows_f32(w.numpy(), xf.numpy(), y.numpy())
+    else:
+        return F.linear(x, w, b)
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
 def matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w [n, k] (float32 or bfloat16, contiguous), x [k] -> [n] float32."""
     out = torch.empty(w.shape[0], dtype=torch.float32)
@@ -139,6 +192,9 @@ def warm_up() -> None:
     out = np.empty(2, dtype=np.float32)
     _matvec_f32(np.zeros((2, 2), dtype=np.float32), np.zeros(2, dtype=np.float32), out)
     _matvec_bf16(np.zeros((2, 1), dtype=np.uint32), np.zeros(2, dtype=np.float32), out)
+    rows = np.empty((1, 2), dtype=np.float32)
+    _rows_f32(np.zeros((2, 2), dtype=np.float32), np.zeros((1, 2), dtype=np.float32), rows)
+    _rows_bf16(np.zeros((2, 1), dtype=np.uint32), np.zeros((1, 2), dtype=np.float32), rows)
 
 
 def set_threads(n: int) -> None:

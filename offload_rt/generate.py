@@ -54,6 +54,55 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
+class TextStream:
+    """Token ids turned into the answer's text as they come: EOS, stop strings (text that could begin one
+    is held back until decided; the stop string itself is never shown), incomplete UTF-8 held back.
+
+    :meth:`push` returns the new text a token makes showable and sets :attr:`stop_reason` ("eos",
+    "stop_string") when the answer ends there; :meth:`finish` returns what was held back at the end.
+    The one-shot CLI, the REPL and each request of the server use it.
+    """
+
+    def __init__(self, tok: Tokenizer, stop_strings: Sequence[str] = (), ignore_eos: bool = False):
+        self.tok, self.stops, self.ignore_eos = tok, tuple(stop_strings), ignore_eos
+        self.dec = StreamDecoder(tok)
+        self.emitted = 0  # characters of dec.text already returned
+        self.token_ids: list[int] = []  # the answer's tokens (an EOS that ended it excluded)
+        self.stop_reason: str | None = None
+
+    def push(self, tid: int) -> str:
+        if tid in self.tok.eos_ids and not self.ignore_eos:
+            self.stop_reason = "eos"
+            return ""
+        self.token_ids.append(tid)
+        self.dec.push([tid])
+        text, emitted = self.dec.text, self.emitted
+        hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.stop_reason = "stop_string"
+            self.emitted = max(emitted, hit)
+            return text[emitted:hit] if hit > emitted else ""
+        safe = len(text) - _holdback(text, self.stops)
+        if safe > emitted:
+            self.emitted = safe
+            return text[emitted:safe]
+        return ""
+
+    def finish(self) -> str:
+        """The text held back for a stop string that never came, and an incomplete last character (as
+        U+FFFD, as transformers decodes it); nothing after a stop string."""
+        if self.stop_reason == "stop_string":
+            return ""
+        self.dec.finish()
+        piece = self.dec.text[self.emitted:]
+        self.emitted = len(self.dec.text)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.dec.text[:self.emitted]
+
+
 def autoregressive(engine: Engine, sampler: Sampler, logits) -> Iterator[int]:
     """Tokens one forward pass each, after the prompt whose last logits are ``logits`` (the caller stops)."""
     while True:
@@ -87,43 +136,29 @@ def generate(engine: Engine, tok: Tokenizer, prompt_ids: Sequence[int], *, max_n
     res.prefill_s = time.perf_counter() - t0
     if on_decode_start:
         on_decode_start()  # e.g. the session snapshots its byte counters: what decode moves is what follows
-    dec = StreamDecoder(tok)
-    emitted = 0  # characters of dec.text already yielded
+    stream = TextStream(tok, stop_strings, ignore_eos)
+    res.token_ids = stream.token_ids
     t_dec = time.perf_counter()
     res.stop_reason = "max_new_tokens" if budget == max_new_tokens else "context"
     tokens = (speculator.tokens(engine, sampler, logits) if speculator is not None
               else autoregressive(engine, sampler, logits))
     try:
         for _n, tid in zip(range(budget), tokens):  # range first: no pass runs for a token past the budget
-            if tid in tok.eos_ids and not ignore_eos:
-                res.stop_reason = "eos"
+            piece = stream.push(tid)
+            res.new_tokens = len(stream.token_ids)
+            if piece:
+                yield piece
+            if stream.stop_reason is not None:
+                res.stop_reason = stream.stop_reason
                 break
-            res.token_ids.append(tid)
-            res.new_tokens += 1
-            dec.push([tid])
-            text = dec.text
-            hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop_strings) if i >= 0),
-                      default=-1)
-            if hit >= 0:
-                if hit > emitted:
-                    yield text[emitted:hit]
-                emitted = hit
-                res.stop_reason = "stop_string"
-                break
-            safe = len(text) - _holdback(text, stop_strings)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
         sync()  # the last step's device work belongs to decode_s
-        if res.stop_reason != "stop_string":
-            dec.finish()  # an incomplete last character is part of the answer too (U+FFFD, as transformers decodes it)
-            if len(dec.text) > emitted:
-                yield dec.text[emitted:]  # text held back for a stop string that never came
-                emitted = len(dec.text)
+        piece = stream.finish()
+        if piece:
+            yield piece
     except (GeneratorExit, KeyboardInterrupt):  # closed by the consumer, or Ctrl-C inside a forward pass
         res.stop_reason = "interrupted"
         raise
     finally:
         tokens.close()
         res.decode_s = time.perf_counter() - t_dec
-        res.text = dec.text[:emitted]
+        res.text = stream.text

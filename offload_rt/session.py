@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from offload_rt.config import RunConfig
+from offload_rt.config import RunConfig, SamplingConfig
 from offload_rt.generate import GenResult, check_context, generate
 from offload_rt.loader import LoadedModel
 from offload_rt.sampling import make_sampler
@@ -41,7 +41,10 @@ class Session:
             messages_or_text = [{"role": "user", "content": messages_or_text}]
         return tok.encode_chat(messages_or_text)
 
-    def answer(self, messages_or_text, *, raw: bool | None = None) -> Iterator[str]:
+    def answer(self, messages_or_text, *, raw: bool | None = None, sampling: SamplingConfig | None = None,
+               max_new_tokens: int | None = None, stop: tuple[str, ...] | None = None) -> Iterator[str]:
+        """Stream the answer's text. ``sampling``, ``max_new_tokens`` and ``stop`` are this answer's settings
+        (default: the run's, from the command line)."""
         ids = self.prompt_ids(messages_or_text, raw=raw)
         check_context(len(ids), self.model.engine.max_tokens)
         self.last = GenResult()
@@ -49,8 +52,10 @@ class Session:
         if self.speculator is not None:
             self.speculator.new_answer()
         status = StatusLine(enabled=self.cfg.progress)
-        pieces = generate(self.model.engine, self.model.tokenizer, ids, max_new_tokens=self.cfg.max_new_tokens,
-                          sampler=self.sampler, stop_strings=self.cfg.stop, result=self.last,
+        sampler = self.sampler if sampling is None else make_sampler(sampling)
+        pieces = generate(self.model.engine, self.model.tokenizer, ids,
+                          max_new_tokens=self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                          sampler=sampler, stop_strings=self.cfg.stop if stop is None else stop, result=self.last,
                           ignore_eos=self.cfg.ignore_eos, on_decode_start=self._snapshot, speculator=self.speculator,
                           on_prefill=status.prefill_progress() if len(ids) >= PREFILL_PROGRESS_TOKENS else None)
         # Progress and "waiting" notices live on one status line until the first token, never per token:

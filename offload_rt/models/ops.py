@@ -8,12 +8,16 @@ kernel module, so a new kernel or a new family edits one place:
   on a GPU (``kernels_cpu.matvec.linear`` does the dispatch);
 - :func:`rms_norm`, :func:`add_rms_norm`, :func:`rope_qk`, :func:`silu_mul` — the fused single-row
   kernels of ``kernels_cpu.rowops`` for one CPU token (:func:`fast_row`), torch otherwise;
+- :func:`row_invariant` — a scope in which every row of an activation is computed with the same
+  arithmetic whatever the number of rows (``kernels_cpu.matvec.rows_linear``, torch's row-wise ops):
+  the server's batched decode rows give the bits each sequence gives alone;
 - :func:`moe` — the routed experts of a Mixture-of-Experts layer: the weight source's expert set
   (resident, or a cache over the store) runs ``kernels_cpu.moe`` where the experts are.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -21,19 +25,40 @@ import torch.nn.functional as F
 
 from kernels_cpu import rowops
 from kernels_cpu.matvec import linear as _linear
+from kernels_cpu.matvec import rows_linear as _rows_linear
 
-linear = _linear  # (x [T, in], w [out, in] float or QTensor, bias or None) -> [T, out]
+_ROW_INVARIANT = False  # inside row_invariant(): see there
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """(x [T, in], w [out, in] float or QTensor, bias or None) -> [T, out]."""
+    return (_rows_linear if _ROW_INVARIANT else _linear)(x, w, b)
+
+
+@contextmanager
+def row_invariant():
+    """Within this scope each row of an activation gets the same bits whatever the number of rows: linear
+    layers take the row-invariant kernels, the row-wise steps torch's ops (never the fused single-row
+    kernels, whose arithmetic differs from torch's). Batched decode of several sequences runs here, and a
+    sequence alone too, so that its output does not depend on what it was batched with. One compute
+    thread at a time (module state)."""
+    global _ROW_INVARIANT
+    before, _ROW_INVARIANT = _ROW_INVARIANT, True
+    try:
+        yield
+    finally:
+        _ROW_INVARIANT = before
 
 
 def fast_row(*tensors: torch.Tensor) -> bool:
     """Whether these activations take the fused single-row CPU kernels (one decode token)."""
-    return rowops.usable(*tensors)
+    return not _ROW_INVARIANT and rowops.usable(*tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's LlamaRMSNorm: normalise in float32, scale in the input dtype. One CPU row
     (decode) goes to the fused kernel, the same arithmetic in one call."""
-    if rowops.usable(x, weight):
+    if fast_row(x, weight):
         return rowops.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -42,7 +67,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, fast: bool = True):
     """(x + y, rms_norm(x + y)) — fused for one CPU row (``fast``: the layer's rows take the fused kernels)."""
-    if fast and rowops.usable(y, weight):
+    if fast and fast_row(y, weight):
         return rowops.add_rms_norm(x, y, weight, eps)
     x = x + y
     return x, rms_norm(x, weight, eps)
@@ -52,7 +77,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
             fast: bool = True):
     """RoPE (rotate-half) of q [T, nh*d] and k [T, nkv*d] at the rows' cos/sin [T, d] -> [T, heads, d] each
     (``fast`` and one CPU row: the fused kernel)."""
-    if fast and rowops.usable(q, k, cos, sin):
+    if fast and fast_row(q, k, cos, sin):
         return rowops.rope_qk(q, k, cos, sin, nh, nkv)
     T, d = q.shape[0], cos.shape[-1]
     return apply_rope(q.reshape(T, nh, d), cos, sin), apply_rope(k.reshape(T, nkv, d), cos, sin)
@@ -71,7 +96,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """silu(gate) * up — fused for one CPU row (``fast``: the layer's rows take the fused kernels)."""
-    if fast and rowops.usable(gate, up):
+    if fast and fast_row(gate, up):
         return rowops.silu_mul(gate, up)
     return F.silu(gate) * up
 
