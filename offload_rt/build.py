@@ -92,11 +92,12 @@ class Runtime:
             self.speculator.draft.close()
 
 
-def build(cfg: RunConfig, *, plan_only: bool = False) -> Runtime:
+def build(cfg: RunConfig, *, plan_only: bool = False, serving: bool = False) -> Runtime:
     """Set the model up to run under ``cfg``: everything up to the first forward pass.
 
     ``plan_only`` (``--plan``): convert nothing, measure nothing, build no source. The engine gets the
-    run's KV cache (a server gives each further sequence its own: :meth:`Runtime.new_cache`).
+    run's KV cache (a server gives each further sequence its own: :meth:`Runtime.new_cache`). ``serving``:
+    plan ``cfg.parallel`` sequences' KV (None: as many as fit, runtime.prepare) and a prefix cache.
     Call inside ``torch.inference_mode()``.
     """
     from kernels_cpu import attention as attention_kernels
@@ -145,7 +146,8 @@ def build(cfg: RunConfig, *, plan_only: bool = False) -> Runtime:
     startup_peak = peak_rss_bytes()
     base = baseline.measure()
     prepared = runtime.prepare(cfg, model.store, model.args, model.dtype, model.groups, device,
-                               gpu_used_before=gpu_used_before, draft=draft, plan_only=plan_only)
+                               gpu_used_before=gpu_used_before, draft=draft, plan_only=plan_only,
+                               sequences=cfg.parallel if serving else 1, prefix_cache=serving)
     if prepared.notice:
         notice(prepared.notice)
     startup_peak = max(startup_peak, peak_rss_bytes())  # a first run on this machine calibrates in prepare

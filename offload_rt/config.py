@@ -87,6 +87,7 @@ class RunConfig:
     raw: bool = False  # no chat template
     stop: tuple[str, ...] = ()  # extra stop strings
     prefill_chunk: int = 512  # tokens per prefill forward pass
+    parallel: int | None = None  # serve: sequences decoded together (None: chosen from the budgets; a run: 1)
     rebuild_store: bool = False  # convert the checkpoint again even if a store exists
     progress: bool = True  # progress bars on stderr
     profile: Path | None = None  # Chrome trace output

@@ -29,6 +29,8 @@ from offload_rt.memory.tiers import Tiers
 from offload_rt import models
 
 MIN_STREAM_DEPTH = 2  # slots in flight when anything streams (see prepare)
+PARALLEL_CHOICES = (8, 4, 2, 1)  # serve's --parallel when not given: the first that plans with its KV within ...
+PARALLEL_KV_SHARE = 0.25  # ... this share of the host budget
 DEFAULT_CTX = 4096  # context window (and KV budget) when --ctx-size is not given: min(model's, this)
 AUTO_MAGICPIG_TOKENS = 32768  # --attention auto: MagicPIG from this context length on (A2: 2-3x from 32k)
 # --plan before this machine is calibrated: configs/cpu-nvme.toml's hints (the CI machine, BENCHMARKS.md),
@@ -103,9 +105,10 @@ def may_use_magicpig(cfg: RunConfig, args) -> bool:
         cfg.attention == "auto" and context_tokens(args, cfg.ctx_size) >= AUTO_MAGICPIG_TOKENS)
 
 
-def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0) -> tuple[KVSplit, str]:
-    """The KV cache's split across RAM and disk for the run's context (plus ``extra_tokens`` rows: a
-    speculation tree's), and the attention it runs.
+def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0,
+            sequences: int = 1) -> tuple[KVSplit, str]:
+    """One sequence's KV cache split across RAM and disk for the run's context (plus ``extra_tokens`` rows:
+    a speculation tree's), and the attention it runs; ``sequences`` caches share ``--kv-cpu-mem``.
 
     ``--attention auto`` turns MagicPIG on past :data:`AUTO_MAGICPIG_TOKENS` of context when
     the KV (and its hash tables) fit in RAM; otherwise decode attention is exact.
@@ -113,7 +116,9 @@ def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0) -> 
     tokens = context_tokens(args, cfg.ctx_size) + extra_tokens
     shape = kv_shape(args, dtype)
     free = _disk_free(kv_dir(cfg)) if cfg.kv_cpu_mem is not None else None
-    kw = dict(kv_cpu_mem=cfg.kv_cpu_mem, disk_free=free, model_tokens=args.max_position_embeddings)
+    kv_cpu_mem = None if cfg.kv_cpu_mem is None else cfg.kv_cpu_mem // sequences
+    free = None if free is None else free // sequences
+    kw = dict(kv_cpu_mem=kv_cpu_mem, disk_free=free, model_tokens=args.max_position_embeddings)
     if cfg.attention == "magicpig" or (cfg.attention == "auto" and tokens >= AUTO_MAGICPIG_TOKENS):
         from kernels_cpu.magicpig import LSHIndex
 
@@ -214,6 +219,8 @@ class Prepared:
     draft: object | None = None  # spec.setup.DraftPlan: the draft's residency and the speculation budget
     notice: str | None = None  # one line for stderr: a --draft the plan runs without (predicted slower)
     bandwidths_note: str | None = None  # --plan: where the bandwidths came from (nothing measured)
+    sequences: int = 1  # KV caches the plan holds (a server's --parallel): ``kv`` is one sequence's split
+    prefix_bytes: int = 0  # RAM for the server's prefix cache (planned beside the sequences' KV)
 
     @property
     def predicted_tok_s(self) -> float:
@@ -318,13 +325,17 @@ def bandwidths_from_hints(hints: dict) -> Bandwidths:
 
 
 def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group], device: str, *,
-            gpu_used_before: int | None = None, draft=None, plan_only: bool = False) -> Prepared:
+            gpu_used_before: int | None = None, draft=None, plan_only: bool = False,
+            sequences: int | None = 1, prefix_cache: bool = False) -> Prepared:
     """Budgets, bandwidths, plan. ``gpu_used_before``: the GPU's used bytes read before this process
     created its CUDA context (how the context is measured); CUDA runs only. ``draft``: the speculation
     draft (spec.setup.open_draft), placed resident before the target gets what is left; dropped (with
     ``Prepared.notice`` saying so) when speculation is predicted slower than without it, unless
     ``--spec-budget`` asks for it. ``plan_only``: nothing is measured or written (:func:`plan_bandwidths`);
-    ``store`` may be a WeightStore or a storage.convert.SourceView."""
+    ``store`` may be a WeightStore or a storage.convert.SourceView. ``sequences``: KV caches to hold (a
+    server's ``--parallel``; None: the most of :data:`PARALLEL_CHOICES` whose KV takes at most
+    :data:`PARALLEL_KV_SHARE` of the host budget and that plans). ``prefix_cache``: the server's cache of
+    prompt prefixes gets RAM for one more sequence's KV (``Prepared.prefix_bytes``), planned with the rest."""
     cuda = device == "cuda"
     host = budgets_mod.resolve_budget(cfg.cpu_mem, kind="cpu")
     hints = cfg.bandwidth_hints or {}
@@ -360,11 +371,12 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
             bud = Budgets(device=bud.device, host=bud.host - emin)
         # At least two slots in flight: with one, the reader idles while each streamed layer computes
         # (measured: ~85% disk utilisation on D1 with one slot); one more buffer costs less than that.
-        kv, attention = plan_kv(cfg, args, dtype, extra_tokens=extra)
-        scratch = activation_bytes(args, max(cfg.prefill_chunk, extra),
+        kv, attention = plan_kv(cfg, args, dtype, extra_tokens=extra, sequences=n_seq)
+        scratch = activation_bytes(args, max(cfg.prefill_chunk, extra, n_seq),
                                    dequant_scratch_bytes(store, cuda) + moe_scratch_bytes(args))
         try:
-            placement = plan(specs, bud, bw, kv_bytes=kv.host_bytes, prefetch_depth=cfg.prefetch_depth,
+            placement = plan(specs, bud, bw, kv_bytes=(n_seq + prefix_cache) * kv.host_bytes,
+                             prefetch_depth=cfg.prefetch_depth,
                              kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact",
                              activation_bytes=scratch,
                              embed_bytes=untied_embed_bytes(store, args, dtype),
@@ -402,9 +414,20 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
         return bud, kv, attention, placement, held
 
     notice = None
+    n_seq = sequences or 1
     try:
         draft_plan = None
-        if draft is None:
+        if draft is None and sequences is None:  # the server's default: as many sequences as fit comfortably
+            for n_seq in PARALLEL_CHOICES:
+                try:
+                    bud, kv, attention, placement, _ = place(0)
+                except BudgetError:
+                    if n_seq == 1:
+                        raise
+                    continue
+                if n_seq == 1 or (n_seq + prefix_cache) * kv.host_bytes <= PARALLEL_KV_SHARE * bud.host:
+                    break
+        elif draft is None:
             bud, kv, attention, placement, _ = place(0)
         else:
             from offload_rt.spec import budget as budget_mod
@@ -454,4 +477,5 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
     if cuda:  # the caching allocator may not grow past what the budget implies: an overrun fails loudly
         gpu_mod.cap_allocator(device, gpu_mod.allocator_limit(cfg.gpu_mem, context_bytes=ctx, placement=dev))
     return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx, kv=kv, attention=attention,
-                    draft=draft_plan, experts=eplan, notice=notice, bandwidths_note=bw_note)
+                    draft=draft_plan, experts=eplan, notice=notice, bandwidths_note=bw_note, sequences=n_seq,
+                    prefix_bytes=kv.host_bytes if prefix_cache else 0)
