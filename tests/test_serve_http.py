@@ -5,6 +5,7 @@ to send (malformed bodies, wrong keys, a client that hangs up mid-answer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -137,24 +138,31 @@ class FakeBackend:
 # ---- the live server ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server():
-    backend = FakeBackend()
+@contextlib.contextmanager
+def serving(app):
+    """uvicorn serving ``app`` on a free port of 127.0.0.1 in a thread; yields the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(backend, api_key=API_KEY), log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not srv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
-    yield backend, port
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    backend = FakeBackend()
+    with serving(create_app(backend, api_key=API_KEY)) as port:
+        yield backend, port
 
 
 @pytest.fixture
@@ -309,8 +317,16 @@ def test_tool_calls_whole_and_streamed(client, backend):
     args = "".join(tc.function.arguments or "" for c in chunks for tc in (c.choices[0].delta.tool_calls or []))
     assert names == "get_weather" and json.loads(args) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    client.chat.completions.create(model="m", messages=msgs, tools=tools, tool_choice="none")
+    none = client.chat.completions.create(model="m", messages=msgs, tools=tools, tool_choice="none")
     assert backend.messages[-1][1] is None  # tool_choice "none": the model is not shown the tools
+    assert none.choices[0].message.content == backend.script and none.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.skipif(not HAS_TOOLCALLS, reason="offload_rt.serve.toolcalls is not merged yet")
+def test_bad_tools_are_400(server, backend):
+    for tools, choice in [("get_weather", None), ([{"type": "function"}], None), (None, "required")]:
+        body = chat_body(tools=tools, tool_choice=choice)
+        assert_error(raw(server, "POST", "/v1/chat/completions", body), 400, "invalid_request_error")
 
 
 # ---- errors over raw HTTP ----------------------------------------------------------------------------------
@@ -376,8 +392,14 @@ def test_api_key(server, backend):
     assert raw(server, "GET", "/v1/models")[0] == 200
 
 
+def test_without_an_api_key_every_route_is_open():
+    with serving(create_app(FakeBackend())) as port:
+        assert raw((None, port), "GET", "/v1/models", key=None)[0] == 200
+        assert raw((None, port), "POST", "/v1/chat/completions", chat_body(), key=None)[0] == 200
+
+
 def test_unknown_routes_and_methods(server, backend):
-    assert_error(raw(server, "GET", "/v1/nothing-here"), 404, "not_found_error")
+    assert_error(raw(server, "GET", "/v1/nothing-here"), 404, "invalid_request_error")
     status, headers, body = raw(server, "GET", "/v1/chat/completions")
     assert_error((status, headers, body), 405, "invalid_request_error")
     assert "POST" in headers["Allow"]

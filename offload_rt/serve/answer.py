@@ -61,13 +61,22 @@ async def chunks(handle: Handle, reply: Reply, tool_format: str | None = None) -
             if event.text:
                 yield reply.chunk({"content": event.text} if reply.chat else event.text)
             continue
-        for delta in parser.feed(event.text):
-            called = called or bool(delta.get("tool_calls"))
-            yield reply.chunk(delta)
+        for parsed in parser.push(event.text):
+            yield reply.chunk(_delta(parsed))
     if parser is not None:
-        for delta in parser.finish():
-            called = called or bool(delta.get("tool_calls"))
-            yield reply.chunk(delta)
+        for parsed in parser.finish():
+            called = called or parsed[0] == "tool_call"
+            yield reply.chunk(_delta(parsed))
     yield reply.chunk({} if reply.chat else "", finish_reason(done, called))
     if reply.include_usage:
         yield reply.usage_chunk(done)
+
+
+def _delta(event: tuple) -> dict:
+    """A StreamParser event as a chat delta: ("content", text), or ("tool_call", index, id, name, arguments)
+    (a whole call in one delta, which OpenAI's stream format allows)."""
+    if event[0] == "content":
+        return {"content": event[1]}
+    _, index, call_id, name, arguments = event
+    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": arguments}}]}

@@ -33,10 +33,6 @@ from offload_rt.serve.types import Backend, GenRequest, Handle, PromptTooLong, Q
 log = logging.getLogger("offload_rt.serve")
 INTERNAL_ERROR = "internal server error (the server's log has the details)"
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                 503: "server_error"}
-
 
 class ApiError(Exception):
     """An error answered as an OpenAI error object with this status."""
@@ -49,7 +45,8 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error object."""
-    kind = _STATUS_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    # OpenAI's types: unknown routes and models are invalid requests too
+    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -86,7 +83,7 @@ async def _json_body(request: Request) -> object:
     raw = await request.body()
     try:
         return json.loads(raw, parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, NaN/Infinity, absurd nesting
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
 
 
@@ -154,7 +151,7 @@ def _bearer_check(api_key: str | None):
 
     async def check(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
-        if api_key is not None and not hmac.compare_digest(given, expected):
+        if not hmac.compare_digest(given, expected):
             raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -167,7 +164,7 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="offload_rt", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_CatchAll)
     created = int(time.time())
-    auth = [Depends(_bearer_check(api_key))]
+    auth = [] if api_key is None else [Depends(_bearer_check(api_key))]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -211,7 +208,7 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request):
         call = protocol.parse_chat(await _json_body(request), backend.context_tokens)
-        tools = call.tools if call.uses_tools else None
+        tools = call.template_tools()
         try:
             ids = backend.chat_ids(call.messages, tools)
         except ValueError as e:
