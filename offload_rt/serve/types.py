@@ -83,8 +83,11 @@ class Backend(Protocol):
         """Queue the request (raises QueueFull or PromptTooLong); must be called on the event loop's thread."""
 
     def metrics(self) -> dict:
-        """Counters and gauges for /metrics: requests_total, requests_active, queue_depth, batch_size,
-        prompt_tokens_total, completion_tokens_total, cached_tokens_total, tokens_per_second, ..."""
+        """Counters and gauges for /metrics, keyed by metric name less the ``offload_rt_`` prefix (the known
+        keys, with their type and meaning: serve.metrics.METRICS): requests_total, requests_cancelled_total,
+        requests_rejected_total, requests_active, queue_depth, batch_size, prompt_tokens_total,
+        completion_tokens_total, prefix_cache_hits_total, cached_tokens_total, tokens_per_second; other
+        numeric keys are exported as gauges."""
 
 
 @dataclass
