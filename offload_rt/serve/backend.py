@@ -141,12 +141,26 @@ class BatchBackend:
         now = time.monotonic()
         tokens = sum(n for t, n in self._rate if now - t <= RATE_WINDOW_S)
         out = {"requests_total": c.requests_total, "requests_active": len(self._active),
-               "requests_cancelled": c.requests_cancelled, "requests_rejected": c.requests_rejected,
+               "requests_cancelled_total": c.requests_cancelled, "requests_rejected_total": c.requests_rejected,
                "queue_depth": len(self._waiting), "batch_size": self.last_batch, "parallel": self.parallel,
                "prompt_tokens_total": c.prompt_tokens_total, "completion_tokens_total": c.completion_tokens_total,
                "cached_tokens_total": c.cached_tokens_total, "prefix_cache_hits_total": c.prefix_hits,
-               "steps_total": c.steps, "tokens_per_second": round(tokens / RATE_WINDOW_S, 3)}
+               "steps_total": c.steps, "tokens_per_second": round(tokens / RATE_WINDOW_S, 3),
+               "weight_disk_read_bytes_total": int(getattr(getattr(self.rt.source, "counters", None),
+                                                           "disk_read_bytes", 0))}
+        out.update(self._memory())
         return out
+
+    def _memory(self) -> dict:
+        """The memory promise's figures: the process's peak RSS since the plan, its measured baseline, the
+        host budget and the slack the plan allows (peak <= baseline + budget + slack)."""
+        from offload_rt.memory import baseline
+        from offload_rt.stats import peak_rss_bytes
+
+        rt = self.rt
+        fields = baseline.stats_fields(rt.base)
+        return {"peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": fields.get("baseline_bytes", 0),
+                "host_budget_bytes": rt.prepared.budgets.host, "runtime_slack_bytes": fields.get("runtime_slack_bytes", 0)}
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel what is still queued or running, stop the batch thread, flush the prefix cache."""
