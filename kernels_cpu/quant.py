@@ -311,46 +311,25 @@ def _mm_addr(fid, w_addr, n, nbytes, x_addr, T, k, out_addr):  # pragma: no cove
         _mm_q6_k(w, x, out)
 
 
-# ---- row-invariant kernels: out[T, n] = x[T, k] @ w.T, each row by the decode mat-vec's own dot product ----
-# (the same bits for a row whatever T is: the server batches sequences' decode rows; see matvec.rows_linear)
-
-@nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _dot(fid, w, i, x, xs):  # pragma: no cover - compiled
-    if fid == 0:
-        return _dot_q4_0(w, i, x, x)
-    if fid == 1:
-        return _dot_q4_1(w, i, x, xs)
-    if fid == 2:
-        return _dot_q8_0(w, i, x, x)
-    if fid == 3:
-        return _dot_q4_k(w, i, x, xs)
-    if fid == 4:
-        return _dot_q5_k(w, i, x, xs)
-    return _dot_q6_k(w, i, x, x)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _rows(fid, w, x, out):  # pragma: no cover - compiled
-    n, T = w.shape[0], x.shape[0]
-    xs = np.empty((T, x.shape[1] // 32), dtype=np.float32)
-    for r in range(T):
-        xs[r] = _sums32(x[r])
-    for t in nb.prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for i in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
-            for r in range(T):
-                out[r, i] = _dot(fid, w, i, x[r], xs[r])
-
-
 def rows_linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """x [T, k] @ dequantized(w).T -> [T, n] float32, each row by the same dot product whatever T is
-    (the weight rows of a task are decoded from RAM once for all T rows)."""
+    """x [T, k] @ dequantized(w).T -> [T, n] float32, each row with the same bits whatever T is and wherever
+    the row is among the T (the server batches sequences' decode rows; see matvec.rows_linear).
+
+    The small-batch kernel's arithmetic per row depends on its token tile (8, 4, 2 or 1 rows, register
+    blocked differently), so the rows are padded with zero rows to a multiple of MM_TOKENS: every row is
+    computed in a full tile by the same code (checked bit for bit in tests/test_kernels_quant.py). One to
+    eight rows cost about the same; the weights are decoded once per tile."""
     n, k = w.shape
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"rows_linear: x {tuple(x.shape)} does not match {w!r}")
-    xf = x.to(torch.float32).contiguous()
-    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
-    _rows(_FORMAT_IDS[w.fmt.name], w.data.numpy(), xf.numpy(), y.numpy())
-    return y
+    T = x.shape[0]
+    padded = -(-T // MM_TOKENS) * MM_TOKENS
+    xf = torch.zeros(padded, k, dtype=torch.float32)
+    xf[:T] = x
+    y = torch.empty(padded, n, dtype=torch.float32)
+    data = w.data
+    _mm_addr(_FORMAT_IDS[w.fmt.name], data.data_ptr(), n, data.shape[1], xf.data_ptr(), padded, k, y.data_ptr())
+    return y[:T]
 
 
 # ---- dequantization kernels: out[j] = w[rows[j]] as float32, parallel over rows ----
@@ -542,5 +521,4 @@ def warm_up() -> None:
         gather_rows(fmt, w, np.zeros(2, dtype=np.int64), out)
         x2, y2 = np.zeros((2, f.block), dtype=np.float32), np.empty((2, 2), dtype=np.float32)
         _mm_addr(_FORMAT_IDS[fmt], w.ctypes.data, 2, f.block_bytes, x2.ctypes.data, 2, f.block, y2.ctypes.data)
-        _rows(_FORMAT_IDS[fmt], w, x2, y2)
     quant_encode.warm_up()
