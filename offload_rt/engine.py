@@ -190,8 +190,14 @@ class Engine:
     def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Bring the cache to exactly ``ids[:-0]`` reusing the longest cached prefix; return last logits.
 
-        At least the last token is always recomputed, since its logits are needed.
+        At least the last token is always recomputed, since its logits are needed. Passes start at
+        absolute multiples of ``prefill_chunk`` (the first one runs from the reused prefix up to the next
+        multiple): the passes after the first are those a prefill from scratch runs, and when the reused
+        prefix ends at a multiple (the prefix cache's granule, :mod:`offload_rt.kv.prefix`) all of them
+        are, so the K/V and logits are the same bits as without the reuse.
         """
+        if not ids:
+            raise ValueError("prefill needs at least one token")
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
@@ -200,15 +206,13 @@ class Engine:
         common = min(common, len(ids) - 1)
         self.cache.trim(self.cache.offset - common)
         del self.tokens[common:]
-        todo = list(ids[common:])
+        P, n = self.prefill_chunk, len(ids)
+        edges = [common, *range((common // P + 1) * P, n, P), n]
         logits = None
-        done = 0
-        for i in range(0, len(todo), self.prefill_chunk):
-            chunk = todo[i:i + self.prefill_chunk]
-            logits = self.forward(chunk)
-            done += len(chunk)
+        for lo, hi in zip(edges, edges[1:]):
+            logits = self.forward(ids[lo:hi])
             if progress:
-                progress(done, len(todo))
+                progress(hi - common, n - common)
         return logits
 
     def synchronize(self) -> None:

@@ -160,3 +160,43 @@ def test_magicpig_mode_keeps_sinks_and_window_exact_and_samples_the_rest():
         kv.commit(T)
     assert kv._index[0] is not None and kv._index_stop[0] == ((kv.offset - 1 - 64) // 64) * 64
     assert max(errs) < 1e-3, errs
+
+
+@pytest.mark.parametrize("kind", ["dense", "ram", "spilled"])
+def test_load_of_a_caches_rows_gives_the_same_rows_and_the_same_attention(tmp_path, kind):
+    """load() appends rows read from another cache (the prefix cache's restore): the new cache's rows are
+    the source's, bit for bit, and attention over them gives the source's outputs."""
+    def make(root):
+        if kind == "dense":
+            return DenseKV(L, NKV, D, torch.bfloat16, 600)
+        spill = kind == "spilled"
+        return TieredKV(L, NKV, D, torch.bfloat16, 600, host_chunks=8 if spill else 200,
+                        staging_chunks=2 * STAGING_BATCH if spill else 0, disk_root=root if spill else None,
+                        chunk_tokens=16)
+
+    a, b = make(tmp_path / "a"), make(tmp_path / "b")
+    gen = torch.Generator().manual_seed(3)
+
+    def step(caches, T):
+        outs = []
+        for layer in range(L):
+            q, k, v = (torch.randn(T, n, D, generator=gen).to(torch.bfloat16) for n in (NH, NKV, NKV))
+            outs.append([c.attend(layer, q, k, v) for c in caches])
+        for c in caches:
+            c.commit(T)
+        return outs
+
+    for T in (90, 1, 1, 40):
+        step([a], T)
+    b.load(*zip(*(a.rows(layer, 0, a.offset) for layer in range(L))))
+    assert b.offset == a.offset == 132
+    for layer in range(L):
+        assert all(torch.equal(x, y) for x, y in zip(a.rows(layer, 0, a.offset), b.rows(layer, 0, b.offset)))
+    if kind == "spilled":
+        assert b.tier_bytes()["disk"] > 0 and b.disk_write_bytes > 0
+    for T in (5, 1):
+        assert all(torch.equal(oa, ob) for oa, ob in step([a, b], T))
+    with pytest.raises(ValueError, match="expected"):
+        b.load([torch.zeros(2, NKV, D)] * L, [torch.zeros(2, NKV, D)] * L)  # float32 rows into a bf16 cache
+    for c in (a, b):
+        getattr(c, "close", lambda: None)()

@@ -24,7 +24,11 @@ Bookkeeping shared by every implementation:
   is visible to all): tree verification (S = T), and a draft expanding a tree it has partly cached;
 * ``tier_bytes()``: KV bytes held per tier; ``attention_s``: seconds spent in attention;
 * ``rows(layer, lo, hi)`` -> ``(k, v)``, copies [hi - lo, kv_heads, d] of committed tokens [lo, hi)
-  wherever they live (tests compare a cache with an autoregressive run's, value by value).
+  wherever they live (tests compare a cache with an autoregressive run's, value by value; the prefix
+  cache, :mod:`offload_rt.kv.prefix`, saves a prompt's chunks with it);
+* ``load(k_layers, v_layers)`` appends T tokens' K/V of every layer (``k_layers[i]`` [T, kv_heads, d] in
+  the cache's dtype) at ``offset`` and commits them: the prefix cache restores a saved prefix with it,
+  through the same write path as attention's, so the rows land exactly as if computed here.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class KVCache(Protocol):
 
     def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def load(self, k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor]) -> None: ...
+
 
 def bytes_per_token(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """K and V of one token across every layer."""
@@ -68,3 +74,18 @@ def check_keep(offset: int, start: int, rows: Sequence[int]) -> list[int]:
         raise ValueError(f"keep({start}, {rows[:8]}...) is not a sorted subset of the {offset - start} tokens "
                          f"after {start}")
     return rows
+
+
+def check_load(cache, k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor]) -> int:
+    """Validate ``load``'s arguments against ``cache`` (one [T, kv_heads, d] tensor per layer, K and V alike, in
+    the cache's dtype, room left in the window); returns T."""
+    if len(k_layers) != cache.n_layers or len(v_layers) != cache.n_layers:
+        raise ValueError(f"load: {cache.n_layers} layers expected, got {len(k_layers)} K and {len(v_layers)} V")
+    T = k_layers[0].shape[0] if cache.n_layers else 0
+    want = (T, cache.kv_heads, cache.head_dim)
+    for t in (*k_layers, *v_layers):
+        if tuple(t.shape) != want or t.dtype != cache.dtype:
+            raise ValueError(f"load: rows {tuple(t.shape)} {t.dtype}, expected {want} {cache.dtype}")
+    if cache.offset + T > cache.max_tokens:
+        raise ValueError(f"KV cache of {cache.max_tokens} tokens cannot hold {cache.offset + T}")
+    return T

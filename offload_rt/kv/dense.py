@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from offload_rt.kv import bytes_per_token, check_keep
+from offload_rt.kv import bytes_per_token, check_keep, check_load
 
 
 def attention_mask(start: int, q_len: int, kv_len: int, window: int | None, tree_mask: torch.Tensor | None = None,
@@ -135,6 +135,13 @@ class DenseKV:
         if not self._k:
             return (torch.empty(0, self.kv_heads, self.head_dim, dtype=self.dtype),) * 2
         return (self._k[layer][:, lo:hi].transpose(0, 1).clone(), self._v[layer][:, lo:hi].transpose(0, 1).clone())
+
+    def load(self, k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor]) -> None:
+        """Append T tokens' K/V of every layer ([T, kv_heads, d] each) at ``offset`` and commit them."""
+        T = check_load(self, k_layers, v_layers)
+        for layer, (k, v) in enumerate(zip(k_layers, v_layers)):
+            self.store(layer, k.to(self.device), v.to(self.device))
+        self.commit(T)
 
     def reset(self) -> None:
         self.offset = 0

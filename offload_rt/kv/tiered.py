@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from kernels_cpu import attention as kern
-from offload_rt.kv import bytes_per_token, check_keep
+from offload_rt.kv import bytes_per_token, check_keep, check_load
 from offload_rt.memory.kv_plan import CHUNK_TOKENS, STAGING_BATCH, ChunkTable
 from offload_rt.prefetch import Prefetcher
 from offload_rt.trace import NullTracer
@@ -336,6 +336,18 @@ class TieredKV:
         edges = [lo, *range((lo // self.C + 1) * self.C, hi, self.C), hi]
         parts = [self._gather(layer, a, b, torch.arange(b - a)) for a, b in zip(edges, edges[1:])]
         return torch.cat([k for k, _v in parts]), torch.cat([v for _k, v in parts])
+
+    def load(self, k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor]) -> None:
+        """Append T tokens' K/V of every layer ([T, kv_heads, d] each) at ``offset`` and commit them.
+
+        Through :meth:`_write`, attention's own write path: chunks are placed (and older ones spilled)
+        as a prefill places them. MagicPIG's tables need nothing here: like a prefill's tokens, the loaded
+        ones are indexed from the pools at the next decode step that lets them age out of the exact window.
+        """
+        T = check_load(self, k_layers, v_layers)
+        for layer, (k, v) in enumerate(zip(k_layers, v_layers)):
+            self._write(layer, self.offset, k.to("cpu"), v.to("cpu"))
+        self.commit(T)
 
     def reset(self) -> None:
         self.trim(self.offset)
