@@ -2,9 +2,14 @@
 
 The chat template is rendered the way Hugging Face transformers' ``apply_chat_template``
 does (sandboxed jinja2, trim_blocks/lstrip_blocks, loop controls, ``{% generation %}``,
-its ``tojson``, ``raise_exception``, ``strftime_now``; ``tools``/``documents`` None; the
-special tokens), so prompts tokenize identically. A template that refuses a conversation
-(``raise_exception``) or fails on it raises :class:`ChatTemplateError`, a user error.
+its ``tojson``, ``raise_exception``, ``strftime_now``; ``tools`` the OpenAI tool dicts as given,
+``documents`` None; the special tokens), so prompts tokenize identically. A template that refuses a
+conversation (``raise_exception``) or fails on it raises :class:`ChatTemplateError`, a user error.
+
+OpenAI chat messages differ from what templates expect in two ways, mended before rendering (as vLLM
+does): a tool call's ``function.arguments`` is a JSON string there, while templates print it with
+``tojson`` and so need the object; and an assistant message that only calls tools has ``content: null``,
+which some templates (Qwen3) concatenate, so it becomes "".
 """
 
 from __future__ import annotations
@@ -85,6 +90,36 @@ def compile_chat_template(source: str):
                                 "chat_template or send plain text with --raw") from None
 
 
+def _template_call(call):
+    """An OpenAI tool call with its ``function.arguments`` JSON string as the object it encodes ("" is {});
+    arguments that are not a JSON object stay as they are (templates that print strings still can)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        decoded = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        return call
+    if not isinstance(decoded, dict):
+        return call
+    return {**call, "function": {**function, "arguments": decoded}}
+
+
+def template_messages(messages: Iterable[dict]) -> list[dict]:
+    """Chat messages as chat templates read them: fields that are None left out (OpenAI clients send
+    null for absent ones), an assistant message's tool calls with object arguments and its missing content ""."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and isinstance(calls, list) and calls:
+            message["tool_calls"] = [_template_call(c) for c in calls]
+            message.setdefault("content", "")
+        out.append(message)
+    return out
+
+
 class Tokenizer:
     """Encode/decode plus chat formatting for one model."""
 
@@ -135,8 +170,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to ``messages`` ([{"role", "content"}]), as transformers renders it.
+    def render_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, *,
+                    add_generation_prompt: bool = True) -> str:
+        """The chat template applied to ``messages`` ([{"role", "content"}], OpenAI's assistant ``tool_calls``
+        and ``role: "tool"`` results included) and the OpenAI ``tools`` ([{"type": "function", "function":
+        {name, description, parameters}}], None for none), as transformers renders them.
 
         Raises ChatTemplateError when the template refuses the conversation or fails on it.
         """
@@ -145,9 +183,9 @@ class Tokenizer:
         if self._template is None:
             self._template = compile_chat_template(self.chat_template)
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v is not None}
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
+            return self._template.render(messages=template_messages(messages),
+                                         tools=None if tools is None else list(tools), documents=None,
                                          add_generation_prompt=add_generation_prompt, **specials)
         except _Refusal as e:
             raise ChatTemplateError(f"the model's chat template refused the conversation: {e.message}") from None
@@ -155,9 +193,9 @@ class Tokenizer:
             raise ChatTemplateError(f"the model's chat template failed on this conversation "
                                     f"({type(e).__name__}: {e}); send plain text with --raw") from None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
         # The template writes any BOS itself (as Hugging Face's apply_chat_template does).
-        return self.encode(self.render_chat(messages), add_bos=False)
+        return self.encode(self.render_chat(messages, tools), add_bos=False)
 
 
 class StreamDecoder:
