@@ -19,21 +19,38 @@ GRACE_S = 30  # seconds in-flight requests get to finish after SIGINT/SIGTERM
 
 def prefix_root(cfg, store) -> object:
     """Where the prefix cache persists: ``<offload-dir>/prefix-cache/<store dir name>/``."""
-    return cfg.store_dir / "prefix-cache" / store.root.name
+    return cfg.store_dir / "prefix-cache" / store.path.name
+
+
+PREFIX_DISK_RAM_RATIO = 16  # the prefix cache's disk share: this many times its RAM share ...
+PREFIX_DISK_FREE_SHARE = 0.2  # ... and at most this share of the free disk
 
 
 def open_prefix_cache(rt):
-    """The prefix cache of this model and store (None when the plan left it no RAM or the module is absent)."""
-    prepared = rt.prepared
+    """The prefix cache of this model and store: RAM as planned (``Prepared.prefix_bytes``), persisted under
+    ``<offload-dir>/prefix-cache/<store>/`` (None when the plan left it no RAM). Its granule is the prefill
+    chunk (when a multiple of the KV chunk): a reused prefix leaves the same prefill passes to run, so the
+    answer's bits are those of an uncached prompt."""
+    import shutil
+
+    from offload_rt.errors import UsageError
+    from offload_rt.kv.prefix import PrefixCache, model_identity
+
+    prepared, model, engine = rt.prepared, rt.model, rt.engine
     if not prepared.prefix_bytes:
         return None
-    from offload_rt.kv.prefix import PrefixCache, identity_of
-
-    args, model, engine = rt.model.args, rt.model, rt.engine
     chunk = prepared.kv.shape.chunk_tokens
     granule = engine.prefill_chunk if engine.prefill_chunk % chunk == 0 else chunk
-    return PrefixCache(prefix_root(rt.cfg, model.store), identity_of(model, engine.cache), chunk_tokens=chunk,
-                       ram_bytes=prepared.prefix_bytes, granule=granule)
+    root = prefix_root(rt.cfg, model.store)
+    identity = {**model_identity(model.store, model.args, model.dtype), "device": rt.device}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        disk = min(PREFIX_DISK_RAM_RATIO * prepared.prefix_bytes, int(PREFIX_DISK_FREE_SHARE * shutil.disk_usage(root).free))
+        return PrefixCache(root, identity, chunk_tokens=chunk, ram_bytes=prepared.prefix_bytes, disk_bytes=disk,
+                           granule=granule)
+    except OSError as e:
+        raise UsageError(f"cannot keep the prefix cache in {root}: {e.strerror or e}; choose a writable "
+                         "--offload-dir") from None
 
 
 def describe(rt, host: str, port: int) -> str:
@@ -68,7 +85,11 @@ def main(cfg, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None 
     from offload_rt.serve.backend import BatchBackend
     from offload_rt.serve.http import create_app
 
-    prefix = open_prefix_cache(rt)
+    try:
+        prefix = open_prefix_cache(rt)
+    except BaseException:
+        rt.close()
+        raise
     backend = BatchBackend(rt, model_id=rt.model.name, queue_depth=queue_depth, prefix=prefix)
     app = create_app(backend, api_key=api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
@@ -80,6 +101,8 @@ def main(cfg, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None 
         server.run(sockets=[sock])
     finally:
         backend.stop()
+        if prefix is not None:
+            prefix.close()
         rt.close()
         sock.close()
     return 0

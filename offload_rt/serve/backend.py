@@ -105,9 +105,7 @@ class BatchBackend:
         from offload_rt.errors import ChatTemplateError
 
         try:
-            if tools:
-                return self.tok.encode_chat(list(messages), tools=list(tools))
-            return self.tok.encode_chat(list(messages))
+            return self.tok.encode_chat(list(messages), tools=list(tools) if tools else None)
         except ChatTemplateError as e:
             raise ValueError(str(e)) from None
 
