@@ -118,6 +118,9 @@ class BatchBackend:
         return toolcalls.detect(self.tok.chat_template)
 
     def submit(self, request: GenRequest) -> _Handle:
+        if self.error is not None:  # the batch thread is gone: say so (HTTP 500) rather than queue forever
+            raise RuntimeError(f"the model stopped after an internal error ({type(self.error).__name__}); "
+                               "restart the server (its log has the details)")
         n = len(request.prompt_ids)
         if n == 0:
             raise PromptTooLong("the prompt is empty")
