@@ -15,6 +15,7 @@ for the queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from offload_rt.serve import answer, metrics, protocol
+from offload_rt.serve import answer, metrics, protocol, toolcalls
 from offload_rt.serve.protocol import BadRequest, Reply
 from offload_rt.serve.types import Backend, GenRequest, Handle, PromptTooLong, QueueFull
 
@@ -213,9 +214,12 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
             ids = backend.chat_ids(call.messages, tools)
         except ValueError as e:
             raise BadRequest(str(e), param="messages") from None
-        handle = _submit(backend, call.options.gen_request(ids, backend.context_tokens), "messages")
-        reply = Reply(backend.model_id, chat=True, include_usage=call.options.include_usage)
         tool_format = backend.tool_format() if tools else None
+        gen = call.options.gen_request(ids, backend.context_tokens)
+        if tool_format is not None:  # the parser reads the format's markers: the decoder keeps them
+            gen = dataclasses.replace(gen, keep_tokens=toolcalls.marker_tokens(tool_format))
+        handle = _submit(backend, gen, "messages")
+        reply = Reply(backend.model_id, chat=True, include_usage=call.options.include_usage)
         return await _answer(request, handle, reply, tool_format, call.options.stream)
 
     @app.post("/v1/completions", dependencies=auth)
