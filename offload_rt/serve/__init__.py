@@ -18,8 +18,11 @@ GRACE_S = 30  # seconds in-flight requests get to finish after SIGINT/SIGTERM
 
 
 def prefix_root(cfg, store) -> object:
-    """Where the prefix cache persists: ``<offload-dir>/prefix-cache/<store dir name>/``."""
-    return cfg.store_dir / "prefix-cache" / store.path.name
+    """Where the prefix cache persists: ``<offload-dir>/prefix-cache/<store dir name>/`` (``offload-run prune``
+    removes it with its store)."""
+    from offload_rt.config import PREFIX_CACHE_DIR
+
+    return cfg.store_dir / PREFIX_CACHE_DIR / store.path.name
 
 
 PREFIX_DISK_RAM_RATIO = 16  # the prefix cache's disk share: this many times its RAM share ...
