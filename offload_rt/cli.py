@@ -237,7 +237,8 @@ def run_command(model, prompt, prompt_file, stats, plan_only, debug, **options):
 @click.argument("model", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; mind --api-key).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: any free port; the one taken is printed when ready).")
 @click.option("--api-key", envvar="OFFLOAD_RT_API_KEY", default=None,
               help="Answer only requests carrying 'Authorization: Bearer KEY' (default: $OFFLOAD_RT_API_KEY, "
                    "which ps does not show; neither: no key needed).")
@@ -250,17 +251,20 @@ def serve_command(model, host, port, api_key, parallel, queue_depth, plan_only, 
     """Serve MODEL over HTTP with an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models, /health, /metrics), several requests decoded together.
 
-    The run options set the defaults of every request. --plan prints the placement plan, with the
-    sequences decoded in parallel, and exits.
+    --temperature, --top-p, --seed, --max-new-tokens and --stop, when given, are the defaults of requests
+    that leave those fields out (else OpenAI's: temperature 1, top_p 1, up to the end of the context).
+    --plan prints the placement plan, with the sequences decoded in parallel, and exits.
     """
     cfg = None
+    given = _given_options()
     with reported(debug, lambda: cfg.store_dir if cfg is not None else None):
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty; give a key, or leave the option out to serve without one")
         cfg = run_config(model, parallel=parallel, **options)
         from offload_rt import serve
 
-        code = serve.main(cfg, host=host, port=port, api_key=api_key, queue_depth=queue_depth, plan_only=plan_only)
+        code = serve.main(cfg, host=host, port=port, api_key=api_key, queue_depth=queue_depth, plan_only=plan_only,
+                          defaults=_request_defaults(cfg, given))
     sys.exit(code)
 
 
@@ -361,6 +365,15 @@ def _reader_left() -> None:
     except (OSError, ValueError):  # stdout is no real file (embedded use): nothing will flush to it
         pass
     sys.exit(0)
+
+
+def _request_defaults(cfg: RunConfig, given: set[str]) -> dict:
+    """The request fields ``serve``'s given options stand for when a request leaves them out."""
+    s = cfg.sampling
+    fields = {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "max_new_tokens": cfg.max_new_tokens,
+              "stop": list(cfg.stop)}
+    names = {"max_new_tokens": "max_tokens"}
+    return {names.get(k, k): v for k, v in fields.items() if k in given}
 
 
 def _given_options() -> set[str]:

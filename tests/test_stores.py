@@ -257,7 +257,8 @@ def test_serve_reaches_serve_main_with_the_run_options_parsed(run, served, tmp_p
     cfg, kw = served[-1]
     assert (cfg.model, cfg.parallel, cfg.gpu_mem, cfg.cpu_mem) == ("some/model", 3, 0, parse_size("2G"))
     assert (cfg.max_new_tokens, cfg.sampling.temperature, cfg.store_dir) == (7, 0.5, tmp_path)
-    assert kw == dict(host="127.0.0.1", port=9001, api_key="k", queue_depth=64, plan_only=True)
+    assert kw == dict(host="127.0.0.1", port=9001, api_key="k", queue_depth=64, plan_only=True,
+                      defaults={"temperature": 0.5, "max_tokens": 7})
 
 
 def test_serve_defaults_and_the_api_key_from_the_environment(run, served, monkeypatch):
@@ -265,12 +266,12 @@ def test_serve_defaults_and_the_api_key_from_the_environment(run, served, monkey
     assert run("serve", "--host", "0.0.0.0", "--queue-depth", "0")[0] == 0
     cfg, kw = served[-1]
     assert cfg.model is None and cfg.parallel is None
-    assert kw == dict(host="0.0.0.0", port=8080, api_key="from-env", queue_depth=0, plan_only=False)
+    assert kw == dict(host="0.0.0.0", port=8080, api_key="from-env", queue_depth=0, plan_only=False, defaults={})
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--port", "70000"], "--port"),
-    (["--port", "0"], "--port"),
+    (["--port", "-1"], "--port"),
     (["--parallel", "0"], "--parallel"),
     (["--queue-depth", "-1"], "--queue-depth"),
     (["--api-key", " "], "--api-key"),
