@@ -7,13 +7,16 @@
         S1, resident default model (the packaged SmolLM2 Q4_1 GGUF): aggregate and decode tok/s of 1, 4
         and 8 concurrent greedy streamed requests; ours with --parallel 4 and 8 against llama-server
         with --parallel 4 (-c 4*4096) and 8 (-c 8*4096), -t 2 both, same prompts, same client.
-    python -m tools.bench_serve s2 [--work DIR] [--cap 1800M] [--tokens 16]
+    python -m tools.bench_serve s2 [--work DIR] [--cap 1800M] [--tokens 32]
         S2, weights streamed from disk: the synthetic 1.2B bf16 Llama of D1 under ``memcap CAP --cold``,
         ``--cpu-mem auto --parallel 8``: 8 concurrent requests against 1 (no llama.cpp baseline).
     python -m tools.bench_serve s3 [--llama-server PATH] [--prefix-tokens 2000]
         S3, prefix cache: time to first token of a request whose long system prompt is uncached, cached,
         and (ours) cached before a server restart with the same --offload-dir; llama-server's own
         prompt cache (cache_prompt) in the same run.
+    python -m tools.bench_serve steps
+        what limits S1: the server's compute alone (``batch.step`` for 1, 4, 8 decode rows, in-process,
+        no HTTP) beside ``offload-run``'s single-sequence decode in the same run.
     python -m tools.bench_serve all ...   (s1, s2, s3 in turn)
 
 Every request goes through the same client code: the openai client, ``/v1/chat/completions`` with
@@ -40,6 +43,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -71,7 +75,7 @@ def cpu_model() -> str:
 
 
 def machine_line() -> str:
-    return f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average (1 min) {os.getloadavg()[0]:.2f}"
+    return f"CPU: {cpu_model()} (/proc/cpuinfo), {os.cpu_count()} CPUs"
 
 
 def free_port() -> int:
@@ -290,19 +294,69 @@ def s1(a) -> str:
                         f"{best(rs, 'decode').decode:.1f} | {fmt(r.decode for r in rs)} | {b.tokens} | {ttft:.2f} |")
     agg = {k: best(v).aggregate for k, v in results.items()}
     dec = {k: best(v, "decode").decode for k, v in results.items()}
+
+    def both(x, y) -> str:
+        return f"aggregate {ratio(agg.get(x), agg.get(y))}, decode {ratio(dec.get(x), dec.get(y))}"
+
     for label, kind, p in sides:
         if kind != "ours":
             continue
-        for c in levels:
-            if c > 1 and (label, c) in agg:
-                ratios.append(f"{label}: {c} requests / 1 request: aggregate {ratio(agg[(label, c)], agg.get((label, 1)))}, "
-                              f"decode {ratio(dec[(label, c)], dec.get((label, 1)))}")
+        ratios += [f"{label}: {c} requests / 1 request: {both((label, c), (label, 1))}"
+                   for c in levels if c > 1 and (label, c) in agg]
         other = next((l for l, k, q in sides if k == "llama" and q == p), None)
-        for c in levels:
-            if other and (label, c) in agg and (other, c) in agg:
-                ratios.append(f"{label} / llama-server `--parallel {p}` at {c} requests: aggregate "
-                              f"{ratio(agg[(label, c)], agg[(other, c)])}, decode {ratio(dec[(label, c)], dec[(other, c)])}")
+        ratios += [f"{label} / llama-server `--parallel {p}` at {c} requests: {both((label, c), (other, c))}"
+                   for c in levels if other and (label, c) in agg and (other, c) in agg]
     return (head + "\n".join(rows) + "\n\n" + "\n".join(f"- {r}" for r in ratios)
+            + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
+
+
+# ---------------------------------------------------------------------------------------- steps
+def steps(a) -> str:
+    """The server's compute alone: :func:`offload_rt.batch.step` seconds for B decode rows, in this process,
+    beside ``offload-run``'s own decode (one sequence, the fused single-row path) measured just before."""
+    from tools.bench_decode import ours as offload_run
+
+    single = offload_run(None, tokens=64, threads=THREADS)["decode_tok_s"]
+    import torch
+
+    from offload_rt.batch import Prefill, step
+    from offload_rt.build import build
+    from offload_rt.config import RunConfig
+
+    load0 = os.getloadavg()[0]
+    rows = max(a.concurrency)
+    with torch.inference_mode():
+        rt = build(RunConfig(model=None, parallel=rows, threads=THREADS, progress=False), serving=True)
+        caches = [rt.engine.cache] + [rt.new_cache() for _ in range(rows - 1)]
+        for c in caches:
+            step(rt.engine, [], [Prefill(c, list(range(100, 140)))])
+        def timed(b: int) -> list[float]:
+            times = []
+            with torch.inference_mode():
+                for i in range(a.step_repeats):
+                    t = time.perf_counter()
+                    step(rt.engine, [(c, 200 + i) for c in caches[:b]])
+                    times.append(time.perf_counter() - t)
+            return sorted(times)
+
+        def on_worker(b: int) -> list[float]:  # as the server runs it: a thread other than the main one
+            box = []
+            worker = threading.Thread(target=lambda: box.append(timed(b)))
+            worker.start()
+            worker.join()
+            return box[0]
+
+        out = []
+        for b in a.concurrency:
+            main_t, worker_t = timed(b), on_worker(b)
+            med, wmed = main_t[len(main_t) // 2], worker_t[len(worker_t) // 2]
+            out.append(f"| {b} | {1e3 * med:.2f} | {b / med:.1f} | {1e3 * wmed:.2f} | {b / wmed:.1f} |")
+        rt.close()
+    return (f"Server compute alone (`batch.step`, default model resident, {THREADS} threads, 40-token prompts, "
+            f"median of {a.step_repeats} steps). {machine_line()}. `offload-run` (one sequence, 64 tokens, the "
+            f"fused single-row decode) in the same run: {single:.1f} tok/s.\n\n"
+            "| decode rows | step ms, main thread | tok/s | step ms, another thread (as the server's batch thread) | "
+            "tok/s |\n|---|---|---|---|---|\n" + "\n".join(out)
             + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
 
 
@@ -427,7 +481,7 @@ def build_llama_server(a) -> Path:
     for cmd in steps:
         print("$ " + shlex.join(map(str, cmd)), file=sys.stderr, flush=True)
         if subprocess.run(list(map(str, cmd))).returncode != 0:
-            raise RuntimeError(f"{cmd[3]} failed")
+            raise RuntimeError(f"{shlex.join(map(str, cmd[3:6]))} ... failed (output above)")
     binary = Path(a.build) / "bin" / "llama-server"
     print(binary)
     return binary
@@ -443,7 +497,7 @@ def main(argv=None) -> int:
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="its pip fetches the sdist when none is found")
     b.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    for name in ("s1", "s2", "s3", "all"):
+    for name in ("s1", "s2", "s3", "steps", "all"):
         s = sub.add_parser(name)
         s.add_argument("--work", type=Path, default=DEFAULT_WORK, help="server logs, the S2 checkpoint, S3's stores")
         s.add_argument("--ours", default=f"{shlex.quote(sys.executable)} -m offload_rt",
@@ -451,8 +505,8 @@ def main(argv=None) -> int:
         s.add_argument("--llama-server", default=None, help="llama-server binary (S1/S3 baseline; "
                        f"default {DEFAULT_BUILD}/bin/llama-server when built)")
         s.add_argument("--out", type=Path, default=None)
-        s.add_argument("--repeats", type=int, default=3 if name != "s2" else 2)
-        s.add_argument("--tokens", type=int, default=128 if name != "s2" else 16, help="max_tokens (S1, S2)")
+        s.add_argument("--repeats", type=int, default=3 if name == "s1" else 2)
+        s.add_argument("--tokens", type=int, default=128 if name != "s2" else 32, help="max_tokens (S1, S2)")
         s.add_argument("--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4, 8])
         s.add_argument("--parallel", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8],
                        help="S1: --parallel of each server")
@@ -463,6 +517,7 @@ def main(argv=None) -> int:
         s.add_argument("--prefix-tokens", type=lambda t: [int(x) for x in t.split(",")], default=[2000, 2080],
                        help="S3: system prompt sizes (2080: the prefix past a multiple of the 512-token granule)")
         s.add_argument("--s3-tokens", type=int, default=8, help="S3: max_tokens")
+        s.add_argument("--step-repeats", type=int, default=20, help="steps: timed steps per row count")
     a = p.parse_args(argv)
     try:
         if a.which == "build-llama-server":
@@ -471,7 +526,7 @@ def main(argv=None) -> int:
         if a.llama_server is None and (DEFAULT_BUILD / "bin" / "llama-server").is_file():
             a.llama_server = str(DEFAULT_BUILD / "bin" / "llama-server")
         for which in (("s1", "s2", "s3") if a.which == "all" else (a.which,)):
-            publish({"s1": s1, "s2": s2, "s3": s3}[which](a), a.out)
+            publish({"s1": s1, "s2": s2, "s3": s3, "steps": steps}[which](a), a.out)
     except RuntimeError as e:
         print(f"bench_serve: {e}", file=sys.stderr)
         return 1
