@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from offload_rt.config import RunConfig, SamplingConfig, parse_size
+from offload_rt.config import KV_SELECT_SHARE, RunConfig, SamplingConfig, parse_size
 from offload_rt.errors import UsageError, UserError
 
 
@@ -90,9 +90,14 @@ def _spec_budget(budget: int | None, draft: str | None) -> int | None:
 @click.option("--kv-cpu-mem", default=None,
               help="Host RAM for the KV cache (part of --cpu-mem); past it KV chunks spill to --offload-dir. "
                    "Default: the whole context's KV in RAM.")
-@click.option("--attention", type=click.Choice(["auto", "exact", "magicpig"]), default="auto", show_default=True,
-              help="Decode attention over long contexts: exact, or MagicPIG LSH sampling (auto: MagicPIG past "
-                   "a context length where it pays, when the KV is in RAM).")
+@click.option("--attention", type=click.Choice(["auto", "exact", "magicpig", "select"]), default="auto",
+              show_default=True,
+              help="Decode attention over long contexts: exact; MagicPIG LSH sampling; select: with the KV spilled "
+                   "to disk, read only the disk chunks whose key bounds say they may matter (exact reads them all). "
+                   "auto: MagicPIG past a context length where it pays when the KV is in RAM, select when it spills.")
+@click.option("--kv-select-share", type=click.FloatRange(0.0, 1.0, min_open=True), default=KV_SELECT_SHARE,
+              show_default=True,
+              help="--attention select: at most this share of a layer's disk chunks read per decode step.")
 @click.option("--lsh-k", type=click.IntRange(1, 15), default=10, show_default=True, help="MagicPIG: bits per table.")
 @click.option("--lsh-l", type=click.IntRange(2, 1024), default=150, show_default=True, help="MagicPIG: hash tables.")
 @click.option("--draft", default=None,
@@ -107,8 +112,8 @@ def _spec_budget(budget: int | None, draft: str | None) -> int | None:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, dtype, weights, device,
                 gpu_mem, cpu_mem, offload_dir, raw, stop, stats, rebuild_store, threads, ignore_eos, plan_only,
-                profile, config_file, prefetch_depth, ctx_size, kv_cpu_mem, attention, lsh_k, lsh_l, draft, spec_budget,
-                expert_slots, debug):
+                profile, config_file, prefetch_depth, ctx_size, kv_cpu_mem, attention, kv_select_share, lsh_k, lsh_l,
+                draft, spec_budget, expert_slots, debug):
     """Run MODEL (a Hugging Face checkpoint directory or a .gguf file; default: SmolLM2-135M-Instruct).
 
     With --prompt/--prompt-file or piped stdin: answer once, streaming to stdout.
@@ -145,6 +150,7 @@ def run_command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, 
             ctx_size=ctx_size,
             kv_cpu_mem=_kv_cpu_mem(kv_cpu_mem),
             attention=attention,
+            kv_select_share=kv_select_share,
             lsh_k=lsh_k,
             lsh_l=lsh_l,
             draft=_draft(draft),
