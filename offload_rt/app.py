@@ -56,7 +56,10 @@ def print_plan(rt, stats: bool) -> None:
     print(weight_formats(model.store))
     print(format_plan(prepared.placement, prepared.specs, prepared.bandwidths))
     print(prepared.bandwidths_note)
-    print(prepared.kv.describe() + f"; attention {prepared.attention}")
+    kv = prepared.kv.describe()
+    if prepared.sequences > 1:  # a server's: the split is each sequence's
+        kv = kv.replace("kv cache:", f"kv cache, each of {prepared.sequences} sequences:", 1)
+    print(kv + f"; attention {prepared.attention}")
     if prepared.experts is not None:
         print(prepared.experts.describe())
         print(f"predicted decode with the routed experts: {prepared.predicted_tok_s:.2f} tok/s")

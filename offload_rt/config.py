@@ -14,6 +14,8 @@ from pathlib import Path
 from offload_rt.errors import UsageError
 
 AUTO = "auto"
+KV_SPILL_DIR = "kv-cache"  # under the store dir: the KV chunks runs spill (storage.kv_store)
+PREFIX_CACHE_DIR = "prefix-cache"  # under the store dir: <store name>/, the prefix cache of that weight store
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)

@@ -63,9 +63,10 @@ class TextStream:
     The one-shot CLI, the REPL and each request of the server use it.
     """
 
-    def __init__(self, tok: Tokenizer, stop_strings: Sequence[str] = (), ignore_eos: bool = False):
+    def __init__(self, tok: Tokenizer, stop_strings: Sequence[str] = (), ignore_eos: bool = False,
+                 keep: frozenset[int] = frozenset()):
         self.tok, self.stops, self.ignore_eos = tok, tuple(stop_strings), ignore_eos
-        self.dec = StreamDecoder(tok)
+        self.dec = StreamDecoder(tok, keep)  # keep: special tokens shown (a tool-call parser's markers)
         self.emitted = 0  # characters of dec.text already returned
         self.token_ids: list[int] = []  # the answer's tokens (an EOS that ended it excluded)
         self.stop_reason: str | None = None

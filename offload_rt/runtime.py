@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from offload_rt.accel import HostAccel, make_accel
-from offload_rt.config import RunConfig, format_size
+from offload_rt.config import KV_SPILL_DIR, RunConfig, format_size
 from offload_rt.engine import Group
 from offload_rt.errors import BudgetError, UsageError
 from offload_rt import kv as kv_mod
@@ -88,7 +88,7 @@ def kv_shape(args, dtype: torch.dtype) -> KVShape:
 
 def kv_dir(cfg: RunConfig) -> Path:
     """Where KV chunks spill: beside the weight stores (``--offload-dir``)."""
-    return cfg.store_dir / "kv-cache"
+    return cfg.store_dir / KV_SPILL_DIR
 
 
 def _disk_free(path: Path) -> int:

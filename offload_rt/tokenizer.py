@@ -167,8 +167,24 @@ class Tokenizer:
                 ids = [self.bos_id] + ids
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], keep: frozenset[int] = frozenset()) -> str:
+        """Text of ``ids``, special tokens left out except those in ``keep`` (a tool-call parser's markers,
+        e.g. Mistral's ``[TOOL_CALLS]``), which appear as their token text."""
+        ids = list(ids)
+        if not keep or not any(i in keep for i in ids):
+            return self._tok.decode(ids, skip_special_tokens=True)
+        out, run = [], []
+        for i in ids:
+            if i in keep:
+                out.append(self._tok.decode(run, skip_special_tokens=True) + self._tok.id_to_token(i))
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self._tok.decode(run, skip_special_tokens=True)
+
+    def token_ids(self, texts: Sequence[str]) -> frozenset[int]:
+        """The ids of those of ``texts`` that are single tokens of this vocabulary."""
+        return frozenset(i for i in (self._tok.token_to_id(t) for t in texts) if i is not None)
 
     def render_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, *,
                     add_generation_prompt: bool = True) -> str:
@@ -201,14 +217,14 @@ class Tokenizer:
 class StreamDecoder:
     """Turns a growing list of ids into text increments, holding back incomplete UTF-8."""
 
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
+    def __init__(self, tok: Tokenizer, keep: frozenset[int] = frozenset()):
+        self.tok, self.keep = tok, keep  # keep: special token ids shown in the text (Tokenizer.decode)
         self.ids: list[int] = []
         self.text = ""
 
     def push(self, ids: Iterable[int]) -> str:
         self.ids.extend(ids)
-        full = self.tok.decode(self.ids)
+        full = self.tok.decode(self.ids, self.keep) if self.keep else self.tok.decode(self.ids)
         if full.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
         new = full[len(self.text):] if full.startswith(self.text) else ""
@@ -217,7 +233,7 @@ class StreamDecoder:
 
     def finish(self) -> str:
         """The text held back at the end (a character the answer stopped in the middle of, as U+FFFD)."""
-        full = self.tok.decode(self.ids)
+        full = self.tok.decode(self.ids, self.keep) if self.keep else self.tok.decode(self.ids)
         new = full[len(self.text):] if full.startswith(self.text) else ""
         self.text = full
         return new

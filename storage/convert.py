@@ -13,6 +13,9 @@ a crc32 per chunk into the manifest. Everything is fsync'ed, then the directory 
 place. Any exception (KeyboardInterrupt included) removes the temporary directory; temporaries
 of dead processes are removed by the next conversion. Before anything is written, the free space
 of the store directory's filesystem is checked against the store's size (:func:`check_free_space`).
+
+Opening a store for a run touches its ``last_used`` file (:func:`mark_used`), so that ``offload-run
+list`` can say when each store last served a run; a read-only store directory just keeps the old time.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from storage.transcode import check_choice, target_format, transcoded
 IO_BLOCK = 16 << 20  # bytes per read/write when copying a raw byte range
 STORE_METADATA_BYTES = 8 << 20  # beside the tensors: tokenizer.json, manifest.json, the group's zarr.json
 TENSOR_METADATA_BYTES = 32 << 10  # per tensor: its zarr.json and chunk directories (filesystem blocks)
-_TMP_RE = re.compile(r"\.zarr\.tmp-(\d+)$")
+LAST_USED = "last_used"  # in a store: its mtime is when a run last opened the store
+_LEFTOVER_RE = re.compile(r"\.zarr\.(?:tmp|old)-(\d+)$")  # a conversion's temporary, a replaced store
 
 
 def store_key(identity: dict, weights: str = "auto") -> str:
@@ -76,19 +80,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_tmp(cache_dir: Path) -> list[Path]:
-    """Remove ``*.zarr.tmp-<pid>`` directories whose process is gone; returns what was removed."""
-    removed = []
+def dead_leftovers(cache_dir: Path) -> list[Path]:
+    """The ``*.zarr.tmp-<pid>`` (a conversion's temporary) and ``*.zarr.old-<pid>`` (a store being replaced by
+    ``--rebuild-store``) directories under ``cache_dir`` whose process is gone: what a killed conversion left."""
     try:
-        entries = list(cache_dir.iterdir())
+        entries = list(Path(cache_dir).iterdir())
     except OSError:
-        return removed
-    for p in entries:
-        m = _TMP_RE.search(p.name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        return []
+    return [p for p in entries if (m := _LEFTOVER_RE.search(p.name)) and not _pid_alive(int(m.group(1)))]
+
+
+def clean_stale_tmp(cache_dir: Path) -> list[Path]:
+    """Remove the :func:`dead_leftovers` of ``cache_dir``; returns what was removed."""
+    removed = dead_leftovers(cache_dir)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def mark_used(store: Path) -> None:
+    """Touch the store's ``last_used`` file: one small write, never an error (a read-only store serves runs too)."""
+    try:
+        (store / LAST_USED).touch()
+    except OSError:
+        pass
+
+
+def _opened(final: Path) -> WeightStore:
+    """The store at ``final``, marked as used by this run."""
+    store = WeightStore.open(final)
+    mark_used(final)
+    return store
 
 
 def open_converted(source: str | os.PathLike, cache_dir: str | os.PathLike, *,
@@ -98,7 +120,7 @@ def open_converted(source: str | os.PathLike, cache_dir: str | os.PathLike, *,
     check_choice(weights)
     src = open_source(source)
     final = Path(cache_dir).expanduser() / _store_name(src, src.identity(), weights)
-    return WeightStore.open(final) if final.is_dir() else None
+    return _opened(final) if final.is_dir() else None
 
 
 def open_or_convert(source: str | os.PathLike, cache_dir: str | os.PathLike, *, weights: str = "auto",
@@ -110,10 +132,10 @@ def open_or_convert(source: str | os.PathLike, cache_dir: str | os.PathLike, *, 
     identity = src.identity()
     final = cache_dir / _store_name(src, identity, weights)
     if final.is_dir() and not rebuild:
-        return WeightStore.open(final)
+        return _opened(final)
     with _lock_for(final):  # threads of one process converting the same source: one converts, the rest reuse
         if final.is_dir() and not rebuild:
-            return WeightStore.open(final)
+            return _opened(final)
         return _convert_locked(src, identity, cache_dir, final, rebuild, progress, weights)
 
 
@@ -149,7 +171,7 @@ def _convert_locked(src, identity: dict, cache_dir: Path, final: Path, rebuild: 
             raise StorageError(f"could not write the weight store {final}: {e.strerror or e}; "
                             "free disk space or choose another store directory") from None
         raise
-    return WeightStore.open(final)
+    return _opened(final)
 
 
 def store_bytes(tensors: list[TensorSource]) -> int:

@@ -112,17 +112,17 @@ def _remove_store(path: str, lock_fd: int, owner_pid: int) -> None:
     os.close(lock_fd)
 
 
-def remove_stale(root: Path) -> list[Path]:
-    """Remove the KV stores under ``root`` whose owner is gone (their lock is free); returns them.
+def _ownerless(root: Path):
+    """Yield each KV store under ``root`` whose owner is gone (its lock is free), holding that lock until the
+    caller asks for the next one.
 
     A lock, not a pid check: a pid may be reused, or live in another pid namespace sharing the directory.
     A directory without its lock file is being created right now (or its creator died in that instant): kept.
     """
-    removed = []
     try:
         entries = [p for p in Path(root).iterdir() if p.name.startswith(DIR_PREFIX)]
     except OSError:
-        return removed
+        return
     for p in entries:
         try:
             fd = os.open(p / LOCK_FILE, os.O_RDONLY)
@@ -133,8 +133,23 @@ def remove_stale(root: Path) -> list[Path]:
         except OSError:  # held: its owner is alive
             os.close(fd)
             continue
+        try:
+            yield p
+        finally:
+            os.close(fd)
+
+
+def stale_stores(root: Path) -> list[Path]:
+    """The KV stores under ``root`` whose owner is gone, left in place (``offload-run prune`` names them first).
+    Nothing takes a dead store's lock again but a cleaner, so they stay stale until removed."""
+    return list(_ownerless(root))
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Remove the KV stores under ``root`` whose owner is gone, each under its lock; returns them."""
+    removed = []
+    for p in _ownerless(root):
         shutil.rmtree(p, ignore_errors=True)
-        os.close(fd)
         removed.append(p)
     return removed
 

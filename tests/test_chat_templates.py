@@ -158,3 +158,20 @@ def test_one_shot_refusal_and_broken_template_are_user_errors(tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}{{ m }"}))
     proc = run_cli(model, "--prompt", "hello", "-n", "2", "--offload-dir", tmp_path / "stores")
     assert_user_error(proc, "chat template is broken", "--raw")
+
+
+def test_decode_keeps_the_special_tokens_asked_for(tmp_path):
+    """The server's tool-call parser reads markers that may be special tokens (Mistral's [TOOL_CALLS]):
+    a decoder told to keep them shows them; by default special tokens stay out of the text."""
+    from offload_rt.tokenizer import StreamDecoder
+
+    tok = ours(tokenizer_dir(tmp_path / "t", template("smollm2-instruct.jinja")))
+    start = tok.token_ids(["<|im_start|>"])
+    assert len(start) == 1 and tok.token_ids(["no such token here"]) == frozenset()
+    ids = tok.encode("Hello") + list(start) + tok.encode(" world")
+    assert "<|im_start|>" not in tok.decode(ids)
+    kept = tok.decode(ids, start)
+    assert kept == tok.decode(ids[:1]) + "<|im_start|>" + tok.decode(ids[2:]) and kept.startswith("Hello")
+    dec = StreamDecoder(tok, start)
+    streamed = "".join(dec.push([i]) for i in ids)
+    assert streamed == kept

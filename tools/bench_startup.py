@@ -9,7 +9,7 @@ untimed run of each (the store converted, the calibration cached, the files in t
   the first byte on its stdout (the first token), with the child's CPU seconds beside it (on a
   shared machine the wall time also counts the wait for a CPU);
 * the breakdown: the same run (``offload_rt.cli.main``) in a child that first imports torch, numba
-  and offload_rt one after the other and then times, with ``perf_counter``, each step ``app.main``
+  and offload_rt one after the other and then times, with ``perf_counter``, each step ``app.main`` (through ``offload_rt.build``)
   takes before the first token: the tokenizer and the store's opening, the kernels' warm-up (the
   Numba cache loading), the baseline, the calibration cache, the plan, the engine, the prefill and
   first token; "other" is the rest;
@@ -84,7 +84,7 @@ def child(argv: list[str], out: Path, t_spawn: float) -> None:
     import kernels_cpu.matvec
     import kernels_cpu.quant  # the default model's Q4_1 blocks run through it
     import kernels_cpu.rowops
-    import offload_rt.app as app
+    import offload_rt.loader as loader
     import offload_rt.memory.baseline as baseline
     import offload_rt.memory.calibrate as calibrate
     import offload_rt.memory.plan  # noqa: F401
@@ -113,16 +113,16 @@ def child(argv: list[str], out: Path, t_spawn: float) -> None:
 
     timed(storage, "read_source_config", "GGUF header (config)")
     timed(tokenizer.Tokenizer, "__init__", "tokenizer")
-    timed(app, "open_model", "store + config", minus=("tokenizer", "GGUF header (config)"))
+    timed(loader, "open_model", "store + config", minus=("tokenizer", "GGUF header (config)"))
     for mod in (kernels_cpu.matvec, kernels_cpu.attention, kernels_cpu.rowops, kernels_cpu.quant):
         timed(mod, "warm_up", "kernels (Numba cache)")
     timed(baseline, "measure", "baseline")
     timed(calibrate, "load_or_measure", "calibration cache")
     timed(runtime, "prepare", "plan", minus=("calibration cache",))
     timed(scheduler.StreamingWeights, "__init__", "weights (resident load)")
-    timed(app, "attach_engine", "engine")
+    timed(loader, "attach_engine", "engine")
     marks = {}
-    real_attach, real_write = app.attach_engine, sys.stdout.write
+    real_attach, real_write = loader.attach_engine, sys.stdout.write
 
     def attach(*a, **k):
         try:
@@ -135,7 +135,7 @@ def child(argv: list[str], out: Path, t_spawn: float) -> None:
             marks["first"] = clock()
         return real_write(s)
 
-    app.attach_engine, sys.stdout.write = attach, write
+    loader.attach_engine, sys.stdout.write = attach, write
     try:
         cli.main(argv)
     except SystemExit:

@@ -18,8 +18,11 @@ GRACE_S = 30  # seconds in-flight requests get to finish after SIGINT/SIGTERM
 
 
 def prefix_root(cfg, store) -> object:
-    """Where the prefix cache persists: ``<offload-dir>/prefix-cache/<store dir name>/``."""
-    return cfg.store_dir / "prefix-cache" / store.path.name
+    """Where the prefix cache persists: ``<offload-dir>/prefix-cache/<store dir name>/`` (``offload-run prune``
+    removes it with its store)."""
+    from offload_rt.config import PREFIX_CACHE_DIR
+
+    return cfg.store_dir / PREFIX_CACHE_DIR / store.path.name
 
 
 PREFIX_DISK_RAM_RATIO = 16  # the prefix cache's disk share: this many times its RAM share ...
@@ -61,7 +64,9 @@ def describe(rt, host: str, port: int) -> str:
 
 
 def main(cfg, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, queue_depth: int = 64,
-         plan_only: bool = False) -> int:
+         plan_only: bool = False, defaults: dict | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; 0 when stopped so. ``defaults``: request fields (temperature, top_p, seed,
+    max_tokens, stop) a request that leaves them out gets (the command line's given options)."""
     import torch
 
     from offload_rt.build import build
@@ -91,7 +96,7 @@ def main(cfg, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None 
         rt.close()
         raise
     backend = BatchBackend(rt, model_id=rt.model.name, queue_depth=queue_depth, prefix=prefix)
-    app = create_app(backend, api_key=api_key)
+    app = create_app(backend, api_key=api_key, defaults=defaults)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                             lifespan="off")
     server = _Server(config)

@@ -70,7 +70,7 @@ class _Seq:
         self.cached = 0  # of those, restored from the prefix cache
         self.next_token: int | None = None  # sampled, not yet in the cache (decode appends it)
         self.sampler = make_sampler(SamplingConfig(temperature=req.temperature, top_p=req.top_p, seed=req.seed))
-        self.stream = TextStream(tok, req.stop, req.ignore_eos)
+        self.stream = TextStream(tok, req.stop, req.ignore_eos, tok.token_ids(req.keep_tokens))
         self.generated = 0
 
 

@@ -15,6 +15,7 @@ for the queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from offload_rt.serve import answer, metrics, protocol
+from offload_rt.serve import answer, metrics, protocol, toolcalls
 from offload_rt.serve.protocol import BadRequest, Reply
 from offload_rt.serve.types import Backend, GenRequest, Handle, PromptTooLong, QueueFull
 
@@ -158,7 +159,14 @@ def _bearer_check(api_key: str | None):
     return check
 
 
-def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
+def _with_defaults(body, defaults: dict | None):
+    """The request body with the server's defaults for the fields it leaves out (validated as the client's)."""
+    if not defaults or not isinstance(body, dict):
+        return body
+    return {**{k: v for k, v in defaults.items() if body.get(k) is None}, **{k: v for k, v in body.items() if v is not None}}
+
+
+def create_app(backend: Backend, *, api_key: str | None = None, defaults: dict | None = None) -> FastAPI:
     """The FastAPI app serving ``backend``; with ``api_key`` every route but /health needs
     ``Authorization: Bearer <api_key>``."""
     app = FastAPI(title="offload_rt", docs_url=None, redoc_url=None, openapi_url=None)
@@ -207,20 +215,24 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request):
-        call = protocol.parse_chat(await _json_body(request), backend.context_tokens)
+        call = protocol.parse_chat(_with_defaults(await _json_body(request), defaults), backend.context_tokens)
         tools = call.template_tools()
         try:
             ids = backend.chat_ids(call.messages, tools)
         except ValueError as e:
             raise BadRequest(str(e), param="messages") from None
-        handle = _submit(backend, call.options.gen_request(ids, backend.context_tokens), "messages")
-        reply = Reply(backend.model_id, chat=True, include_usage=call.options.include_usage)
         tool_format = backend.tool_format() if tools else None
+        gen = call.options.gen_request(ids, backend.context_tokens)
+        if tool_format is not None:  # the parser reads the format's markers: the decoder keeps them
+            gen = dataclasses.replace(gen, keep_tokens=toolcalls.marker_tokens(tool_format))
+        handle = _submit(backend, gen, "messages")
+        reply = Reply(backend.model_id, chat=True, include_usage=call.options.include_usage)
         return await _answer(request, handle, reply, tool_format, call.options.stream)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
-        call = protocol.parse_completion(await _json_body(request), backend.context_tokens)
+        call = protocol.parse_completion(_with_defaults(await _json_body(request), defaults),
+                                         backend.context_tokens)
         ids = backend.text_ids(call.prompt)
         handle = _submit(backend, call.options.gen_request(ids, backend.context_tokens), "prompt")
         reply = Reply(backend.model_id, chat=False, include_usage=call.options.include_usage)

@@ -21,6 +21,7 @@ class GenRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (not included in the text)
     ignore_eos: bool = False
+    keep_tokens: tuple[str, ...] = ()  # special tokens kept in the text (the tool-call parser's markers)
 
 
 @dataclass(frozen=True)
