@@ -30,7 +30,8 @@ pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
 
 Beside a GPU only q and the new k/v come down and only the output goes up.
 Pool memory is reserved once at its planned size and touched as tokens arrive; nothing
-proportional to the context is allocated per step.
+proportional to the context is allocated per step but the selection's bounds of the disk chunks
+(a few floats per chunk and query head).
 """
 
 from __future__ import annotations
@@ -324,6 +325,7 @@ class TieredKV:
         return passes
 
     def _passes(self, layer: int, batches: list[tuple[int, ...]]):
+        """:meth:`_disk_passes`' generator: queues the batches, yields None once (primed), then the batches."""
         first = self._seq
         for chunks in batches:
             self._ring.submit((layer, chunks))
