@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from offload_rt.config import RunConfig, SamplingConfig, parse_size
+from offload_rt.config import KV_SELECT_SHARE, RunConfig, SamplingConfig, parse_size
 from offload_rt.errors import UsageError, UserError
 
 
@@ -113,9 +113,15 @@ MODEL_OPTIONS = [
     click.option("--kv-cpu-mem", default=None,
                  help="Host RAM for the KV cache (part of --cpu-mem); past it KV chunks spill to --offload-dir. "
                       "Default: the whole context's KV in RAM."),
-    click.option("--attention", type=click.Choice(["auto", "exact", "magicpig"]), default="auto", show_default=True,
-                 help="Decode attention over long contexts: exact, or MagicPIG LSH sampling (auto: MagicPIG past "
-                      "a context length where it pays, when the KV is in RAM)."),
+    click.option("--attention", type=click.Choice(["auto", "exact", "magicpig", "select"]), default="auto",
+                 show_default=True,
+                 help="Decode attention over long contexts: exact; MagicPIG LSH sampling; select: with the KV spilled "
+                      "to disk, read only the disk chunks whose key bounds say they may matter (exact reads them "
+                      "all). auto: MagicPIG past a context length where it pays when the KV is in RAM, select when "
+                      "it spills."),
+    click.option("--kv-select-share", type=click.FloatRange(0.0, 1.0, min_open=True), default=KV_SELECT_SHARE,
+                 show_default=True,
+                 help="--attention select: at most this share of a layer's disk chunks read per decode step."),
     click.option("--lsh-k", type=click.IntRange(1, 15), default=10, show_default=True,
                  help="MagicPIG: bits per table."),
     click.option("--lsh-l", type=click.IntRange(2, 1024), default=150, show_default=True,

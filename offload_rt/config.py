@@ -75,6 +75,9 @@ class SamplingConfig:
     seed: int | None = None  # None = nondeterministic
 
 
+KV_SELECT_SHARE = 0.25  # --kv-select-share's default (offload_rt/memory/kv_select.py: why a share)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: str | None = None  # checkpoint dir, .gguf file, or None for the default model
@@ -100,7 +103,8 @@ class RunConfig:
     bandwidth_hints: dict | None = None  # preset [bandwidths] (bytes/s), used instead of measuring
     ctx_size: int | None = None  # context window in tokens (None: the model's, capped at runtime.DEFAULT_CTX)
     kv_cpu_mem: int | None = None  # host RAM for the KV cache; past it chunks spill to disk (None: all in RAM)
-    attention: str = "auto"  # auto | exact | magicpig (LSH sampling for long contexts)
+    attention: str = "auto"  # auto | exact | magicpig (LSH sampling for long contexts) | select (disk chunks)
+    kv_select_share: float = KV_SELECT_SHARE  # select: at most this share of a layer's disk chunks read per step
     lsh_k: int = 10  # MagicPIG: bits per hash table
     lsh_l: int = 150  # MagicPIG: hash tables
     draft: str | None = None  # SpecExec draft: a model path, or "self-int4" (the target as int4); None: off

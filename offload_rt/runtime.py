@@ -111,7 +111,9 @@ def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0,
     a speculation tree's), and the attention it runs; ``sequences`` caches share ``--kv-cpu-mem``.
 
     ``--attention auto`` turns MagicPIG on past :data:`AUTO_MAGICPIG_TOKENS` of context when
-    the KV (and its hash tables) fit in RAM; otherwise decode attention is exact.
+    the KV (and its hash tables) fit in RAM; otherwise, when the KV spills to disk, selection (decode
+    steps read only the disk chunks whose key bounds say they may matter, ``--attention select``
+    too); otherwise decode attention is exact (``--attention exact`` reads every disk chunk).
     """
     tokens = context_tokens(args, cfg.ctx_size) + extra_tokens
     shape = kv_shape(args, dtype)
@@ -131,8 +133,9 @@ def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0,
         except BudgetError:
             if cfg.attention == "magicpig":
                 raise
-            # auto: the tables do not fit in RAM beside the KV: exact attention
-    return split_kv(shape, tokens, **kw), "exact"
+            # auto: the tables do not fit in RAM beside the KV: exact attention, or selection over the disk
+    split = split_kv(shape, tokens, **kw)
+    return split, "select" if split.spills and cfg.attention in ("auto", "select") else "exact"
 
 
 def activation_bytes(args, prefill_chunk: int, dequant: int = 0) -> int:
@@ -214,7 +217,7 @@ class Prepared:
     device: str
     gpu_context_bytes: int = 0  # the CUDA context as measured (outside the device budget), 0 without CUDA
     kv: KVSplit | None = None  # the KV cache's tiers
-    attention: str = "exact"  # exact | magicpig
+    attention: str = "exact"  # exact | magicpig | select
     experts: ExpertPlan | None = None  # a MoE model's routed experts: resident, or a RAM cache over the disk
     draft: object | None = None  # spec.setup.DraftPlan: the draft's residency and the speculation budget
     notice: str | None = None  # one line for stderr: a --draft the plan runs without (predicted slower)
@@ -243,7 +246,8 @@ class Prepared:
                         host_chunks=split.host_chunks, staging_chunks=split.staging_chunks,
                         disk_root=kv_dir(cfg) if split.spills else None, chunk_tokens=split.shape.chunk_tokens,
                         attention=self.attention, lsh_k=cfg.lsh_k, lsh_l=cfg.lsh_l,
-                        magicpig_from=AUTO_MAGICPIG_TOKENS if cfg.attention == "auto" else 0, tracer=tracer)
+                        magicpig_from=AUTO_MAGICPIG_TOKENS if cfg.attention == "auto" else 0,
+                        select_share=cfg.kv_select_share, tracer=tracer)
 
     def factory(self, cfg: RunConfig, tracer=None, accel=None):
         """A builder of the run's weight source; ``accel`` (default: from the device) carries out the copies."""

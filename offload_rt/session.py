@@ -31,6 +31,7 @@ class Session:
         self.last = GenResult()
         self._at_decode = None  # (disk, h2d) byte counters when the last answer's decode began
         self._attention_at_decode = None  # the cache's attention_s then
+        self._kv_disk_at_decode = None  # the cache's disk counters then (_kv_disk_counters)
 
     def prompt_ids(self, messages_or_text, *, raw: bool | None = None) -> list[int]:
         tok = self.model.tokenizer
@@ -66,16 +67,24 @@ class Session:
         c = self.counters
         self._at_decode = (getattr(c, "disk_read_bytes", 0), getattr(c, "h2d_bytes", 0))
         self._attention_at_decode = getattr(self.model.engine.cache, "attention_s", 0.0)
+        self._kv_disk_at_decode = _kv_disk_counters(self.model.engine.cache)
 
     def kv_stats(self) -> dict:
-        """KV bytes per tier, decode time in attention (seconds), KV chunk bytes moved to and from disk."""
+        """KV bytes per tier, decode time in attention (seconds), KV chunk bytes moved to and from disk (the
+        whole run), and what decode read from the disk tier: bytes per generated token after the first (the
+        first comes from the prefill), and the disk chunks its attention covered against those it read
+        (summed over layers and steps: ``--attention exact`` reads all, ``select`` a share)."""
         cache = self.model.engine.cache
         attn = getattr(cache, "attention_s", 0.0)
         at_decode = attn if self._attention_at_decode is None else self._attention_at_decode
+        now = _kv_disk_counters(cache)
+        read, spilled, chunks_read = (a - b for a, b in zip(now, self._kv_disk_at_decode or now))
         return {"kv_bytes_by_tier": cache.tier_bytes(),
                 "attention_s": round(attn - at_decode, 6),
                 "kv_disk_read_bytes": int(getattr(cache, "disk_read_bytes", 0)),
                 "kv_disk_write_bytes": int(getattr(cache, "disk_write_bytes", 0)),
+                "kv_disk_read_bytes_per_token": round(read / max(1, self.last.new_tokens - 1)),
+                "kv_disk_chunks_decode": {"spilled": spilled, "read": chunks_read},
                 "attention": getattr(cache, "attention", "exact")}
 
     def stats(self) -> dict:
@@ -88,3 +97,10 @@ class Session:
                             disk_read_bytes_decode=int(getattr(c, "disk_read_bytes", 0) - disk0),
                             h2d_bytes_decode=int(getattr(c, "h2d_bytes", 0) - h2d0), **self.kv_stats(),
                             spec=self.speculator.stats.as_dict() if self.speculator is not None else None)
+
+
+def _kv_disk_counters(cache) -> tuple[int, int, int]:
+    """A KV cache's (disk bytes read, disk chunks its attention covered, disk chunks it read); 0 for a cache
+    without a disk tier."""
+    return (int(getattr(cache, "disk_read_bytes", 0)), int(getattr(cache, "disk_chunks_seen", 0)),
+            int(getattr(cache, "disk_chunks_read", 0)))

@@ -32,7 +32,7 @@ def test_kv_spills_to_disk_same_text_and_rss_within_budget(store_dir, tmp_path):
     cpu_mem = 1024 * 2**20
     trace = tmp_path / "trace.json"
     proc = run_cli(*ARGS, "--offload-dir", store_dir, "--cpu-mem", "1G", "--kv-cpu-mem", "32M", "--profile", trace,
-                   input=STORY)
+                   "--attention", "exact", input=STORY)
     rec = _stats(proc)
     # the trace shows KV chunk reads/writes and CPU attention on their own tracks
     events = json.loads(trace.read_text())["traceEvents"]
@@ -48,6 +48,8 @@ def test_kv_spills_to_disk_same_text_and_rss_within_budget(store_dir, tmp_path):
     kv = rec["kv_bytes_by_tier"]
     assert kv["disk"] > 0 and 0 < kv["host"] <= 32 * 2**20
     assert rec["kv_disk_write_bytes"] > 0 and rec["kv_disk_read_bytes"] >= rec["new_tokens"] * kv["disk"] // 2
+    chunks = rec["kv_disk_chunks_decode"]  # exact: decode reads every disk chunk at every step
+    assert chunks["read"] == chunks["spilled"] > 0 and rec["kv_disk_read_bytes_per_token"] > 0
     assert 0 < rec["attention_s"] <= rec["decode_s"]
     assert rec["run_peak_rss_bytes"] <= rec["baseline_bytes"] + cpu_mem + RUNTIME_SLACK_BYTES, rec
     assert rec["run_peak_rss_bytes"] <= rec["baseline_bytes"] + rec["host_reserved_peak_bytes"] + \
@@ -60,7 +62,12 @@ def test_plan_shows_the_kv_split_and_longest_context(store_dir):
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("kv cache: "))
     assert "8192 tokens" in line and "disk" in line and "longest context that fits" in line
-    assert "attention exact" in line
+    assert "attention select" in line and "key bounds" in line  # auto: selective disk reads once the KV spills
+    proc = run_cli("--plan", "--offload-dir", store_dir, "--ctx-size", "8192", "--kv-cpu-mem", "64M", "--attention",
+                   "exact")
+    assert "attention exact" in next(ln for ln in proc.stdout.splitlines() if ln.startswith("kv cache: "))
+    proc = run_cli("--plan", "--offload-dir", store_dir, "--ctx-size", "8192", "--attention", "select")
+    assert "attention exact" in next(ln for ln in proc.stdout.splitlines() if ln.startswith("kv cache: "))  # no disk
     proc = run_cli("--plan", "--offload-dir", store_dir, "--ctx-size", "8192", "--attention", "magicpig")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("kv cache: "))
     assert "MagicPIG tables" in line and "attention magicpig" in line
@@ -71,12 +78,13 @@ def test_plan_shows_the_kv_split_and_longest_context(store_dir):
     (("--kv-cpu-mem", "auto"), "--kv-cpu-mem"),
     (("--kv-cpu-mem", "64M", "--attention", "magicpig"), "MagicPIG"),
     (("--lsh-k", "40"), "--lsh-k"),
+    (("--kv-select-share", "0"), "--kv-select-share"),
 ])
 def test_kv_option_errors_are_one_line(store_dir, args, needle):
     assert_user_error(run_cli("--plan", "--offload-dir", store_dir, "--ctx-size", "4096", *args), needle)
 
 
-@pytest.mark.parametrize("opts, attention, spilled", [(("--kv-cpu-mem", "32M"), "exact", True),
+@pytest.mark.parametrize("opts, attention, spilled", [(("--kv-cpu-mem", "32M"), "select", True),
                                                      (("--attention", "magicpig"), "magicpig", False)])
 def test_repl_with_kv_options_keeps_the_chat(store_dir, opts, attention, spilled):
     from tests.test_repl import Term

@@ -61,8 +61,10 @@ def test_split_kv_sizes_ram_and_disk():
     assert (whole.host_chunks, whole.disk_chunks, whole.staging_chunks) == (64, 0, 0)
     assert whole.host_bytes == 4096 * shape.bytes_per_token and not whole.spills
     part = split_kv(shape, 4096, kv_cpu_mem=40 * cb, disk_free=10 ** 12, model_tokens=8192)
-    assert part.staging_chunks == 2 * STAGING_BATCH and part.host_chunks == 40 - 2 * STAGING_BATCH
-    assert part.host_chunks + part.disk_chunks == 64 and part.host_bytes == 40 * cb
+    # RAM: the staging chunks, the key bounds of every chunk the window may spill, chunks in what is left
+    assert part.staging_chunks == 2 * STAGING_BATCH and part.bound_bytes == 64 * shape.abstract_bytes
+    assert part.host_chunks == (40 * cb - part.bound_bytes) // cb - 2 * STAGING_BATCH
+    assert part.host_chunks + part.disk_chunks == 64 and 40 * cb - cb < part.host_bytes <= 40 * cb
     assert part.longest_context == 8192  # the disk has room for the model's whole window
     assert "disk" in part.describe() and "longest context that fits: 8192" in part.describe()
     with pytest.raises(BudgetError, match="--kv-cpu-mem"):

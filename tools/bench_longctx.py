@@ -1,5 +1,6 @@
 """End to end at a long context: decode tok/s of the default model with the KV in RAM vs mostly on disk,
-exact vs MagicPIG attention, and the share of each token's time spent in attention (issue 10).
+exact vs MagicPIG attention vs selective disk reads, and the share of each token's time spent in attention
+(issues 10, 22).
 
     python -m tools.bench_longctx [--tokens 6000] [-n 32] [--kv-cpu-mem 64M] [--memcap 2500M] [--json PATH]
 
@@ -11,7 +12,10 @@ greedy, ``--ignore-eos``, ``--ctx-size 8192``, ``--stats``:
 * ``ram magicpig``    the same with ``--attention magicpig`` (sinks + recent window exact, the rest sampled);
 * ``disk exact``      ``--kv-cpu-mem`` far below the context's KV: most chunks spill to the zarr store
                       and every decode step reads them back (O_DIRECT, staged while the previous batch computes);
-* ``disk magicpig``   refused by the plan (MagicPIG samples from chunks in RAM): shown with its message.
+* ``disk magicpig``   refused by the plan (MagicPIG samples from chunks in RAM): shown with its message;
+* ``disk select``     ``--attention select`` (what ``auto`` runs once the KV spills): each decode step reads
+                      only the disk chunks whose key bounds say they may matter, at most ``--kv-select-share``
+                      of them (offload_rt/memory/kv_select.py).
 
 Figures per case, from the ``--stats`` line: decode tok/s as the CLI reports it (the first token comes
 from the prefill's logits, so ``n - 1`` decode steps), attention share = ``attention_s / decode_s``,
@@ -20,7 +24,8 @@ machine moves it, and tok/s with it), and whether the answer holds the key. The 
 is not like the others (MagicPIG hashes the whole prompt into its tables there) and the stats count KV
 disk reads over the whole run, prefill included; so each case runs a second time with ``-n 2`` (one
 decode step) and the difference gives steps 2..n: steady tok/s, steady attention share, KV bytes read
-from disk per step; ``first step s`` is the ``-n 2`` run's decode time.
+from disk per step; ``first step s`` is the ``-n 2`` run's decode time. ``disk chunks read``: of the
+disk chunks decode's attention covered (summed over layers and steps), those it read.
 
 ``--memcap SIZE`` runs every case under ``memcap SIZE --cold --`` (the shared tool: a memory cgroup
 that charges the page cache too, caches dropped first), so disk figures are reads from the device and
@@ -46,7 +51,7 @@ from tests.passkey_prompts import FILLER_TOKENS, passkey_text
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 KEY = 71432
-CASES = (("ram", "exact"), ("ram", "magicpig"), ("disk", "exact"), ("disk", "magicpig"))
+CASES = (("ram", "exact"), ("ram", "magicpig"), ("disk", "exact"), ("disk", "magicpig"), ("disk", "select"))
 PROMPT_OVERHEAD = 60  # tokens of the intro, needle and question around the filler
 
 
@@ -55,11 +60,13 @@ def memcap_tool() -> str:
 
 
 def cli_command(prompt_file: Path, *, n: int, attention: str, kv_cpu_mem: str | None, ctx_size: int,
-                offload_dir: Path | None, memcap: str | None) -> list[str]:
+                offload_dir: Path | None, memcap: str | None, select_share: float | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "offload_rt", "--raw", "--prompt-file", str(prompt_file), "-n", str(n),
            "--ignore-eos", "--ctx-size", str(ctx_size), "--stats", "--attention", attention]
     if kv_cpu_mem:
         cmd += ["--kv-cpu-mem", kv_cpu_mem]
+    if select_share is not None:
+        cmd += ["--kv-select-share", str(select_share)]
     if offload_dir:
         cmd += ["--offload-dir", str(offload_dir)]
     return [memcap_tool(), memcap, "--cold", "--", *cmd] if memcap else cmd
@@ -100,9 +107,10 @@ def _outcome(p: subprocess.CompletedProcess, what: str, memcap: str | None) -> d
 def measure(storage: str, attention: str, prompt_file: Path, a) -> dict:
     """One case: two CLI runs, ``-n N`` and ``-n 2`` (one decode step), over the same prompt → one row."""
     kv_mem = a.kv_cpu_mem if storage == "disk" else None
+    share = a.select_share if attention == "select" else None
     opts = dict(attention=attention, kv_cpu_mem=kv_mem, ctx_size=a.ctx_size, offload_dir=a.offload_dir,
-                memcap=a.memcap)
-    case = f"{storage} {attention}"
+                memcap=a.memcap, select_share=share)
+    case = f"{storage} {attention}" + (f" {share:g}" if share is not None else "")
     cmd = cli_command(prompt_file, n=a.n, **opts)
     row: dict = {"case": case, "command": " ".join(cmd)}
     p = run(cmd, a.timeout)
@@ -117,6 +125,7 @@ def measure(storage: str, attention: str, prompt_file: Path, a) -> dict:
                kv_host_bytes=kv.get("host", 0), kv_disk_bytes=kv.get("disk", 0),
                kv_disk_read_bytes=rec["kv_disk_read_bytes"], peak_rss_bytes=rec["peak_rss_bytes"],
                memcap_peak_bytes=memcap_peak(p.stderr), decode_threads=rec.get("decode_threads"),
+               kv_disk_chunks_decode=rec.get("kv_disk_chunks_decode"),
                answer=p.stdout.strip(), found=str(KEY) in p.stdout)
     # Steps 2..N without the first decode step (MagicPIG builds its tables there) nor the prefill's disk reads:
     # the same run cut at one decode step, subtracted.
@@ -139,23 +148,32 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
 
+def _chunks(c: dict | None) -> str:
+    """Disk chunks decode read / those its attention covered (summed over layers and steps)."""
+    if not c or not c.get("spilled"):
+        return "—"
+    return f"{c['read']} / {c['spilled']} ({100 * c['read'] / c['spilled']:.0f}%)"
+
+
 def _num(x, fmt: str = ".2f") -> str:
     return "—" if x is None else format(x, fmt)
 
 
 def table(rows: list[dict]) -> str:
     out = ["| case | decode tok/s | attention share | steady tok/s (steps 2..n) | steady attention share | "
-           "first step s | KV host | KV disk | disk read/step | peak RSS | decode threads | key found |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "first step s | KV host | KV disk | disk read/step | disk chunks read | peak RSS | decode threads | "
+           "key found |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         why = r.get("refused") or r.get("killed")
         if why:
-            out.append(f"| {r['case']} | {'refused' if 'refused' in r else 'killed'}: {why} |" + " |" * 10)
+            out.append(f"| {r['case']} | {'refused' if 'refused' in r else 'killed'}: {why} |" + " |" * 11)
             continue
         out.append(f"| {r['case']} | {r['decode_tok_s']:.2f} | {_pct(r['attention_share'])} | "
                    f"{_num(r.get('steady_tok_s'))} | {_pct(r.get('steady_attention_share'))} | "
                    f"{_num(r.get('first_step_s'), '.3f')} | {_mib(r['kv_host_bytes'])} | {_mib(r['kv_disk_bytes'])} | "
-                   f"{_mib(r.get('kv_disk_read_per_step_bytes'))} | {_mib(r['peak_rss_bytes'])} | "
+                   f"{_mib(r.get('kv_disk_read_per_step_bytes'))} | {_chunks(r.get('kv_disk_chunks_decode'))} | "
+                   f"{_mib(r['peak_rss_bytes'])} | "
                    f"{r.get('decode_threads') or '—'} | {'yes' if r['found'] else 'no'} |")
     return "\n".join(out)
 
@@ -166,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=32, help="new tokens per run (greedy, --ignore-eos)")
     ap.add_argument("--ctx-size", type=int, default=8192)
     ap.add_argument("--kv-cpu-mem", default="64M", help="the disk cases' --kv-cpu-mem (far below the KV)")
+    ap.add_argument("--select-share", type=float, default=None,
+                    help="the select case's --kv-select-share (default: the CLI's)")
     ap.add_argument("--memcap", default=None, help="run each case under `memcap SIZE --cold --` (e.g. 1500M)")
     ap.add_argument("--offload-dir", type=Path, default=None, help="stores and the spilled KV (default: the CLI's)")
     ap.add_argument("--cases", default=",".join(f"{s}-{a}" for s, a in CASES),

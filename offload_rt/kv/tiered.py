@@ -15,6 +15,14 @@ pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
 * a decode step (one token, no tree, no window shorter than the context) over a layer whose chunks
   are all in RAM, the common case, writes the token and attends in one kernel call
   (``kernels_cpu.attention.attend_decode``);
+* a decode step over a layer with chunks on disk queues the disk chunks it reads, computes the RAM
+  chunks (one kernel call) while they are read, then each batch as it arrives; exact attention reads
+  them all. With selection (``attention="select"``) only those that may matter: each chunk written
+  to disk leaves its keys' per-channel min/max in RAM (:mod:`offload_rt.memory.kv_select`, Quest's
+  bound on ``q . k``), and the step reads the chunks whose bound comes near the log-sum-exp of its
+  scores with the sink tokens and its own key, the highest first, at most ``select_share`` of them,
+  packed into the staging slots (every disk key is visible to a decode query: a batch needs no
+  contiguous key range);
 * with MagicPIG (``attention="magicpig"``, decode steps past ``magicpig_from`` tokens) the
   sink tokens and a recent window are exact and the rest is sampled through LSH tables
   (``kernels_cpu.magicpig``), built on first use and extended by whole chunks as tokens
@@ -22,7 +30,8 @@ pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
 
 Beside a GPU only q and the new k/v come down and only the output goes up.
 Pool memory is reserved once at its planned size and touched as tokens arrive; nothing
-proportional to the context is allocated per step.
+proportional to the context is allocated per step but the selection's bounds of the disk chunks
+(a few floats per chunk and query head).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import torch
 
 from kernels_cpu import attention as kern
 from offload_rt.kv import bytes_per_token, check_keep, check_load
+from offload_rt.memory import kv_select
 from offload_rt.memory.kv_plan import CHUNK_TOKENS, STAGING_BATCH, ChunkTable
 from offload_rt.prefetch import Prefetcher
 from offload_rt.trace import NullTracer
@@ -52,14 +62,15 @@ class TieredKV:
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int, *,
                  host_chunks: int, staging_chunks: int = 0, disk_root: Path | None = None,
                  chunk_tokens: int = CHUNK_TOKENS, attention: str = "exact", lsh_k: int = 10, lsh_l: int = 150,
-                 magicpig_from: int = 0, tracer=None):
-        if attention not in ("exact", "magicpig"):
+                 magicpig_from: int = 0, select_share: float = kv_select.DEFAULT_SHARE, tracer=None):
+        if attention not in ("exact", "magicpig", "select"):
             raise ValueError(f"attention {attention!r}")
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.dtype, self.max_tokens, self.C = dtype, max_tokens, chunk_tokens
         self.offset = 0
         self.attention_s = 0.0
         self.disk_read_bytes = self.disk_write_bytes = 0
+        self.disk_chunks_seen = self.disk_chunks_read = 0  # disk chunks attention covered / read back
         self.tracer = tracer or NullTracer()
         self.host_chunks, self.staging_chunks = host_chunks, staging_chunks
         self._table = ChunkTable(n_layers, host_chunks, disk=disk_root is not None)
@@ -71,6 +82,10 @@ class TieredKV:
         self.vpool = aligned_buffer(nbytes).view(dtype).view(shape)
         self._disk_root = disk_root
         self._disk = None  # storage.kv_store.KVChunkStore, created at the first spill
+        # per chunk on disk: its keys' min and max per KV head and channel (the selection's bounds)
+        bounds = (n_layers, -(-max_tokens // chunk_tokens), kv_heads, head_dim) if disk_root else (0,) * 4
+        self._kmin, self._kmax = np.zeros(bounds, np.float32), np.zeros(bounds, np.float32)  # touched as chunks spill
+        self.select_share = select_share
         # disk chunks are read by the runtime's one slot ring (offload_rt.prefetch), two halves of the staging
         # slots: the next batch is read while the current one computes
         self._halves = [list(range(host_chunks + h * STAGING_BATCH, host_chunks + (h + 1) * STAGING_BATCH))
@@ -102,6 +117,7 @@ class TieredKV:
             with self.tracer.span("kv_disk", f"kv write layer.{vl}", layer=vl, chunk=victim):
                 self._store().write(vl, victim, self.kpool[s], self.vpool[s])
             self.disk_write_bytes += self._store().chunk_bytes
+            self._kmin[vl, victim], self._kmax[vl, victim] = kv_select.key_bounds(self.kpool[s].float().numpy())
         if load:
             with self.tracer.span("kv_disk", f"kv read layer.{layer}", layer=layer, chunk=chunk):
                 self.disk_read_bytes += self._store().read_into(layer, chunk, self.kpool[slot], self.vpool[slot])
@@ -138,9 +154,13 @@ class TieredKV:
         call = dict(q_index=torch.arange(start, end, dtype=torch.int64), window=window or 0,
                     n_prefix=end - tree_mask.shape[1] if tree_mask is not None else None,
                     tail_mask=tree_mask.to("cpu", torch.bool).contiguous() if tree_mask is not None else None)
+        # one query seeing every key (no tree, no window hiding any): a decode step
+        decode = T == 1 and tree_mask is None and (not window or end <= window)
         with self.tracer.span("cpu_attn", f"attention layer.{layer}", layer=layer, tokens=end):
             sampled = self._magicpig(layer, end) if (T == 1 and tree_mask is None and not window) else None
-            if sampled is None:
+            if sampled is None and decode:
+                o, lse = self._decode_spilled(layer, qf, end, call)
+            elif sampled is None:
                 o, lse = self._exact(layer, qf, 0, end, call)
             else:
                 from kernels_cpu import magicpig
@@ -217,7 +237,7 @@ class TieredKV:
             T, nh, d = q.shape
             return torch.zeros(T, nh, d), torch.full((T, nh), float("-inf"))
         first, n_chunks = lo // C, -(-hi // C)
-        disk_batches = []
+        disk: list[int] = []
         for tier, c0, slots in self._table.runs(layer, n_chunks):
             c1 = c0 + len(slots)
             if c1 <= first:
@@ -229,36 +249,98 @@ class TieredKV:
                 add(fn(q, self.kpool, self.vpool, torch.tensor(slots, dtype=torch.int32), min(hi, c1 * C) - base,
                        k_base=base, **call))
             else:
-                disk_batches += [(c, min(c + STAGING_BATCH, c1)) for c in range(c0, c1, STAGING_BATCH)]
-        if disk_batches:
-            for slots, n_keys, base in self._disk_passes(layer, disk_batches, hi):
-                add(fn(q, self.kpool, self.vpool, slots, n_keys, k_base=base, **call))
+                disk += range(c0, c1)
+        if disk:
+            self.disk_chunks_seen += len(disk)
+            self.disk_chunks_read += len(disk)
+            for slots, chunks in self._disk_passes(layer, _batches(disk, packed=False)):
+                base = chunks[0] * C
+                add(fn(q, self.kpool, self.vpool, slots, min(hi, (chunks[-1] + 1) * C) - base, k_base=base, **call))
         return acc
 
-    def _fill_staging(self, item: tuple[int, int, int], half: int) -> int:
-        """On the ring's thread: chunks c0..c1 of a layer from disk into a half of the staging slots."""
-        layer, c0, c1 = item
-        items = [(layer, c, self.kpool[s], self.vpool[s]) for c, s in zip(range(c0, c1), self._halves[half])]
-        with self.tracer.span("kv_disk", f"kv read layer.{layer}", layer=layer, chunks=c1 - c0):
+    def _decode_spilled(self, layer: int, q: torch.Tensor, end: int, call: dict):
+        """A decode step's attention (q [1, nh, d], every key [0, end) visible) over a layer with chunks on disk
+        (or one the fast path left): the disk chunks to read (all of them, or with ``attention="select"``
+        :meth:`_select`'s) are queued first, the RAM chunks computed in one kernel call while they are read,
+        then the disk batches as they arrive, merged in that order.
+
+        The RAM chunks and each disk batch are passed to the kernel packed, as one region of keys whatever
+        chunks lie between: region key j gets index ``k_base + j``, at or below its own, and every key at or
+        below the query's is visible to it (no window, no tree), so the packing changes no mask; only the
+        chunk being written (the last in RAM) is partial."""
+        C = self.C
+        ram, ram_chunks, disk = [], [], []
+        for c, (tier, slot) in enumerate(self._table.chunks[layer][:-(-end // C)]):
+            if tier == "host":
+                ram.append(slot)
+                ram_chunks.append(c)
+            else:
+                disk.append(c)
+        read = self._select(layer, q, end, disk) if self.attention == "select" and disk else disk
+        self.disk_chunks_seen += len(disk)
+        self.disk_chunks_read += len(read)
+        passes = self._disk_passes(layer, _batches(read, packed=True))
+        try:
+            n_keys = (len(ram) - 1) * C + end - ram_chunks[-1] * C
+            acc = kern.attend(q, self.kpool, self.vpool, torch.tensor(ram, dtype=torch.int32), n_keys,
+                              k_base=ram_chunks[0] * C, **call)
+            for slots, chunks in passes:
+                acc = kern.merge(*acc, *kern.attend(q, self.kpool, self.vpool, slots, len(chunks) * C,
+                                                    k_base=chunks[0] * C, **call))
+        finally:
+            passes.close()  # abandoned half-way (an exception): the ring gets back what was queued
+        return acc
+
+    def _select(self, layer: int, q: torch.Tensor, end: int, disk: list[int]) -> list[int]:
+        """The disk chunks of ``layer`` a decode query q [1, nh, d] at token ``end - 1`` reads:
+        :func:`offload_rt.memory.kv_select.choose` on the chunks' key bounds, against the log-sum-exp of the
+        query's scores with the first tokens (the sinks, in RAM) and its own key (just written), a lower bound
+        of the whole softmax's known before any chunk is read."""
+        d = q.shape[2]
+        qs = q[0].numpy() * d ** -0.5
+        row, C = self._table.chunks[layer], self.C
+        seen = [self.kpool[row[(end - 1) // C][1], :, (end - 1) % C][:, None]]
+        if row[0][0] == "host":
+            seen.append(self.kpool[row[0][1], :, :min(SINKS, end - 1)])
+        ref = kv_select.reference(qs, torch.cat(seen, dim=1).float().numpy())
+        idx = np.asarray(disk)
+        bounds = kv_select.score_bounds(qs, self._kmin[layer, idx], self._kmax[layer, idx])
+        pick = kv_select.choose(bounds, ref, len(disk) * C, kv_select.budget(len(disk), self.select_share))
+        return idx[pick].tolist()
+
+    def _fill_staging(self, item: tuple[int, tuple[int, ...]], half: int) -> int:
+        """On the ring's thread: chunks of a layer from disk into a half of the staging slots."""
+        layer, chunks = item
+        items = [(layer, c, self.kpool[s], self.vpool[s]) for c, s in zip(chunks, self._halves[half])]
+        with self.tracer.span("kv_disk", f"kv read layer.{layer}", layer=layer, chunks=len(chunks)):
             return self._store().read_many(items)
 
-    def _disk_passes(self, layer: int, batches: list[tuple[int, int]], hi: int):
-        """Yield (staging slots, n_keys, k_base) per batch of disk chunks, each read by the ring while the
-        caller computes on the one before."""
+    def _disk_passes(self, layer: int, batches: list[tuple[int, ...]]):
+        """An iterator of (staging slots, chunks) per batch of disk chunks (chunk i of the batch in slot i), each
+        read by the ring while the caller computes on the one before. The batches are queued now: the caller
+        may compute something else while the first ones are read. Closing the iterator before its end (or
+        dropping it) takes and releases what is left, so that the ring is ready for the next caller."""
+        passes = self._passes(layer, batches)
+        next(passes)  # queued
+        return passes
+
+    def _passes(self, layer: int, batches: list[tuple[int, ...]]):
+        """:meth:`_disk_passes`' generator: queues the batches, yields None once (primed), then the batches."""
         first = self._seq
-        for c0, c1 in batches:
-            self._ring.submit((layer, c0, c1))
+        for chunks in batches:
+            self._ring.submit((layer, chunks))
         self._seq += len(batches)
         done = 0
         try:
-            for i, (c0, c1) in enumerate(batches):
+            yield None
+            for i, chunks in enumerate(batches):
                 half, nb = self._ring.take(first + i, waiting=lambda: self.tracer.span(
                     "cpu_attn", f"wait kv layer.{layer}", layer=layer))
                 done += 1
                 self.disk_read_bytes += nb
-                slots = torch.tensor(self._halves[half][:c1 - c0], dtype=torch.int32)
+                slots = torch.tensor(self._halves[half][:len(chunks)], dtype=torch.int32)
                 try:
-                    yield slots, min(hi, c1 * self.C) - c0 * self.C, c0 * self.C
+                    yield slots, chunks
                 finally:
                     self._ring.release(half)
         finally:  # abandoned half-way (an exception in compute): let the ring finish what was queued
@@ -355,7 +437,9 @@ class TieredKV:
     def tier_bytes(self) -> dict[str, int]:
         cb = 2 * self.kv_heads * self.C * self.head_dim * self.dtype.itemsize
         tables = sum(i.nbytes for i in self._index if i is not None)
-        return {"host": self._table.count("host") * cb + tables, "disk": self._table.count("disk") * cb}
+        disk = self._table.count("disk")
+        bounds = disk * kv_select.abstract_bytes(self.kv_heads, self.head_dim)  # the disk chunks' abstracts
+        return {"host": self._table.count("host") * cb + tables + bounds, "disk": disk * cb}
 
     @property
     def nbytes(self) -> int:
@@ -371,3 +455,16 @@ class TieredKV:
         if self._disk is not None:
             self._disk.close()
             self._disk = None
+
+
+def _batches(chunks: list[int], packed: bool) -> list[tuple[int, ...]]:
+    """Sorted disk chunks in read batches of at most STAGING_BATCH (the staging slots of a half): runs of
+    consecutive chunks, so that a batch is one range of keys; ``packed`` (a decode step's selection, every
+    key visible to the query) fills batches whatever the gaps, for fewer reads and kernel calls."""
+    out: list[list[int]] = []
+    for c in chunks:
+        if out and len(out[-1]) < STAGING_BATCH and (packed or c == out[-1][-1] + 1):
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return [tuple(b) for b in out]

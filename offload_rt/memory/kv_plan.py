@@ -10,7 +10,9 @@ chunks that disk chunks are read into. :class:`ChunkTable` is the run-time bookk
 
 Spilling keeps a layer's first chunk (the attention sinks) and its most recent chunks in
 RAM and sends the oldest others to disk: exact attention reads every chunk anyway, and the
-recent ones are where new tokens are written and where MagicPIG's exact window lives.
+recent ones are where new tokens are written and where MagicPIG's exact window lives. Every
+chunk on disk keeps a small abstract in RAM, its keys' bounds (:mod:`offload_rt.memory.kv_select`:
+which disk chunks a decode step reads); the split budgets them for the whole window.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from offload_rt.config import format_size
 from offload_rt.errors import BudgetError
+from offload_rt.memory.kv_select import abstract_bytes
 from offload_rt.memory.plan import cli_size
 
 CHUNK_TOKENS = 256  # tokens per chunk (per layer)
@@ -43,6 +46,11 @@ class KVShape:
     def bytes_per_token(self) -> int:
         return 2 * self.n_layers * self.kv_heads * self.head_dim * self.itemsize
 
+    @property
+    def abstract_bytes(self) -> int:
+        """RAM of one disk chunk's key bounds (kv_select)."""
+        return abstract_bytes(self.kv_heads, self.head_dim)
+
     def chunks_per_layer(self, tokens: int) -> int:
         return -(-tokens // self.chunk_tokens)
 
@@ -58,11 +66,13 @@ class KVSplit:
     staging_chunks: int  # host slots disk chunks are read into (0 without spilling)
     table_bytes: int  # MagicPIG hash tables for the whole window (0: exact attention only)
     longest_context: int  # tokens the budgets could serve (RAM + disk), capped by the model
+    bound_bytes: int = 0  # the disk chunks' key bounds (kv_select), every chunk of the window's (0: no disk)
 
     @property
     def host_bytes(self) -> int:
-        """Everything the KV takes from the host budget: chunks, staging, hash tables."""
-        return (self.host_chunks + self.staging_chunks) * self.shape.chunk_bytes + self.table_bytes
+        """Everything the KV takes from the host budget: chunks, staging, hash tables, key bounds."""
+        chunks = (self.host_chunks + self.staging_chunks) * self.shape.chunk_bytes
+        return chunks + self.table_bytes + self.bound_bytes
 
     @property
     def disk_bytes(self) -> int:
@@ -80,7 +90,8 @@ class KVSplit:
         if self.spills:
             staging = format_size(self.staging_chunks * s.chunk_bytes)
             line += (f", disk {format_size(self.disk_bytes)} ({self.disk_chunks} chunks; "
-                     f"{self.staging_chunks} staging chunks in RAM, {staging})")
+                     f"{self.staging_chunks} staging chunks in RAM, {staging}; key bounds "
+                     f"{format_size(self.bound_bytes)})")
         if self.table_bytes:
             line += f"; MagicPIG tables {format_size(self.table_bytes)}"
         return line + f"; longest context that fits: {self.longest_context} tokens"
@@ -96,7 +107,8 @@ def split_kv(shape: KVShape, tokens: int, *, kv_cpu_mem: int | None, disk_free: 
     """Size the tiers for ``tokens`` of context.
 
     ``kv_cpu_mem`` None: every chunk in RAM. Otherwise RAM holds what it allows (staging
-    included) and the rest goes to disk, which must have ``disk_free`` bytes for it.
+    included, and the key bounds of every chunk the window may spill) and the rest goes to disk, which
+    must have ``disk_free`` bytes for it.
     Raises BudgetError (one line: what to pass) when neither works.
     """
     per_layer = shape.chunks_per_layer(tokens)
@@ -116,18 +128,20 @@ def split_kv(shape: KVShape, tokens: int, *, kv_cpu_mem: int | None, disk_free: 
                           f"({format_size(total * cb + tables)} for {tokens} tokens): raise --kv-cpu-mem to "
                           f"{cli_size(total * cb + tables, round_up=True)} or use --attention exact")
     staging = 2 * STAGING_BATCH
-    host = kv_cpu_mem // cb - staging
+    bounds = total * shape.abstract_bytes
+    host = max(0, kv_cpu_mem - bounds) // cb - staging
     need = min_host_chunks(shape, tokens)
     if host < need:
+        least = (need + staging) * cb + bounds
         raise BudgetError(f"--kv-cpu-mem {format_size(kv_cpu_mem)} is below the KV cache's working set "
-                          f"({format_size((need + staging) * cb)}: each layer's first and newest chunk plus "
-                          f"read buffers); raise it to at least {cli_size((need + staging) * cb, round_up=True)}")
+                          f"({format_size(least)}: each layer's first and newest chunk, read buffers and the "
+                          f"disk chunks' key bounds); raise it to at least {cli_size(least, round_up=True)}")
     disk = total - host
     if disk_free is not None and disk * cb > disk_free:
         raise BudgetError(f"the KV cache needs {format_size(disk * cb)} on disk for {tokens} tokens but the offload "
                           f"directory has {format_size(disk_free)} free; free space, point --offload-dir elsewhere, "
                           f"or lower --ctx-size to at most {longest(host)}")
-    return KVSplit(shape, tokens, host, disk, staging, 0, longest(host))
+    return KVSplit(shape, tokens, host, disk, staging, 0, longest(host), bounds)
 
 
 class ChunkTable:
