@@ -1,7 +1,14 @@
 import importlib.metadata
 from pathlib import Path
 
-import pytest
+from offload_rt.threads import configure_process
+
+# Idle OpenMP workers wait as a run sets them (spin briefly, then sleep), before torch or Numba load
+# libgomp: with libgomp's default spinning, torch's and Numba's pools fight for the 2 cores and a
+# 6k-token prefill takes minutes instead of seconds.
+configure_process()
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
