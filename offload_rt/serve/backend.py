@@ -1,15 +1,16 @@
 """The continuous-batching scheduler: requests join and leave a running batch between steps.
 
 The *batch loop* (:meth:`BatchBackend.run`) owns the model; ``offload-run serve`` runs it on the main
-thread, the HTTP event loop on another (see :mod:`offload_rt.serve`: OpenMP parallel regions launched
-from a second thread ran the same steps 1.8x slower). Each loop it admits waiting requests while a sequence
+thread, the HTTP event loop on another (OpenMP parallel regions launched from a second thread ran the
+same steps 1.8x slower: :meth:`BatchBackend.run`). Each loop it admits waiting requests while a sequence
 slot (a KV cache of the run's plan) is free, reusing a cached prompt prefix when the prefix cache has
 one, then runs one :func:`offload_rt.batch.step`: a new token for every decoding sequence and the next
-prompt chunk of the oldest sequence still prefilling (iteration-level scheduling, as Orca and vLLM do).
-Tokens are sampled per request (its own sampler and seed), turned into text (stop strings, EOS) and
-sent to the request's handle; a finished, cancelled or disconnected request frees its slot and KV
-before the next step. Requests beyond ``parallel`` wait, and beyond ``queue_depth`` waiting are
-refused (:class:`~offload_rt.serve.types.QueueFull`: HTTP 503).
+prompt pass of the oldest sequences still prefilling, as many as fit in one prefill chunk of tokens
+(iteration-level scheduling, as Orca and vLLM do). Tokens are sampled per request (its own sampler
+and seed), turned into text (stop strings, EOS) and sent to the request's handle; a finished,
+cancelled or disconnected request frees its slot and KV before the next step. Requests beyond
+``parallel`` wait, and beyond ``queue_depth`` waiting are refused
+(:class:`~offload_rt.serve.types.QueueFull`: HTTP 503).
 """
 
 from __future__ import annotations
@@ -225,12 +226,7 @@ class BatchBackend:
 
     def _step(self) -> None:
         decode = [s for s in self._active if s.next_token is not None]
-        filling = next((s for s in self._active if s.next_token is None), None)  # the oldest still prefilling
-        pre = []
-        if filling is not None:
-            n = prefill_chunk(filling.done, len(filling.prompt), self.chunk)
-            pre = [Prefill(filling.cache, filling.prompt[filling.done:filling.done + n],
-                           want_logits=filling.done + n == len(filling.prompt))]
+        filling, pre = self._prefills()
         res = step(self.engine, [(s.cache, s.next_token) for s in decode], pre)
         self.counters.steps += 1
         self.last_batch = len(decode) + len(pre)
@@ -240,12 +236,30 @@ class BatchBackend:
             self._rate.popleft()
         for i, seq in enumerate(decode):
             self._token(seq, res.decode_logits[i])
-        if filling is not None:
-            filling.done += len(pre[0].ids)
-            if pre[0].want_logits:
+        for seq, p, logits in zip(filling, pre, res.prefill_logits):
+            seq.done += len(p.ids)
+            if p.want_logits:
                 if self.prefix is not None:
-                    self.prefix.save(filling.prompt, filling.cache)
-                self._token(filling, res.prefill_logits[0])
+                    self.prefix.save(seq.prompt, seq.cache)
+                self._token(seq, logits)
+
+    def _prefills(self) -> tuple[list[_Seq], list[Prefill]]:
+        """The prefill segments of this step: the next pass of the oldest sequences still prefilling, as many
+        as fit in one prefill chunk of tokens (at least one), so that waiting prompts share a sweep of the
+        weights (what a streamed layer costs) and the step's hidden states stay within what the plan
+        budgets for one prefill pass. Each segment is the pass its sequence runs alone (same boundaries)."""
+        filling, pre, used = [], [], 0
+        for seq in self._active:
+            if seq.next_token is not None:
+                continue
+            n = prefill_chunk(seq.done, len(seq.prompt), self.chunk)
+            if pre and used + n > self.engine.prefill_chunk:
+                break
+            filling.append(seq)
+            pre.append(Prefill(seq.cache, seq.prompt[seq.done:seq.done + n],
+                               want_logits=seq.done + n == len(seq.prompt)))
+            used += n
+        return filling, pre
 
     def _token(self, seq: _Seq, logits: torch.Tensor) -> None:
         tid = seq.sampler(logits)
