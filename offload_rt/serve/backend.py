@@ -148,7 +148,8 @@ class BatchBackend:
                "queue_depth": len(self._waiting), "batch_size": self.last_batch, "parallel": self.parallel,
                "prompt_tokens_total": c.prompt_tokens_total, "completion_tokens_total": c.completion_tokens_total,
                "cached_tokens_total": c.cached_tokens_total, "prefix_cache_hits_total": c.prefix_hits,
-               "steps_total": c.steps, "tokens_per_second": round(tokens / RATE_WINDOW_S, 3),
+               "steps_total": c.steps, "step_seconds_total": round(c.step_seconds, 6),
+               "tokens_per_second": round(tokens / RATE_WINDOW_S, 3),
                "weight_disk_read_bytes_total": int(getattr(getattr(self.rt.source, "counters", None),
                                                            "disk_read_bytes", 0))}
         out.update(self._memory())
@@ -229,6 +230,7 @@ class BatchBackend:
         filling, pre = self._prefills()
         res = step(self.engine, [(s.cache, s.next_token) for s in decode], pre)
         self.counters.steps += 1
+        self.counters.step_seconds += res.seconds
         self.last_batch = len(decode) + len(pre)
         now = time.monotonic()
         self._rate.append((now, len(decode)))
