@@ -280,7 +280,7 @@ def test_serve_prefill_pass_and_granule():
     from offload_rt.serve import prefill_pass
 
     assert prefill_pass(512, 256) == (256, 256)  # the default: a chunk's granule, not the 512-token pass
-    assert prefill_pass(128, 256) == (128, 256)
-    for chunk, kv in [(512, 256), (256, 256), (128, 256), (100, 256), (1, 64), (96, 64)]:
+    assert prefill_pass(128, 256) == (128, 256) and prefill_pass(100, 256) == (64, 256)
+    for chunk, kv in [(512, 256), (256, 256), (128, 256), (100, 256), (1, 64), (96, 64), (48, 96)]:
         step, granule = prefill_pass(chunk, kv)
         assert step <= max(chunk, 1) and granule % step == 0 and granule % kv == 0

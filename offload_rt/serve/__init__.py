@@ -10,7 +10,6 @@ them), flushes the prefix cache and exits 0.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import threading
@@ -36,12 +35,11 @@ def prefill_pass(prefill_chunk: int, kv_chunk: int) -> tuple[int, int]:
     A restored prefix must end where a prefill pass of the uncached prompt ends, so that the passes left
     to run are the uncached run's and the answer's bits are the same (``Engine.prefill``): passes run
     at multiples of the pass size from the sequence's start, and the granule (what a lookup rounds down
-    to) is a multiple of both the pass and the KV chunk (entries are whole chunks). The pass is the KV
-    chunk when ``prefill_chunk`` is at least that (a cached prefix then misses less than one chunk, not
-    a whole 512-token pass; its price is more, smaller passes: docs/BENCHMARKS.md, S3), else
-    ``prefill_chunk`` itself."""
-    step = kv_chunk if prefill_chunk >= kv_chunk else max(1, prefill_chunk)
-    return step, math.lcm(step, kv_chunk)
+    to) is the KV chunk (entries are whole chunks), so the pass is the largest divisor of the KV chunk
+    not above ``prefill_chunk``: the KV chunk itself by default (a cached prefix then misses less than
+    one chunk, not a whole 512-token pass; its price is more, smaller passes: docs/BENCHMARKS.md, S3)."""
+    step = next(d for d in range(min(max(1, prefill_chunk), kv_chunk), 0, -1) if kv_chunk % d == 0)
+    return step, kv_chunk
 
 
 def open_prefix_cache(rt):
