@@ -272,3 +272,15 @@ def test_prefill_passes_start_at_multiples_of_the_prefill_chunk():
         passes.clear()
         eng.prefill(eng.tokens[:16] + [5])  # reused up to a multiple: one pass from there
         assert passes == [(16, 1)]
+
+
+def test_serve_prefill_pass_and_granule():
+    """The server's pass divides its granule and the granule is whole KV chunks: a restored prefix always ends
+    at a pass boundary of the uncached prompt (the bit-identity above)."""
+    from offload_rt.serve import prefill_pass
+
+    assert prefill_pass(512, 256) == (256, 256)  # the default: a chunk's granule, not the 512-token pass
+    assert prefill_pass(128, 256) == (128, 256) and prefill_pass(100, 256) == (64, 256)
+    for chunk, kv in [(512, 256), (256, 256), (128, 256), (100, 256), (1, 64), (96, 64), (48, 96)]:
+        step, granule = prefill_pass(chunk, kv)
+        assert step <= max(chunk, 1) and granule % step == 0 and granule % kv == 0

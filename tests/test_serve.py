@@ -126,7 +126,9 @@ def test_prefix_cache_reuse_restart_and_identity(server, store_dir):
     assert u1.prompt_tokens > 1024 and u1.prompt_tokens_details.cached_tokens == 0
     second, u2 = chat(c, messages)
     assert second == first
-    assert u2.prompt_tokens_details.cached_tokens >= 1024 and u2.prompt_tokens_details.cached_tokens % 512 == 0
+    # the granule is the KV chunk (256 tokens here), not the 512-token prefill chunk: at most a chunk is redone
+    cached = u2.prompt_tokens_details.cached_tokens
+    assert cached % 256 == 0 and u2.prompt_tokens - 256 <= cached < u2.prompt_tokens
     assert server.metrics()["prefix_cache_hits_total"] >= 1
     # another question after the same system prompt reuses it too
     other = [messages[0], {"role": "user", "content": QUESTIONS[3]}]

@@ -17,6 +17,8 @@
     python -m tools.bench_serve steps
         what limits S1: the server's compute alone (``batch.step`` for 1, 4, 8 decode rows, in-process,
         no HTTP) beside ``offload-run``'s single-sequence decode in the same run.
+    python -m tools.bench_serve passes [--pass-tokens 512,256] [--repeats 2]
+        what S3's granule costs: the server's prefill of a ~2,000-token prompt in passes of each size.
     python -m tools.bench_serve all ...   (s1, s2, s3 in turn)
 
 Every request goes through the same client code: the openai client, ``/v1/chat/completions`` with
@@ -38,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -139,8 +142,8 @@ class Server:
         self.stop()
 
 
-def ours_cmd(a, model, port: int, *extra) -> list:
-    return [*shlex.split(a.ours), "serve", *([model] if model else []), "--port", port, "--threads", THREADS,
+def ours_cmd(a, model, port: int, *extra, prefix: str | None = None) -> list:
+    return [*shlex.split(prefix or a.ours), "serve", *([model] if model else []), "--port", port, "--threads", THREADS,
             *extra]
 
 
@@ -258,6 +261,8 @@ def s1(a) -> str:
     work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()[0]
     sides = [(f"offload_rt `--parallel {p}`", "ours", p) for p in a.parallel]
+    if a.before:  # another checkout of ours (the code before a change), in the same run
+        sides += [(f"offload_rt before `--parallel {p}`", "before", p) for p in a.parallel]
     if a.llama_server:
         sides += [(f"llama-server `--parallel {p} -c {p}*{CTX_PER_SLOT}`", "llama", p) for p in a.parallel]
     results: dict[tuple[str, int], list[Round]] = {}
@@ -265,7 +270,8 @@ def s1(a) -> str:
         servers = []
         for label, kind, p in sides:
             port = free_port()
-            cmd = ours_cmd(a, None, port, "--parallel", p) if kind == "ours" else llama_cmd(a, gguf, port, p)
+            cmd = (llama_cmd(a, gguf, port, p) if kind == "llama"
+                   else ours_cmd(a, None, port, "--parallel", p, prefix=a.before if kind == "before" else None))
             srv = stack.enter_context(Server(label, cmd, work / f"s1-{kind}-{p}.log", port=port))
             run_round(srv.url, story_prompts(1, "warm-up"), 8)  # first-pass costs out of the figures
             servers.append((srv, p))
@@ -299,13 +305,16 @@ def s1(a) -> str:
         return f"aggregate {ratio(agg.get(x), agg.get(y))}, decode {ratio(dec.get(x), dec.get(y))}"
 
     for label, kind, p in sides:
-        if kind != "ours":
+        if kind == "llama":
             continue
         ratios += [f"{label}: {c} requests / 1 request: {both((label, c), (label, 1))}"
                    for c in levels if c > 1 and (label, c) in agg]
         other = next((l for l, k, q in sides if k == "llama" and q == p), None)
         ratios += [f"{label} / llama-server `--parallel {p}` at {c} requests: {both((label, c), (other, c))}"
                    for c in levels if other and (label, c) in agg and (other, c) in agg]
+        if kind == "ours" and a.before:
+            ratios += [f"{label} / before at {c} requests: {both((label, c), (f'offload_rt before `--parallel {p}`', c))}"
+                       for c in levels if (label, c) in agg]
     return (head + "\n".join(rows) + "\n\n" + "\n".join(f"- {r}" for r in ratios)
             + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
 
@@ -330,16 +339,20 @@ def steps(a) -> str:
         caches = [rt.engine.cache] + [rt.new_cache() for _ in range(rows - 1)]
         for c in caches:
             step(rt.engine, [], [Prefill(c, list(range(100, 140)))])
-        def timed(b: int) -> list[float]:
-            times = []
+        def timed(b: int) -> tuple[list[float], float]:
+            """Sorted step times and the process's voluntary context switches per step (an OpenMP worker that
+            went to sleep between two parallel regions is woken by a futex: one switch each time)."""
+            times, csw = [], resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
             with torch.inference_mode():
                 for i in range(a.step_repeats):
                     t = time.perf_counter()
                     step(rt.engine, [(c, 200 + i) for c in caches[:b]])
                     times.append(time.perf_counter() - t)
-            return sorted(times)
+                for c in caches[:b]:
+                    c.trim(a.step_repeats)
+            return sorted(times), (resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - csw) / a.step_repeats
 
-        def on_worker(b: int) -> list[float]:  # as the server runs it: a thread other than the main one
+        def on_worker(b: int) -> tuple[list[float], float]:  # as the server runs it: a thread other than the main one
             box = []
             worker = threading.Thread(target=lambda: box.append(timed(b)))
             worker.start()
@@ -348,15 +361,16 @@ def steps(a) -> str:
 
         out = []
         for b in a.concurrency:
-            main_t, worker_t = timed(b), on_worker(b)
+            (main_t, csw), (worker_t, wcsw) = timed(b), on_worker(b)
             med, wmed = main_t[len(main_t) // 2], worker_t[len(worker_t) // 2]
-            out.append(f"| {b} | {1e3 * med:.2f} | {b / med:.1f} | {1e3 * wmed:.2f} | {b / wmed:.1f} |")
+            out.append(f"| {b} | {1e3 * med:.2f} | {b / med:.1f} | {csw:.0f} | {1e3 * wmed:.2f} | {b / wmed:.1f} | "
+                       f"{wcsw:.0f} |")
         rt.close()
     return (f"Server compute alone (`batch.step`, default model resident, {THREADS} threads, 40-token prompts, "
             f"median of {a.step_repeats} steps). {machine_line()}. `offload-run` (one sequence, 64 tokens, the "
             f"fused single-row decode) in the same run: {single:.1f} tok/s.\n\n"
-            "| decode rows | step ms, main thread | tok/s | step ms, another thread (as the server's batch thread) | "
-            "tok/s |\n|---|---|---|---|---|\n" + "\n".join(out)
+            "| decode rows | step ms, main thread | tok/s | voluntary context switches / step | step ms, another "
+            "thread | tok/s | voluntary context switches / step |\n|---|---|---|---|---|---|---|\n" + "\n".join(out)
             + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
 
 
@@ -471,6 +485,47 @@ def s3(a) -> str:
             + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
 
 
+def passes(a) -> str:
+    """What S3's finer granule costs: the server's prefill (``batch.step`` prefill segments, as the batch loop
+    runs them) of one ~2,000-token chat prompt in passes of each size of ``--pass-tokens``, interleaved
+    round by round in one process (the default model resident, a new KV cache each time)."""
+    import torch
+
+    from offload_rt.batch import Prefill, prefill_chunk, step
+    from offload_rt.build import build
+    from offload_rt.config import RunConfig
+
+    load0 = os.getloadavg()[0]
+    with torch.inference_mode():
+        rt = build(RunConfig(model=None, parallel=1, threads=THREADS, progress=False), serving=True)
+        ids = rt.model.tokenizer.encode_chat(chat(system_prompt(2000, "passes"), QUESTIONS[0]))
+        cache = rt.engine.cache
+
+        def prefill(size: int) -> float:
+            cache.reset()
+            t, done = time.perf_counter(), 0
+            while done < len(ids):
+                n = prefill_chunk(done, len(ids), size)
+                step(rt.engine, [], [Prefill(cache, ids[done:done + n], want_logits=done + n == len(ids))])
+                done += n
+            return time.perf_counter() - t
+
+        prefill(a.pass_tokens[0])  # first-pass costs out of the figures
+        times = {size: [] for size in a.pass_tokens}
+        for _ in range(a.repeats):
+            for size in a.pass_tokens:
+                times[size].append(prefill(size))
+        rt.close()
+    base = min(times[a.pass_tokens[0]])
+    rows = [f"| {size} | {-(-len(ids) // size)} | {len(ids) / min(ts):.0f} | {fmt((len(ids) / t for t in ts), 0)} | "
+            f"{ratio(base, min(ts))} |" for size, ts in times.items()]
+    return (f"Server prefill of one {len(ids)}-token chat prompt (`batch.step` prefill segments, default model "
+            f"resident, {THREADS} threads), passes of each size interleaved, best of {a.repeats} [all]. "
+            f"{machine_line()}.\n\n| pass tokens | passes | prefill tok/s | rounds | vs {a.pass_tokens[0]}-token "
+            "passes |\n|---|---|---|---|---|\n" + "\n".join(rows)
+            + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
+
+
 # ---------------------------------------------------------------------------------------- build
 def build_llama_server(a) -> Path:
     """Configure and build ``llama-server`` from the sdist's vendored llama.cpp (nice 19: a shared machine)."""
@@ -497,11 +552,13 @@ def main(argv=None) -> int:
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="its pip fetches the sdist when none is found")
     b.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    for name in ("s1", "s2", "s3", "steps", "all"):
+    for name in ("s1", "s2", "s3", "steps", "passes", "all"):
         s = sub.add_parser(name)
         s.add_argument("--work", type=Path, default=DEFAULT_WORK, help="server logs, the S2 checkpoint, S3's stores")
         s.add_argument("--ours", default=f"{shlex.quote(sys.executable)} -m offload_rt",
                        help="command prefix of our CLI (its `serve` subcommand is appended)")
+        s.add_argument("--before", default=None, help="S1: the command prefix of another checkout of ours (the "
+                       "code before a change), served beside --ours in the same run")
         s.add_argument("--llama-server", default=None, help="llama-server binary (S1/S3 baseline; "
                        f"default {DEFAULT_BUILD}/bin/llama-server when built)")
         s.add_argument("--out", type=Path, default=None)
@@ -515,9 +572,12 @@ def main(argv=None) -> int:
         s.add_argument("--s2-parallel", type=int, default=8)
         s.add_argument("--s2-ctx", type=int, default=512, help="S2: --ctx-size (8 sequences' KV under the cap)")
         s.add_argument("--prefix-tokens", type=lambda t: [int(x) for x in t.split(",")], default=[2000, 2080],
-                       help="S3: system prompt sizes (2080: the prefix past a multiple of the 512-token granule)")
+                       help="S3: system prompt sizes (2000: a prompt of 2,024 tokens, 232 past the last whole "
+                       "256-token granule; 2080: 2,116 tokens)")
         s.add_argument("--s3-tokens", type=int, default=8, help="S3: max_tokens")
         s.add_argument("--step-repeats", type=int, default=20, help="steps: timed steps per row count")
+        s.add_argument("--pass-tokens", type=lambda t: [int(x) for x in t.split(",")], default=[512, 256],
+                       help="passes: prefill pass sizes (the first is the baseline)")
     a = p.parse_args(argv)
     try:
         if a.which == "build-llama-server":
@@ -526,7 +586,7 @@ def main(argv=None) -> int:
         if a.llama_server is None and (DEFAULT_BUILD / "bin" / "llama-server").is_file():
             a.llama_server = str(DEFAULT_BUILD / "bin" / "llama-server")
         for which in (("s1", "s2", "s3") if a.which == "all" else (a.which,)):
-            publish({"s1": s1, "s2": s2, "s3": s3, "steps": steps}[which](a), a.out)
+            publish({"s1": s1, "s2": s2, "s3": s3, "steps": steps, "passes": passes}[which](a), a.out)
     except RuntimeError as e:
         print(f"bench_serve: {e}", file=sys.stderr)
         return 1

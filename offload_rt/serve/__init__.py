@@ -1,10 +1,10 @@
 """``offload-run serve``: an OpenAI-compatible HTTP server over one loaded model (continuous batching).
 
 :func:`main` builds the model once (:func:`offload_rt.build.build`, planning ``--parallel`` sequences'
-KV and the prefix cache), starts the batch thread (:mod:`offload_rt.serve.backend`) and serves the
-HTTP API (:mod:`offload_rt.serve.http`) with uvicorn until SIGINT or SIGTERM: then it stops accepting,
-lets in-flight requests finish (up to :data:`GRACE_S`, then cancels them), flushes the prefix cache
-and exits 0.
+KV and the prefix cache), runs the batch loop (:mod:`offload_rt.serve.backend`) on the main thread and
+serves the HTTP API (:mod:`offload_rt.serve.http`) with uvicorn in another thread until SIGINT or
+SIGTERM: then it stops accepting, lets in-flight requests finish (up to :data:`GRACE_S`, then cancels
+them), flushes the prefix cache and exits 0.
 """
 
 from __future__ import annotations
@@ -29,11 +29,24 @@ PREFIX_DISK_RAM_RATIO = 16  # the prefix cache's disk share: this many times its
 PREFIX_DISK_FREE_SHARE = 0.2  # ... and at most this share of the free disk
 
 
+def prefill_pass(prefill_chunk: int, kv_chunk: int) -> tuple[int, int]:
+    """The server's prefill pass and prefix-cache granule, in tokens, given ``--prefill-chunk`` and the KV chunk.
+
+    A restored prefix must end where a prefill pass of the uncached prompt ends, so that the passes left
+    to run are the uncached run's and the answer's bits are the same (``Engine.prefill``): passes run
+    at multiples of the pass size from the sequence's start, and the granule (what a lookup rounds down
+    to) is the KV chunk (entries are whole chunks), so the pass is the largest divisor of the KV chunk
+    not above ``prefill_chunk``: the KV chunk itself by default (a cached prefix then misses less than
+    one chunk, not a whole 512-token pass; its price is more, smaller passes: docs/BENCHMARKS.md, S3)."""
+    step = next(d for d in range(min(max(1, prefill_chunk), kv_chunk), 0, -1) if kv_chunk % d == 0)
+    return step, kv_chunk
+
+
 def open_prefix_cache(rt):
     """The prefix cache of this model and store: RAM as planned (``Prepared.prefix_bytes``), persisted under
-    ``<offload-dir>/prefix-cache/<store>/`` (None when the plan left it no RAM). Its granule is the prefill
-    chunk (when a multiple of the KV chunk): a reused prefix leaves the same prefill passes to run, so the
-    answer's bits are those of an uncached prompt."""
+    ``<offload-dir>/prefix-cache/<store>/`` (None when the plan left it no RAM). Its granule comes from
+    :func:`prefill_pass`: a reused prefix leaves the same prefill passes to run, so the answer's bits are
+    those of an uncached prompt."""
     import shutil
 
     from offload_rt.errors import UsageError
@@ -43,7 +56,7 @@ def open_prefix_cache(rt):
     if not prepared.prefix_bytes:
         return None
     chunk = prepared.kv.shape.chunk_tokens
-    granule = engine.prefill_chunk if engine.prefill_chunk % chunk == 0 else chunk
+    _, granule = prefill_pass(engine.prefill_chunk, chunk)
     root = prefix_root(rt.cfg, model.store)
     identity = {**model_identity(model.store, model.args, model.dtype), "device": rt.device}
     try:
@@ -99,17 +112,35 @@ def main(cfg, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None 
     app = create_app(backend, api_key=api_key, defaults=defaults)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                             lifespan="off")
-    server = _Server(config)
-    backend.start()
+    server = uvicorn.Server(config)
+    failed: list[BaseException] = []
+
+    def serve_http() -> None:  # uvicorn's event loop, in its own thread; its end ends the batch loop
+        try:
+            server.run(sockets=[sock])
+        except BaseException as e:
+            failed.append(e)
+        finally:
+            backend.stop()
+
+    http = threading.Thread(target=serve_http, name="offload-http", daemon=True)
     try:
-        print(f"offload-run: {describe(rt, host, sock.getsockname()[1])}", file=sys.stderr, flush=True)
-        server.run(sockets=[sock])
+        with _stop_signals(server):
+            print(f"offload-run: {describe(rt, host, sock.getsockname()[1])}", file=sys.stderr, flush=True)
+            http.start()
+            backend.run()  # the model's steps on the main thread, the one that built it (BatchBackend.run)
+            while http.is_alive():  # the loop ended on an error: HTTP answers 500s until a signal stops it
+                http.join(0.5)
     finally:
+        server.should_exit = True
+        http.join(GRACE_S + 5)
         backend.stop()
         if prefix is not None:
             prefix.close()
         rt.close()
         sock.close()
+    if failed:
+        raise failed[0]
     return 0
 
 
@@ -142,35 +173,24 @@ def _mib(n: int) -> str:
     return format_size(n)
 
 
-class _Server:
-    """uvicorn's server with our signal handling: SIGINT/SIGTERM ask for a graceful stop and the process
-    exits 0 afterwards (uvicorn re-raises the captured signal, which would exit 130/143); a second
-    SIGINT stops at once."""
+@contextlib.contextmanager
+def _stop_signals(server):
+    """SIGINT/SIGTERM (handled on the main thread, which runs the batch loop) ask uvicorn, in its thread, for a
+    graceful stop: it stops accepting, in-flight requests finish (up to :data:`GRACE_S`), and the process
+    exits 0 (uvicorn's own handlers would re-raise the signal: exit 130/143); a second SIGINT stops at once."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in sigs}
 
-    def __new__(cls, config):
-        import uvicorn
+    def stop(sig, frame):
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+        print("offload-run: stopping: finishing the requests in flight", file=sys.stderr, flush=True)
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                sigs = (signal.SIGINT, signal.SIGTERM)
-                before = {s: signal.getsignal(s) for s in sigs}
-
-                def stop(sig, frame):
-                    if self.should_exit and sig == signal.SIGINT:
-                        self.force_exit = True
-                    self.should_exit = True
-                    print("offload-run: stopping: finishing the requests in flight", file=sys.stderr, flush=True)
-
-                for s in sigs:
-                    signal.signal(s, stop)
-                try:
-                    yield
-                finally:
-                    for s, h in before.items():
-                        signal.signal(s, h)
-
-        return Server(config)
+    for s in sigs:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

@@ -1,13 +1,16 @@
 """The continuous-batching scheduler: requests join and leave a running batch between steps.
 
-One thread (the *batch thread*) owns the model. Each loop it admits waiting requests while a sequence
+The *batch loop* (:meth:`BatchBackend.run`) owns the model; ``offload-run serve`` runs it on the main
+thread, the HTTP event loop on another (OpenMP parallel regions launched from a second thread ran the
+same steps 1.8x slower: :meth:`BatchBackend.run`). Each loop it admits waiting requests while a sequence
 slot (a KV cache of the run's plan) is free, reusing a cached prompt prefix when the prefix cache has
 one, then runs one :func:`offload_rt.batch.step`: a new token for every decoding sequence and the next
-prompt chunk of the oldest sequence still prefilling (iteration-level scheduling, as Orca and vLLM do).
-Tokens are sampled per request (its own sampler and seed), turned into text (stop strings, EOS) and
-sent to the request's handle; a finished, cancelled or disconnected request frees its slot and KV
-before the next step. Requests beyond ``parallel`` wait, and beyond ``queue_depth`` waiting are
-refused (:class:`~offload_rt.serve.types.QueueFull`: HTTP 503).
+prompt pass of the oldest sequences still prefilling, as many as fit in one prefill chunk of tokens
+(iteration-level scheduling, as Orca and vLLM do). Tokens are sampled per request (its own sampler
+and seed), turned into text (stop strings, EOS) and sent to the request's handle; a finished,
+cancelled or disconnected request frees its slot and KV before the next step. Requests beyond
+``parallel`` wait, and beyond ``queue_depth`` waiting are refused
+(:class:`~offload_rt.serve.types.QueueFull`: HTTP 503).
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from offload_rt.batch import Prefill, prefill_chunk, step
 from offload_rt.config import SamplingConfig
 from offload_rt.generate import TextStream
 from offload_rt.sampling import make_sampler
+from offload_rt.serve import prefill_pass
 from offload_rt.serve.types import Counters, Delta, Done, GenRequest, PromptTooLong, QueueFull
 
 RATE_WINDOW_S = 10.0  # /metrics tokens_per_second: decode tokens over this many seconds
 
 
 class _Handle:
-    """A request's event queue on the event loop (fed from the batch thread) and its cancel flag."""
+    """A request's event queue on the event loop (fed from the batch loop's thread) and its cancel flag."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wake):
         self._loop, self._wake = loop, wake
@@ -84,7 +88,9 @@ class BatchBackend:
         self.parallel = rt.prepared.sequences
         self.queue_depth = queue_depth
         self.prefix = prefix  # offload_rt.kv.prefix.PrefixCache, or None
-        self.chunk = self.engine.prefill_chunk
+        # prefill passes: the prefill chunk, or with a prefix cache the finer pass its granule needs
+        self.chunk = prefill_pass(self.engine.prefill_chunk, prefix.C)[0] if prefix is not None \
+            else self.engine.prefill_chunk
         # the run's plan holds `parallel` KV caches: the engine's and one more per further sequence
         self._free = [self.engine.cache] + [rt.new_cache() for _ in range(self.parallel - 1)]
         self._waiting: deque[_Seq] = deque()
@@ -94,13 +100,9 @@ class BatchBackend:
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, decode tokens) of recent steps
         self.last_batch = 0
-        self.error: BaseException | None = None  # what stopped the batch thread, if anything did
-        self._thread = threading.Thread(target=self._run, name="offload-batch", daemon=True)
+        self.error: BaseException | None = None  # what stopped the batch loop, if anything did
 
     # ------------------------------------------------------------------ the event loop's side
-    def start(self) -> None:
-        self._thread.start()
-
     def chat_ids(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
         from offload_rt.errors import ChatTemplateError
 
@@ -118,7 +120,7 @@ class BatchBackend:
         return toolcalls.detect(self.tok.chat_template)
 
     def submit(self, request: GenRequest) -> _Handle:
-        if self.error is not None:  # the batch thread is gone: say so (HTTP 500) rather than queue forever
+        if self.error is not None:  # the batch loop is gone: say so (HTTP 500) rather than queue forever
             raise RuntimeError(f"the model stopped after an internal error ({type(self.error).__name__}); "
                                "restart the server (its log has the details)")
         n = len(request.prompt_ids)
@@ -146,7 +148,8 @@ class BatchBackend:
                "queue_depth": len(self._waiting), "batch_size": self.last_batch, "parallel": self.parallel,
                "prompt_tokens_total": c.prompt_tokens_total, "completion_tokens_total": c.completion_tokens_total,
                "cached_tokens_total": c.cached_tokens_total, "prefix_cache_hits_total": c.prefix_hits,
-               "steps_total": c.steps, "tokens_per_second": round(tokens / RATE_WINDOW_S, 3),
+               "steps_total": c.steps, "step_seconds_total": round(c.step_seconds, 6),
+               "tokens_per_second": round(tokens / RATE_WINDOW_S, 3),
                "weight_disk_read_bytes_total": int(getattr(getattr(self.rt.source, "counters", None),
                                                            "disk_read_bytes", 0))}
         out.update(self._memory())
@@ -163,22 +166,24 @@ class BatchBackend:
         return {"peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": fields.get("baseline_bytes", 0),
                 "host_budget_bytes": rt.prepared.budgets.host, "runtime_slack_bytes": fields.get("runtime_slack_bytes", 0)}
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Cancel what is still queued or running, stop the batch thread, flush the prefix cache."""
+    def stop(self) -> None:
+        """End the batch loop (from any thread): what is still queued or running is cancelled, :meth:`run` returns."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        if self.prefix is not None:
-            self.prefix.flush()
 
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify()
 
-    # ------------------------------------------------------------------ the batch thread
-    def _run(self) -> None:
+    # ------------------------------------------------------------------ the batch loop
+    def run(self) -> None:
+        """The batch loop, in the calling thread, until :meth:`stop` (or an internal error: then :attr:`error`).
+
+        The thread that runs it should be the one that built the model (the main thread): libgomp keeps a
+        pool of workers per thread that starts parallel regions, and once two pools exist (the builder's
+        and a batch thread's) it counts more OpenMP threads than cores and shortens the workers' spin
+        wait, so every region of a step pays a futex sleep and wake (measured: docs/BENCHMARKS.md, S1)."""
         try:
             with torch.inference_mode():
                 while True:
@@ -222,14 +227,10 @@ class BatchBackend:
 
     def _step(self) -> None:
         decode = [s for s in self._active if s.next_token is not None]
-        filling = next((s for s in self._active if s.next_token is None), None)  # the oldest still prefilling
-        pre = []
-        if filling is not None:
-            n = prefill_chunk(filling.done, len(filling.prompt), self.chunk)
-            pre = [Prefill(filling.cache, filling.prompt[filling.done:filling.done + n],
-                           want_logits=filling.done + n == len(filling.prompt))]
+        filling, pre = self._prefills()
         res = step(self.engine, [(s.cache, s.next_token) for s in decode], pre)
         self.counters.steps += 1
+        self.counters.step_seconds += res.seconds
         self.last_batch = len(decode) + len(pre)
         now = time.monotonic()
         self._rate.append((now, len(decode)))
@@ -237,12 +238,30 @@ class BatchBackend:
             self._rate.popleft()
         for i, seq in enumerate(decode):
             self._token(seq, res.decode_logits[i])
-        if filling is not None:
-            filling.done += len(pre[0].ids)
-            if pre[0].want_logits:
+        for seq, p, logits in zip(filling, pre, res.prefill_logits):
+            seq.done += len(p.ids)
+            if p.want_logits:
                 if self.prefix is not None:
-                    self.prefix.save(filling.prompt, filling.cache)
-                self._token(filling, res.prefill_logits[0])
+                    self.prefix.save(seq.prompt, seq.cache)
+                self._token(seq, logits)
+
+    def _prefills(self) -> tuple[list[_Seq], list[Prefill]]:
+        """The prefill segments of this step: the next pass of the oldest sequences still prefilling, as many
+        as fit in one prefill chunk of tokens (at least one), so that waiting prompts share a sweep of the
+        weights (what a streamed layer costs) and the step's hidden states stay within what the plan
+        budgets for one prefill pass. Each segment is the pass its sequence runs alone (same boundaries)."""
+        filling, pre, used = [], [], 0
+        for seq in self._active:
+            if seq.next_token is not None:
+                continue
+            n = prefill_chunk(seq.done, len(seq.prompt), self.chunk)
+            if pre and used + n > self.engine.prefill_chunk:
+                break
+            filling.append(seq)
+            pre.append(Prefill(seq.cache, seq.prompt[seq.done:seq.done + n],
+                               want_logits=seq.done + n == len(seq.prompt)))
+            used += n
+        return filling, pre
 
     def _token(self, seq: _Seq, logits: torch.Tensor) -> None:
         tid = seq.sampler(logits)

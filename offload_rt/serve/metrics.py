@@ -26,6 +26,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "completion_tokens_total": ("counter", "Tokens generated."),
     "prefix_cache_hits_total": ("counter", "Requests whose prompt began with a cached prefix."),
     "cached_tokens_total": ("counter", "Prompt tokens whose KV came from the prefix cache."),
+    "step_seconds_total": ("counter", "Seconds the batch loop spent in model steps (the rest: scheduling, "
+                           "sampling, text)."),
     "tokens_per_second": ("gauge", "Generated tokens per second, recent rate over all sequences."),
 }
 

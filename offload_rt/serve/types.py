@@ -103,5 +103,6 @@ class Counters:
     cached_tokens_total: int = 0
     prefix_hits: int = 0
     steps: int = 0
+    step_seconds: float = 0.0
     batch_rows_total: int = 0
     extra: dict = field(default_factory=dict)
