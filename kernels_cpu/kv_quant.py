@@ -28,7 +28,6 @@ import torch
 GROUP = 32  # tokens per key scale (per channel), channels per value scale (per token)
 FLOAT_KV = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 QUANT_KV = {"q8": 8, "q4": 4}
-KV_DTYPES = ("f16", "bf16", "q8", "q4")  # --kv-dtype's choices (f32: the compute dtype's default only)
 _EPS = 2.0 ** -20  # relative slack when rounding a scale up (see _round_up)
 
 

@@ -590,6 +590,16 @@ class TieredKV:
         return {"host": self._table.count("host") * cb + tables + bounds + floats, "disk": disk * cb}
 
     @property
+    def kv_dtype(self) -> str:
+        """How chunks hold K/V: q8 / q4, or the float dtype's name (--stats)."""
+        return self.quant.name if self.quant is not None else str(self.dtype).replace("torch.", "")
+
+    @property
+    def stored_bytes_per_token(self) -> int:
+        """K and V bytes one token takes in the chunks, every layer, scales included (--stats)."""
+        return 2 * self.n_layers * self.kpool[0, :, 0].numel() * self.kpool.element_size()
+
+    @property
     def nbytes(self) -> int:
         return sum(self.tier_bytes().values())
 
