@@ -99,7 +99,7 @@ def kv_shape(args, dtype: torch.dtype, cfg: RunConfig | None = None) -> KVShape:
         return KVShape(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype.itemsize)
     kv_dtype, quant = kv_dtypes(cfg, args, dtype)
     return KVShape(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, kv_dtype.itemsize,
-                   quant_row=quant.row_bytes() if quant else 0, name=cfg.kv_dtype)
+                   quant_row=quant.row_bytes() if quant else 0, name=cfg.kv_dtype, float_chunks=2 if cfg.draft else 1)
 
 
 def kv_dir(cfg: RunConfig) -> Path:
@@ -268,7 +268,8 @@ class Prepared:
                         disk_root=kv_dir(cfg) if split.spills else None, chunk_tokens=split.shape.chunk_tokens,
                         attention=self.attention, lsh_k=cfg.lsh_k, lsh_l=cfg.lsh_l,
                         magicpig_from=AUTO_MAGICPIG_TOKENS if cfg.attention == "auto" else 0,
-                        select_share=cfg.kv_select_share, tracer=tracer, quant=quant)
+                        select_share=cfg.kv_select_share, tracer=tracer, quant=quant,
+                        float_chunks=split.shape.float_chunks)
 
     def factory(self, cfg: RunConfig, tracer=None, accel=None):
         """A builder of the run's weight source; ``accel`` (default: from the device) carries out the copies."""

@@ -48,7 +48,7 @@ from kernels_cpu import attention as kern
 from kernels_cpu.kv_quant import KVQuant
 from offload_rt.kv import bytes_per_token, check_keep, check_load
 from offload_rt.memory import kv_select
-from offload_rt.memory.kv_plan import CHUNK_TOKENS, STAGING_BATCH, ChunkTable
+from offload_rt.memory.kv_plan import CHUNK_TOKENS, DEQUANT_CHUNKS, STAGING_BATCH, ChunkTable
 from offload_rt.prefetch import Prefetcher
 from offload_rt.trace import NullTracer
 from storage.store import aligned_buffer
@@ -65,7 +65,7 @@ class TieredKV:
                  host_chunks: int, staging_chunks: int = 0, disk_root: Path | None = None,
                  chunk_tokens: int = CHUNK_TOKENS, attention: str = "exact", lsh_k: int = 10, lsh_l: int = 150,
                  magicpig_from: int = 0, select_share: float = kv_select.DEFAULT_SHARE, tracer=None,
-                 quant: KVQuant | None = None):
+                 quant: KVQuant | None = None, float_chunks: int = 2):
         if attention not in ("exact", "magicpig", "select"):
             raise ValueError(f"attention {attention!r}")
         if quant is not None and attention == "magicpig":
@@ -89,12 +89,14 @@ class TieredKV:
         pool_dtype = dtype
         if quant is not None:
             shape, pool_dtype = (slots, *quant.record_shape(kv_heads)), torch.uint8
-            # per layer its two newest chunks in floats (the open one, and the one before: a rollback going back
-            # into it re-closes it from the same floats), and a few chunks' dequantized floats for the general path
-            self._fk = torch.zeros(2 * n_layers, kv_heads, chunk_tokens, head_dim, dtype=dtype)
+            # per layer its newest chunks in floats: the open one, and with float_chunks=2 the one before (a
+            # speculation's rollback going back into it re-closes it from the same floats); and a few chunks'
+            # dequantized floats for the general path
+            self._nf = float_chunks
+            self._fk = torch.zeros(float_chunks * n_layers, kv_heads, chunk_tokens, head_dim, dtype=dtype)
             self._fv = torch.zeros_like(self._fk)
-            self._fchunk = [[-1, -1] for _ in range(n_layers)]  # the chunk each of a layer's two holds
-            self._dk = torch.zeros(STAGING_BATCH, kv_heads, chunk_tokens, head_dim)
+            self._fchunk = [[-1] * float_chunks for _ in range(n_layers)]  # the chunk each of a layer's holds
+            self._dk = torch.zeros(DEQUANT_CHUNKS, kv_heads, chunk_tokens, head_dim)
             self._dv = torch.zeros_like(self._dk)
         nbytes = int(np.prod(shape)) * pool_dtype.itemsize
         # 4 KiB aligned (chunk reads from disk land here with O_DIRECT); pages are touched as tokens arrive
@@ -170,19 +172,19 @@ class TieredKV:
         A layer's two newest chunks keep their floats; an older one written again (a rollback went back that
         far) gets its first rows back from its record, dequantized: quantizing them again gives the same bytes
         (kernels_cpu.kv_quant), the rest of the chunk is new."""
-        f = 2 * layer + chunk % 2
-        if self._fchunk[layer][chunk % 2] != chunk:
+        f = self._nf * layer + chunk % self._nf
+        if self._fchunk[layer][chunk % self._nf] != chunk:
             if rows:
                 self._fk[f, :, :rows] = self.quant.dequantize_keys(self.kpool[slot])[:, :rows]
                 self._fv[f, :, :rows] = self.quant.dequantize_values(self.vpool[slot])[:, :rows]
-            self._fchunk[layer][chunk % 2] = chunk
+            self._fchunk[layer][chunk % self._nf] = chunk
         return f
 
     def _floats(self, layer: int, chunk: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantized: a chunk's K and V as floats [kv_heads, C, d]: its own floats while the layer keeps them,
         else its record (in RAM slot ``slot``) dequantized."""
-        if self._fchunk[layer][chunk % 2] == chunk:
-            f = 2 * layer + chunk % 2
+        if self._fchunk[layer][chunk % self._nf] == chunk:
+            f = self._nf * layer + chunk % self._nf
             return self._fk[f], self._fv[f]
         return self.quant.dequantize_keys(self.kpool[slot]), self.quant.dequantize_values(self.vpool[slot])
 
@@ -364,7 +366,7 @@ class TieredKV:
         acc = None
         try:
             if end > closed * C:
-                f = torch.tensor([2 * layer + closed % 2], dtype=torch.int32)
+                f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
                 acc = kern.attend(q, self._fk, self._fv, f, end - closed * C, k_base=closed * C, **call)
             batches = ((slots.numpy(), len(chunks)) for slots, chunks in passes)
             for slots, n in itertools.chain([(ram, len(ram))] if ram else [], batches):  # the RAM chunks while the first disk batch is read, then each batch
@@ -394,9 +396,9 @@ class TieredKV:
         self.disk_chunks_read += len(disk)
 
         def dequantized(chunks: list[int], slots: list[int]):
-            for i in range(0, len(chunks), STAGING_BATCH):
-                group = chunks[i:i + STAGING_BATCH]
-                for j, slot in enumerate(slots[i:i + STAGING_BATCH]):
+            for i in range(0, len(chunks), DEQUANT_CHUNKS):
+                group = chunks[i:i + DEQUANT_CHUNKS]
+                for j, slot in enumerate(slots[i:i + DEQUANT_CHUNKS]):
                     self._dk[j], self._dv[j] = self._stored(slot)
                 # packed: region key j is row j % C of float chunk j // C, absolute index c * C + j % C; every
                 # chunk gets its own call unless the chunks are consecutive (one key range)
@@ -410,7 +412,7 @@ class TieredKV:
             for slots, chunks in self._disk_passes(layer, _batches(disk, packed=False)):
                 dequantized(list(chunks), slots.tolist())
         if hi > closed * C and hi > lo:
-            f = torch.tensor([2 * layer + closed % 2], dtype=torch.int32)
+            f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
             add(fn(q, self._fk, self._fv, f, hi - closed * C, k_base=closed * C, **call))
         if acc is None:
             T, nh, d = q.shape
@@ -430,7 +432,7 @@ class TieredKV:
             return self.kpool[slot, :, lo:hi].float()
         if (chunk + 1) * self.C <= end:
             return self.quant.dequantize_keys(self.kpool[slot])[:, lo:hi]
-        return self._fk[2 * layer + chunk % 2, :, lo:hi].float()
+        return self._fk[self._nf * layer + chunk % self._nf, :, lo:hi].float()
 
     def _select(self, layer: int, q: torch.Tensor, end: int, disk: list[int]) -> list[int]:
         """The disk chunks of ``layer`` a decode query q [1, nh, d] at token ``end - 1`` reads:
@@ -538,7 +540,7 @@ class TieredKV:
         staging = iter(range(self.host_chunks, self.host_chunks + self.staging_chunks))
         for c in range(lo // C, -(-hi // C)):
             tier, slot = self._table.chunks[layer][c]
-            held = self.quant is not None and self._fchunk[layer][c % 2] == c
+            held = self.quant is not None and self._fchunk[layer][c % self._nf] == c
             if tier == "disk" and not held:
                 slot = next(staging)  # keep() spans a few chunks (a speculation tree), staging holds 16
                 self.disk_read_bytes += self._store().read_into(layer, c, self.kpool[slot], self.vpool[slot])

@@ -26,6 +26,7 @@ from offload_rt.memory.plan import cli_size
 
 CHUNK_TOKENS = 256  # tokens per chunk (per layer)
 STAGING_BATCH = 8  # disk chunks read per batch; two batches in flight (one read while the other computes)
+DEQUANT_CHUNKS = 2  # quantized KV: closed chunks dequantized at a time for prefill / tree attention (kv/tiered.py)
 SINK_CHUNKS = 1  # a layer's first chunks that never leave RAM
 
 
@@ -38,6 +39,7 @@ class KVShape:
     chunk_tokens: int = CHUNK_TOKENS
     quant_row: int = 0  # --kv-dtype q8/q4: bytes per token and KV head of K (= of V), scales included; 0: floats
     name: str = ""  # the KV dtype as --kv-dtype names it, for --plan ("": the compute dtype)
+    float_chunks: int = 1  # quantized KV: chunks per layer kept in floats (the open one; 2 with a draft's rollbacks)
 
     @property
     def row_bytes(self) -> int:
@@ -55,11 +57,12 @@ class KVShape:
 
     @property
     def float_bytes(self) -> int:
-        """Quantized KV: the float32 chunks beside the records (each layer's two newest chunks, and a batch of
-        chunks dequantized for prefill; kv/tiered.py); 0 for float KV."""
+        """Quantized KV: the float32 chunks beside the records (each layer's newest ``float_chunks``, and the
+        chunks dequantized at a time for prefill; kv/tiered.py); 0 for float KV."""
         if not self.quant_row:
             return 0
-        return (2 * self.n_layers + STAGING_BATCH) * 2 * self.kv_heads * self.chunk_tokens * self.head_dim * 4
+        chunks = self.float_chunks * self.n_layers + DEQUANT_CHUNKS
+        return chunks * 2 * self.kv_heads * self.chunk_tokens * self.head_dim * 4
 
     @property
     def abstract_bytes(self) -> int:
@@ -99,8 +102,8 @@ class KVSplit:
 
     def describe(self) -> str:
         s = self.shape
-        kind = f" ({s.name}: {format_size(s.bytes_per_token)} per token)" if s.name else ""
-        line = (f"kv cache{kind}: {self.tokens} tokens, {format_size(self.tokens * s.bytes_per_token)} in chunks of "
+        kind = f" as {s.name} ({format_size(s.bytes_per_token)} per token)" if s.name else ""
+        line = (f"kv cache: {self.tokens} tokens, {format_size(self.tokens * s.bytes_per_token)}{kind} in chunks of "
                 f"{s.chunk_tokens} tokens: host {format_size(self.host_chunks * s.chunk_bytes)} "
                 f"({self.host_chunks} chunks)")
         if self.spills:
@@ -108,6 +111,8 @@ class KVSplit:
             line += (f", disk {format_size(self.disk_bytes)} ({self.disk_chunks} chunks; "
                      f"{self.staging_chunks} staging chunks in RAM, {staging}; key bounds "
                      f"{format_size(self.bound_bytes)})")
+        if s.float_bytes:
+            line += f"; newest chunks in floats {format_size(s.float_bytes)}"
         if self.table_bytes:
             line += f"; MagicPIG tables {format_size(self.table_bytes)}"
         return line + f"; longest context that fits: {self.longest_context} tokens"
