@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels_cpu.attention import _NEG, _half_bits_to_f32, _ptr, _softmax, _splits
+from kernels_cpu.attention import _NEG, _half_bits_to_f32, _ptr, _scores, _softmax, _splits, _values
 from kernels_cpu.kv_quant import GROUP, KVQuant
 
 
@@ -52,165 +52,62 @@ def _prefetch_span(addr, n):  # pragma: no cover - compiled
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _key_scores_q8(qs, bias, codes, t0, s):  # pragma: no cover - compiled
-    """s[r, j] = bias[r] + qs[r] . codes[t0 + j] for the group's GROUP keys (int8 codes [C, d])."""
-    R, d = qs.shape
-    for r in range(0, R, 4):
-        for j in range(0, GROUP, 4):
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
-            t = t0 + j
-            for x in range(d):
-                k0 = np.float32(codes[t, x])
-                k1 = np.float32(codes[t + 1, x])
-                k2 = np.float32(codes[t + 2, x])
-                k3 = np.float32(codes[t + 3, x])
-                q0, q1, q2, q3 = qs[r, x], qs[r + 1, x], qs[r + 2, x], qs[r + 3, x]
-                a00 += q0 * k0
-                a01 += q0 * k1
-                a02 += q0 * k2
-                a03 += q0 * k3
-                a10 += q1 * k0
-                a11 += q1 * k1
-                a12 += q1 * k2
-                a13 += q1 * k3
-                a20 += q2 * k0
-                a21 += q2 * k1
-                a22 += q2 * k2
-                a23 += q2 * k3
-                a30 += q3 * k0
-                a31 += q3 * k1
-                a32 += q3 * k2
-                a33 += q3 * k3
-            b0, b1, b2, b3 = bias[r], bias[r + 1], bias[r + 2], bias[r + 3]
-            s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3] = a00 + b0, a01 + b0, a02 + b0, a03 + b0
-            s[r + 1, j], s[r + 1, j + 1], s[r + 1, j + 2], s[r + 1, j + 3] = a10 + b1, a11 + b1, a12 + b1, a13 + b1
-            s[r + 2, j], s[r + 2, j + 1], s[r + 2, j + 2], s[r + 2, j + 3] = a20 + b2, a21 + b2, a22 + b2, a23 + b2
-            s[r + 3, j], s[r + 3, j + 1], s[r + 3, j + 2], s[r + 3, j + 3] = a30 + b3, a31 + b3, a32 + b3, a33 + b3
-
-
-@nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _key_scores_q4(qs, bias, codes, t0, s):  # pragma: no cover - compiled
-    """As _key_scores_q8 over packed nibbles (codes [C, d / 2]: per 32 channels, byte i = channels i, i + 16)."""
-    R, d = qs.shape
+def _widen_keys(bits, codes, t0, ks, km, out, g):  # pragma: no cover - compiled
+    """out[0, g, j] = km + ks * code of key t0 + j, j < GROUP (scales per channel: one vector per group)."""
+    d = ks.shape[0]
     H = GROUP // 2
-    for r in range(0, R, 4):
-        for j in range(0, GROUP, 4):
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
-            t = t0 + j
+    for j in range(GROUP):
+        if bits == 8:
+            for x in range(d):
+                out[0, g, j, x] = km[x] + ks[x] * np.float32(codes[t0 + j, x])
+        else:
             for xg in range(d // GROUP):
                 for i in range(H):
+                    b = np.uint8(codes[t0 + j, xg * H + i])
                     x = xg * GROUP + i
-                    bi = xg * H + i
-                    c0, c1, c2, c3 = codes[t, bi], codes[t + 1, bi], codes[t + 2, bi], codes[t + 3, bi]
-                    l0, l1 = np.float32(c0 & 15), np.float32(c1 & 15)
-                    l2, l3 = np.float32(c2 & 15), np.float32(c3 & 15)
-                    h0, h1 = np.float32(c0 >> 4), np.float32(c1 >> 4)
-                    h2, h3 = np.float32(c2 >> 4), np.float32(c3 >> 4)
-                    q0, q1, q2, q3 = qs[r, x], qs[r + 1, x], qs[r + 2, x], qs[r + 3, x]
-                    p0, p1, p2, p3 = qs[r, x + H], qs[r + 1, x + H], qs[r + 2, x + H], qs[r + 3, x + H]
-                    a00 += q0 * l0 + p0 * h0
-                    a01 += q0 * l1 + p0 * h1
-                    a02 += q0 * l2 + p0 * h2
-                    a03 += q0 * l3 + p0 * h3
-                    a10 += q1 * l0 + p1 * h0
-                    a11 += q1 * l1 + p1 * h1
-                    a12 += q1 * l2 + p1 * h2
-                    a13 += q1 * l3 + p1 * h3
-                    a20 += q2 * l0 + p2 * h0
-                    a21 += q2 * l1 + p2 * h1
-                    a22 += q2 * l2 + p2 * h2
-                    a23 += q2 * l3 + p2 * h3
-                    a30 += q3 * l0 + p3 * h0
-                    a31 += q3 * l1 + p3 * h1
-                    a32 += q3 * l2 + p3 * h2
-                    a33 += q3 * l3 + p3 * h3
-            b0, b1, b2, b3 = bias[r], bias[r + 1], bias[r + 2], bias[r + 3]
-            s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3] = a00 + b0, a01 + b0, a02 + b0, a03 + b0
-            s[r + 1, j], s[r + 1, j + 1], s[r + 1, j + 2], s[r + 1, j + 3] = a10 + b1, a11 + b1, a12 + b1, a13 + b1
-            s[r + 2, j], s[r + 2, j + 1], s[r + 2, j + 2], s[r + 2, j + 3] = a20 + b2, a21 + b2, a22 + b2, a23 + b2
-            s[r + 3, j], s[r + 3, j + 1], s[r + 3, j + 2], s[r + 3, j + 3] = a30 + b3, a31 + b3, a32 + b3, a33 + b3
+                    out[0, g, j, x] = km[x] + ks[x] * np.float32(b & np.uint8(15))
+                    out[0, g, j, x + H] = km[x + H] + ks[x + H] * np.float32(b >> np.uint8(4))
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _values_q(bits, codes, vs, vm, t0, s, acc, ps, bsum):  # pragma: no cover - compiled
-    """acc[r] += sum_j s[r, j] * v[t0 + j] over the group's GROUP values: per token j and channel group xg,
-    v = vm[j, xg] + vs[j, xg] * code (vs, vm float32 [C, d / GROUP]; vm zeros for q8). ps [R, 4] and bsum
-    [R, d / GROUP]: scratch."""
-    R, d = acc.shape
-    ng = d // GROUP
+def _widen_values(bits, codes, vs, vm, t0, out, g):  # pragma: no cover - compiled
+    """out[0, g, j] = vm + vs * code of value t0 + j, j < GROUP (vs, vm float32 [C, d / GROUP]: scale and
+    minimum per token and group of channels; vm zeros for q8)."""
+    d = out.shape[3]
     H = GROUP // 2
-    for r in range(R):
-        for xg in range(ng):
-            tot = np.float32(0.0)
-            for j in range(GROUP):
-                tot += s[r, j] * vm[t0 + j, xg]
-            bsum[r, xg] = tot
-    for j in range(0, GROUP, 4):
-        t = t0 + j
-        for xg in range(ng):
-            for r in range(R):
-                ps[r, 0] = s[r, j] * vs[t, xg]
-                ps[r, 1] = s[r, j + 1] * vs[t + 1, xg]
-                ps[r, 2] = s[r, j + 2] * vs[t + 2, xg]
-                ps[r, 3] = s[r, j + 3] * vs[t + 3, xg]
-            for r in range(0, R, 4):
-                p00, p01, p02, p03 = ps[r, 0], ps[r, 1], ps[r, 2], ps[r, 3]
-                p10, p11, p12, p13 = ps[r + 1, 0], ps[r + 1, 1], ps[r + 1, 2], ps[r + 1, 3]
-                p20, p21, p22, p23 = ps[r + 2, 0], ps[r + 2, 1], ps[r + 2, 2], ps[r + 2, 3]
-                p30, p31, p32, p33 = ps[r + 3, 0], ps[r + 3, 1], ps[r + 3, 2], ps[r + 3, 3]
-                if bits == 8:
-                    for i in range(GROUP):
-                        x = xg * GROUP + i
-                        v0 = np.float32(codes[t, x])
-                        v1 = np.float32(codes[t + 1, x])
-                        v2 = np.float32(codes[t + 2, x])
-                        v3 = np.float32(codes[t + 3, x])
-                        acc[r, x] += p00 * v0 + p01 * v1 + p02 * v2 + p03 * v3
-                        acc[r + 1, x] += p10 * v0 + p11 * v1 + p12 * v2 + p13 * v3
-                        acc[r + 2, x] += p20 * v0 + p21 * v1 + p22 * v2 + p23 * v3
-                        acc[r + 3, x] += p30 * v0 + p31 * v1 + p32 * v2 + p33 * v3
-                else:
-                    for i in range(H):
-                        x = xg * GROUP + i
-                        bi = xg * H + i
-                        c0, c1, c2, c3 = codes[t, bi], codes[t + 1, bi], codes[t + 2, bi], codes[t + 3, bi]
-                        v0, v1 = np.float32(c0 & 15), np.float32(c1 & 15)
-                        v2, v3 = np.float32(c2 & 15), np.float32(c3 & 15)
-                        w0, w1 = np.float32(c0 >> 4), np.float32(c1 >> 4)
-                        w2, w3 = np.float32(c2 >> 4), np.float32(c3 >> 4)
-                        acc[r, x] += p00 * v0 + p01 * v1 + p02 * v2 + p03 * v3
-                        acc[r + 1, x] += p10 * v0 + p11 * v1 + p12 * v2 + p13 * v3
-                        acc[r + 2, x] += p20 * v0 + p21 * v1 + p22 * v2 + p23 * v3
-                        acc[r + 3, x] += p30 * v0 + p31 * v1 + p32 * v2 + p33 * v3
-                        acc[r, x + H] += p00 * w0 + p01 * w1 + p02 * w2 + p03 * w3
-                        acc[r + 1, x + H] += p10 * w0 + p11 * w1 + p12 * w2 + p13 * w3
-                        acc[r + 2, x + H] += p20 * w0 + p21 * w1 + p22 * w2 + p23 * w3
-                        acc[r + 3, x + H] += p30 * w0 + p31 * w1 + p32 * w2 + p33 * w3
-    for r in range(R):
-        for x in range(d):
-            acc[r, x] += bsum[r, x // GROUP]
+    if bits == 8:
+        for j in range(GROUP):
+            for xg in range(d // GROUP):
+                sc = vs[t0 + j, xg]
+                for i in range(GROUP):
+                    out[0, g, j, xg * GROUP + i] = sc * np.float32(codes[t0 + j, xg * GROUP + i])
+    else:
+        for j in range(GROUP):
+            for xg in range(d // GROUP):
+                sc = vs[t0 + j, xg]
+                mn = vm[t0 + j, xg]
+                for i in range(H):
+                    b = np.uint8(codes[t0 + j, xg * H + i])
+                    out[0, g, j, xg * GROUP + i] = mn + sc * np.float32(b & np.uint8(15))
+                    out[0, g, j, xg * GROUP + i + H] = mn + sc * np.float32(b >> np.uint8(4))
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True)
 def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pragma: no cover - compiled
-    """One task: KV head g over the closed chunks slots[c0:c1] (every key visible), group by group;
-    online softmax state acc [R, d], m, lsum [R] (qg pre-scaled, R a multiple of 4)."""
-    _nkv, R, d = qg.shape
-    _P, nkv, C, w = kbuf.shape
+    """One task: KV head g over the closed chunks slots[c0:c1] (every key visible), GROUP keys at a time:
+    their codes widened to float32 in a small L1-resident block, then the float kernel's register-blocked
+    products and online softmax (kernels_cpu.attention) over it; state acc [R, d], m, lsum [R] (qg
+    pre-scaled)."""
+    nkv, R, d = qg.shape
+    _P, _nkv, C, w = kbuf.shape
     cb = d * bits // 8
-    ng = d // GROUP
-    asym = bits == 4
     s = np.empty((R, GROUP), dtype=np.float32)
-    qs = np.empty((R, d), dtype=np.float32)
-    bias = np.zeros(R, dtype=np.float32)
+    kf = np.empty((1, nkv, GROUP, d), dtype=np.float32)  # only [0, g] is used: the float kernel's indexing
+    vf = np.empty((1, nkv, GROUP, d), dtype=np.float32)
     ks = np.empty(d, dtype=np.float32)
     km = np.zeros(d, dtype=np.float32)
-    vs = np.empty((C, ng), dtype=np.float32)
-    vm = np.zeros((C, ng), dtype=np.float32)
-    ps = np.empty((R, 4), dtype=np.float32)
-    bsum = np.empty((R, ng), dtype=np.float32)
+    vs = np.empty((C, d // GROUP), dtype=np.float32)
+    vm = np.zeros((C, d // GROUP), dtype=np.float32)
     for r in range(R):
         m[r] = _NEG
         lsum[r] = 0.0
@@ -218,22 +115,24 @@ def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pra
             acc[r, x] = 0.0
     kbase, vbase = kbuf.ctypes.data, vbuf.ctypes.data
     rec = C * w
-    nparam = C * ng  # scales per record (= minimums)
+    nparam = C * (d // GROUP)  # scales per record (= minimums)
     for c in range(c0, c1):
-        off = (slots[c] * nkv + g) * rec
+        off = (slots[c] * _nkv + g) * rec
         ka, va = kbase + off, vbase + off
-        if c + 1 < c1:  # the next chunk's start: the first groups' codes and the scales
-            noff = (slots[c + 1] * nkv + g) * rec
-            _prefetch_span(kbase + noff, 4 * GROUP * cb)
-            _prefetch_span(vbase + noff, 4 * GROUP * cb)
+        if c + 1 < c1:  # the next chunk's first groups
+            noff = (slots[c + 1] * _nkv + g) * rec
+            _prefetch_span(kbase + noff, 2 * GROUP * cb)
+            _prefetch_span(vbase + noff, 2 * GROUP * cb)
         ksc = nb.carray(_ptr(ka + C * cb, np.int16), (C // GROUP, d))
         kmn = nb.carray(_ptr(ka + C * cb + 2 * nparam, np.int16), (C // GROUP, d))
-        vsc = nb.carray(_ptr(va + C * cb, np.int16), (C, ng))
-        vmn = nb.carray(_ptr(va + C * cb + 2 * nparam, np.int16), (C, ng))
+        vsc = nb.carray(_ptr(va + C * cb, np.int16), (C, d // GROUP))
+        vmn = nb.carray(_ptr(va + C * cb + 2 * nparam, np.int16), (C, d // GROUP))
+        kc = nb.carray(_ptr(ka, np.int8), (C, cb))
+        vc = nb.carray(_ptr(va, np.int8), (C, cb))
         for t in range(C):
-            for xg in range(ng):
+            for xg in range(d // GROUP):
                 vs[t, xg] = _half_bits_to_f32(vsc[t, xg])
-                if asym:
+                if bits == 4:
                     vm[t, xg] = _half_bits_to_f32(vmn[t, xg])
         for gr in range(C // GROUP):
             t0 = gr * GROUP
@@ -242,22 +141,13 @@ def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pra
                 _prefetch_span(va + (t0 + 2 * GROUP) * cb, GROUP * cb)
             for x in range(d):
                 ks[x] = _half_bits_to_f32(ksc[gr, x])
-                if asym:
+                if bits == 4:
                     km[x] = _half_bits_to_f32(kmn[gr, x])
-            for r in range(R):
-                b = np.float32(0.0)
-                for x in range(d):
-                    qs[r, x] = qg[g, r, x] * ks[x]
-                    b += qg[g, r, x] * km[x]
-                bias[r] = b
-            if bits == 8:
-                _key_scores_q8(qs, bias, nb.carray(_ptr(ka, np.int8), (C, cb)), t0, s)
-                _softmax(s, GROUP, m, lsum, acc)
-                _values_q(8, nb.carray(_ptr(va, np.int8), (C, cb)), vs, vm, t0, s, acc, ps, bsum)
-            else:
-                _key_scores_q4(qs, bias, nb.carray(_ptr(ka, np.uint8), (C, cb)), t0, s)
-                _softmax(s, GROUP, m, lsum, acc)
-                _values_q(4, nb.carray(_ptr(va, np.uint8), (C, cb)), vs, vm, t0, s, acc, ps, bsum)
+            _widen_keys(bits, kc, t0, ks, km, kf, g)
+            _scores(qg, g, kf, 0, 0, GROUP, s)
+            _softmax(s, GROUP, m, lsum, acc)
+            _widen_values(bits, vc, vs, vm, t0, vf, g)
+            _values(vf, g, 0, 0, GROUP, s, acc)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
