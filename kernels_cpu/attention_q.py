@@ -23,9 +23,9 @@ import torch
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from kernels_cpu.attention import _NEG, _half_bits_to_f32, _ptr, _scores, _softmax, _splits, _values
+from kernels_cpu.attention import _NEG, _half_bits_to_f32, _ptr, _scores, _softmax, _splits, _to_f32, _values
 from kernels_cpu.kv_quant import GROUP, KVQuant
 
 
@@ -51,63 +51,54 @@ def _prefetch_span(addr, n):  # pragma: no cover - compiled
         _prefetch_at(addr + off)
 
 
+@overload(_to_f32, inline="always")
+def _code_to_f32(x):
+    """kernels_cpu.attention's element widening, extended to q8 codes (int8): its register-blocked
+    products then run over a record's codes as they run over bf16 keys."""
+    if x == types.int8:
+        return lambda x: np.float32(x)
+    return None
+
+
 @nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _widen_keys(bits, codes, t0, ks, km, out, g):  # pragma: no cover - compiled
-    """out[0, g, j] = km + ks * code of key t0 + j, j < GROUP (scales per channel: one vector per group)."""
+def _widen_q4(codes, t0, ks, km, vs, vm, out, g):  # pragma: no cover - compiled
+    """out[0, g, j, x] = km[x] + ks[x] * vs[t0 + j] * code + vm[t0 + j] for the GROUP tokens from t0 (packed
+    nibbles: per 32 channels, byte i = channels i, i + 16). Keys: ks, km per channel, vs = 1, vm = 0;
+    values: vs, vm per token, ks = 1, km = 0."""
     d = ks.shape[0]
     H = GROUP // 2
     for j in range(GROUP):
-        if bits == 8:
-            for x in range(d):
-                out[0, g, j, x] = km[x] + ks[x] * np.float32(codes[t0 + j, x])
-        else:
-            for xg in range(d // GROUP):
-                for i in range(H):
-                    b = np.uint8(codes[t0 + j, xg * H + i])
-                    x = xg * GROUP + i
-                    out[0, g, j, x] = km[x] + ks[x] * np.float32(b & np.uint8(15))
-                    out[0, g, j, x + H] = km[x + H] + ks[x + H] * np.float32(b >> np.uint8(4))
-
-
-@nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _widen_values(bits, codes, vs, vm, t0, out, g):  # pragma: no cover - compiled
-    """out[0, g, j] = vm + vs * code of value t0 + j, j < GROUP (vs, vm float32 [C, d / GROUP]: scale and
-    minimum per token and group of channels; vm zeros for q8)."""
-    d = out.shape[3]
-    H = GROUP // 2
-    if bits == 8:
-        for j in range(GROUP):
-            for xg in range(d // GROUP):
-                sc = vs[t0 + j, xg]
-                for i in range(GROUP):
-                    out[0, g, j, xg * GROUP + i] = sc * np.float32(codes[t0 + j, xg * GROUP + i])
-    else:
-        for j in range(GROUP):
-            for xg in range(d // GROUP):
-                sc = vs[t0 + j, xg]
-                mn = vm[t0 + j, xg]
-                for i in range(H):
-                    b = np.uint8(codes[t0 + j, xg * H + i])
-                    out[0, g, j, xg * GROUP + i] = mn + sc * np.float32(b & np.uint8(15))
-                    out[0, g, j, xg * GROUP + i + H] = mn + sc * np.float32(b >> np.uint8(4))
+        sv = vs[t0 + j]
+        mv = vm[t0 + j]
+        for xg in range(d // GROUP):
+            for i in range(H):
+                b = np.uint8(codes[t0 + j, xg * H + i])
+                x = xg * GROUP + i
+                out[0, g, j, x] = km[x] + ks[x] * (mv + sv * np.float32(b & np.uint8(15)))
+                out[0, g, j, x + H] = km[x + H] + ks[x + H] * (mv + sv * np.float32(b >> np.uint8(4)))
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True)
 def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pragma: no cover - compiled
-    """One task: KV head g over the closed chunks slots[c0:c1] (every key visible), GROUP keys at a time:
-    their codes widened to float32 in a small L1-resident block, then the float kernel's register-blocked
-    products and online softmax (kernels_cpu.attention) over it; state acc [R, d], m, lsum [R] (qg
-    pre-scaled)."""
+    """One task: KV head g over the closed chunks slots[c0:c1] (every key visible), GROUP keys at a time,
+    through kernels_cpu.attention's register-blocked products and online softmax; state acc [R, d], m,
+    lsum [R] (qg pre-scaled).
+
+    q8: the products run over the codes themselves, widened in registers: a key group's per-channel
+    scales are folded into the query (``q . k = (q * s) . c``), a value's per-token scale into its softmax
+    weight. q4: a group's nibbles are first widened to float32 in a small L1-resident block."""
     nkv, R, d = qg.shape
     _P, _nkv, C, w = kbuf.shape
     cb = d * bits // 8
     s = np.empty((R, GROUP), dtype=np.float32)
-    kf = np.empty((1, nkv, GROUP, d), dtype=np.float32)  # only [0, g] is used: the float kernel's indexing
-    vf = np.empty((1, nkv, GROUP, d), dtype=np.float32)
+    sw = np.empty((R, GROUP), dtype=np.float32)
+    qs = np.empty((1, R, d), dtype=np.float32)
+    kf = np.empty((1, nkv, GROUP, d), dtype=np.float32)  # q4: only [0, g] is used (the float kernel's indexing)
     ks = np.empty(d, dtype=np.float32)
     km = np.zeros(d, dtype=np.float32)
-    vs = np.empty((C, d // GROUP), dtype=np.float32)
-    vm = np.zeros((C, d // GROUP), dtype=np.float32)
+    ones, zeros = np.ones(max(C, d), dtype=np.float32), np.zeros(max(C, d), dtype=np.float32)
+    vs = np.empty(C, dtype=np.float32)
+    vm = np.zeros(C, dtype=np.float32)
     for r in range(R):
         m[r] = _NEG
         lsum[r] = 0.0
@@ -115,39 +106,46 @@ def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pra
             acc[r, x] = 0.0
     kbase, vbase = kbuf.ctypes.data, vbuf.ctypes.data
     rec = C * w
-    nparam = C * (d // GROUP)  # scales per record (= minimums)
+    nparam = C * d // GROUP  # key scales per record (= minimums)
     for c in range(c0, c1):
         off = (slots[c] * _nkv + g) * rec
         ka, va = kbase + off, vbase + off
-        if c + 1 < c1:  # the next chunk's first groups
+        if c + 1 < c1:  # the next chunk's first keys and values
             noff = (slots[c + 1] * _nkv + g) * rec
-            _prefetch_span(kbase + noff, 2 * GROUP * cb)
-            _prefetch_span(vbase + noff, 2 * GROUP * cb)
+            _prefetch_span(kbase + noff, 16 * cb)
+            _prefetch_span(vbase + noff, 16 * cb)
         ksc = nb.carray(_ptr(ka + C * cb, np.int16), (C // GROUP, d))
         kmn = nb.carray(_ptr(ka + C * cb + 2 * nparam, np.int16), (C // GROUP, d))
-        vsc = nb.carray(_ptr(va + C * cb, np.int16), (C, d // GROUP))
-        vmn = nb.carray(_ptr(va + C * cb + 2 * nparam, np.int16), (C, d // GROUP))
-        kc = nb.carray(_ptr(ka, np.int8), (C, cb))
-        vc = nb.carray(_ptr(va, np.int8), (C, cb))
+        vsc = nb.carray(_ptr(va + C * cb, np.int16), C)
+        vmn = nb.carray(_ptr(va + C * cb + 2 * C, np.int16), C)
+        kc = nb.carray(_ptr(ka, np.int8), (1, 1, C, cb))
+        vc = nb.carray(_ptr(va, np.int8), (1, 1, C, cb))
         for t in range(C):
-            for xg in range(d // GROUP):
-                vs[t, xg] = _half_bits_to_f32(vsc[t, xg])
-                if bits == 4:
-                    vm[t, xg] = _half_bits_to_f32(vmn[t, xg])
+            vs[t] = _half_bits_to_f32(vsc[t])
+            if bits == 4:
+                vm[t] = _half_bits_to_f32(vmn[t])
         for gr in range(C // GROUP):
             t0 = gr * GROUP
-            if gr + 2 < C // GROUP:
-                _prefetch_span(ka + (t0 + 2 * GROUP) * cb, GROUP * cb)
-                _prefetch_span(va + (t0 + 2 * GROUP) * cb, GROUP * cb)
             for x in range(d):
                 ks[x] = _half_bits_to_f32(ksc[gr, x])
                 if bits == 4:
                     km[x] = _half_bits_to_f32(kmn[gr, x])
-            _widen_keys(bits, kc, t0, ks, km, kf, g)
-            _scores(qg, g, kf, 0, 0, GROUP, s)
-            _softmax(s, GROUP, m, lsum, acc)
-            _widen_values(bits, vc, vs, vm, t0, vf, g)
-            _values(vf, g, 0, 0, GROUP, s, acc)
+            if bits == 8:
+                for r in range(R):
+                    for x in range(d):
+                        qs[0, r, x] = qg[g, r, x] * ks[x]
+                _scores(qs, 0, kc, 0, t0, GROUP, s)
+                _softmax(s, GROUP, m, lsum, acc)
+                for r in range(R):
+                    for j in range(GROUP):
+                        sw[r, j] = s[r, j] * vs[t0 + j]
+                _values(vc, 0, 0, t0, GROUP, sw, acc)
+            else:
+                _widen_q4(kc[0, 0], t0, ks, km, ones, zeros, kf, g)
+                _scores(qg, g, kf, 0, 0, GROUP, s)
+                _softmax(s, GROUP, m, lsum, acc)
+                _widen_q4(vc[0, 0], t0, ones[:d], zeros[:d], vs, vm, kf, g)
+                _values(kf, g, 0, 0, GROUP, s, acc)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)

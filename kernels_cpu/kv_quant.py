@@ -9,8 +9,9 @@ store keep, one record per KV head of ``C * w`` bytes). Per KV head the record h
   byte's two halves into two runs of 16 consecutive channels;
 * then the scales, float16 bits (int16); for q4 then the minimums (float16 bits):
   keys per channel over groups of ``GROUP`` tokens (``[C / GROUP, d]``, KIVI: keys have outlier
-  channels, so a channel's scale is shared along tokens); values per token over groups of ``GROUP``
-  channels (``[C, d / GROUP]``).
+  channels, so a channel's scale is shared along tokens); values per token over the head dim
+  (``[C]``: one scale per token, so that a kernel folds it into the token's softmax weight);
+* K's record and V's have the same row width ``w`` (the wider one's; V's last bytes are unused).
 
 q8 is symmetric (``x = s * c``, c in [-127, 127]); q4 asymmetric (``x = m + s * c``, c in [0, 15]).
 The scale is rounded *up* to float16 (the minimum *down*) before the codes are computed from it, so
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP = 32  # tokens per key scale (per channel), channels per value scale (per token)
+GROUP = 32  # tokens per key scale (per channel); q4 packs codes per this many channels
 FLOAT_KV = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 QUANT_KV = {"q8": 8, "q4": 4}
 _EPS = 2.0 ** -20  # relative slack when rounding a scale up (see _round_up)
@@ -60,13 +61,14 @@ class KVQuant:
         return self.head_dim * self.bits // 8
 
     @property
-    def param_bytes(self) -> int:
-        """Bytes of one KV head's scales (and minimums) in a chunk: the same for K and V."""
-        return self.chunk_tokens * self.head_dim // GROUP * 2 * (2 if self.asymmetric else 1)
+    def params(self) -> int:
+        """Scales (= minimums, q4) of one KV head's K in a chunk (V has ``chunk_tokens``)."""
+        return self.chunk_tokens * self.head_dim // GROUP
 
     def row_bytes(self) -> int:
-        """Bytes per token per KV head of K (and of V): the record's last dimension."""
-        return self.code_bytes + self.param_bytes // self.chunk_tokens
+        """Bytes per token per KV head of K and of V: the record's last dimension."""
+        per = 2 * (2 if self.asymmetric else 1)  # float16 scale (and minimum)
+        return self.code_bytes + -(-max(self.params, self.chunk_tokens) * per // self.chunk_tokens)
 
     def record_shape(self, kv_heads: int) -> tuple[int, int, int]:
         return kv_heads, self.chunk_tokens, self.row_bytes()
@@ -79,9 +81,9 @@ class KVQuant:
         kf = k.to(torch.float32).view(nkv, C // GROUP, GROUP, d)
         codes, s, m = self._codes(kf, dim=2)  # keys: per channel over a group of tokens
         self._pack(k_out, codes.view(nkv, C, d), s.view(nkv, C // GROUP * d), m)
-        vf = v.to(torch.float32).view(nkv, C, d // GROUP, GROUP)
-        codes, s, m = self._codes(vf, dim=3)  # values: per token over a group of channels
-        self._pack(v_out, codes.view(nkv, C, d), s.view(nkv, C * d // GROUP), m)
+        vf = v.to(torch.float32)
+        codes, s, m = self._codes(vf, dim=2)  # values: per token over the head dim
+        self._pack(v_out, codes.view(nkv, C, d), s.view(nkv, C), m)
 
     def _codes(self, x: torch.Tensor, dim: int):
         if self.asymmetric:
@@ -107,10 +109,11 @@ class KVQuant:
         flat[:, cb:cb + n] = s.reshape(nkv, -1).to(torch.float16).view(torch.uint8).view(nkv, n)
         if m is not None:
             flat[:, cb + n:cb + 2 * n] = m.reshape(nkv, -1).to(torch.float16).view(torch.uint8).view(nkv, n)
+        flat[:, cb + n * (2 if m is not None else 1):] = 0  # the narrower record's padding: defined bytes
 
     # ------------------------------------------------------------------ dequantize
-    def _unpack(self, rec: torch.Tensor):
-        """(codes [nkv, C, d] float32, scales, minimums or None as float32 flat per head)."""
+    def _unpack(self, rec: torch.Tensor, n: int):
+        """(codes [nkv, C, d] float32, the ``n`` scales and minimums (or None) as float32 [nkv, n])."""
         nkv, C, _w = rec.shape
         d = self.head_dim
         flat = rec.reshape(nkv, -1)
@@ -121,7 +124,7 @@ class KVQuant:
         else:
             b = raw.view(nkv, C, d // GROUP, GROUP // 2)
             codes = torch.stack([b & 15, b >> 4], dim=3).to(torch.float32).view(nkv, C, d)
-        n = C * d // GROUP * 2
+        n *= 2
         s = flat[:, cb:cb + n].contiguous().view(torch.float16).to(torch.float32)
         m = flat[:, cb + n:cb + 2 * n].contiguous().view(torch.float16).to(torch.float32) if self.asymmetric else None
         return codes, s, m
@@ -129,7 +132,7 @@ class KVQuant:
     def dequantize_keys(self, rec: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A K record [nkv, C, w] as [nkv, C, d] floats."""
         nkv, C, _w = rec.shape
-        codes, s, m = self._unpack(rec)
+        codes, s, m = self._unpack(rec, self.params)
         shape = (nkv, C // GROUP, 1, self.head_dim)
         x = codes.view(nkv, C // GROUP, GROUP, self.head_dim) * s.view(shape)
         if m is not None:
@@ -139,21 +142,21 @@ class KVQuant:
     def dequantize_values(self, rec: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A V record [nkv, C, w] as [nkv, C, d] floats."""
         nkv, C, _w = rec.shape
-        codes, s, m = self._unpack(rec)
-        shape = (nkv, C, self.head_dim // GROUP, 1)
-        x = codes.view(nkv, C, self.head_dim // GROUP, GROUP) * s.view(shape)
+        codes, s, m = self._unpack(rec, C)
+        x = codes * s.view(nkv, C, 1)
         if m is not None:
-            x = x + m.view(shape)
-        return x.view(nkv, C, self.head_dim).to(dtype)
+            x = x + m.view(nkv, C, 1)
+        return x.to(dtype)
 
     def step_bound(self, rec: torch.Tensor, keys: bool) -> torch.Tensor:
         """Half a quantization step per element of a record ([nkv, C, d] float32): the largest error
         quantizing may have left there (a test's and a reader's bound)."""
         nkv, C, _w = rec.shape
-        _codes, s, _m = self._unpack(rec)
         if keys:
+            s = self._unpack(rec, self.params)[1]
             return (s.view(nkv, C // GROUP, 1, self.head_dim) / 2).expand(-1, -1, GROUP, -1).reshape(nkv, C, -1)
-        return (s.view(nkv, C, self.head_dim // GROUP, 1) / 2).expand(-1, -1, -1, GROUP).reshape(nkv, C, -1)
+        s = self._unpack(rec, C)[1]
+        return (s.view(nkv, C, 1) / 2).expand(-1, -1, self.head_dim)
 
 
 def _round_up(x: torch.Tensor) -> torch.Tensor:
