@@ -23,8 +23,8 @@ PROMPTS = [("The lighthouse keeper wrote in his log every night. He noted the wi
             "the colour of the sea at dusk and the number of gulls on the rocks. ") * 3,
            "List the planets of the solar system in order from the sun, with one fact about each: "]
 # the largest logit error teacher-forced over the prompts' N steps (logits up to ~32). Measured on this model:
-# q8 0.29, q4 3.3 (bf16 KV: 0.08; the RMS error of a 32-element group: q8 ~0.6 %, q4 ~8 % of its spread)
-BOUND = {"q8": 0.4, "q4": 5.0}
+# q8 0.23, q4 4.8 (bf16 KV: 0.08; the RMS error of a value row quantized over the head dim: q8 ~0.6 %, q4 ~10 %)
+BOUND = {"q8": 0.4, "q4": 6.0}
 
 
 @pytest.fixture(scope="module")
