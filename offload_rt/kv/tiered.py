@@ -28,6 +28,13 @@ pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
   (``kernels_cpu.magicpig``), built on first use and extended by whole chunks as tokens
   age out of the window. MagicPIG needs the chunks in RAM (the plan refuses otherwise).
 
+With ``quant`` (``--kv-dtype q8|q4``, :mod:`kernels_cpu.kv_quant`) the pools hold quantized records: a
+chunk is written into float32 rows beside the pools (per layer the open chunk, and with a draft the one
+before, so that a rollback into it re-closes it from the same floats) and quantized into its slot when it
+fills; closed chunks are what attention reads wherever they are (RAM, disk, re-closed after a rollback),
+through :mod:`kernels_cpu.attention_q` for decode (merged with the open chunk's float result) and
+dequantized a few at a time for prefill and trees; the selection's bounds come from the stored keys.
+
 Beside a GPU only q and the new k/v come down and only the output goes up.
 Pool memory is reserved once at its planned size and touched as tokens arrive; nothing
 proportional to the context is allocated per step but the selection's bounds of the disk chunks
@@ -169,9 +176,10 @@ class TieredKV:
 
     def _open_floats(self, layer: int, chunk: int, rows: int, slot: int) -> int:
         """Quantized: the index in the float chunks of ``chunk`` of ``layer``, written from row ``rows`` on.
-        A layer's two newest chunks keep their floats; an older one written again (a rollback went back that
-        far) gets its first rows back from its record, dequantized: quantizing them again gives the same bytes
-        (kernels_cpu.kv_quant), the rest of the chunk is new."""
+        A layer's newest ``float_chunks`` chunks keep their floats; an older one written again (a rollback went
+        back that far) gets its first rows back from its record, dequantized: the rows' groups that are whole
+        quantize again to the same bytes (kernels_cpu.kv_quant), the group the writing resumes in is
+        quantized anew with the new rows."""
         f = self._nf * layer + chunk % self._nf
         if self._fchunk[layer][chunk % self._nf] != chunk:
             if rows:
