@@ -56,3 +56,18 @@ def test_plan_counts_quantized_bytes_and_fits_a_longer_context(store_dir):
 ])
 def test_kv_dtype_errors_are_one_line(store_dir, args, needle):
     assert_user_error(run_cli("--plan", "--offload-dir", store_dir, "--ctx-size", "4096", *args), needle)
+
+
+def test_speculation_over_quantized_kv_gives_the_autoregressive_text(store_dir):
+    """Verified trees written across a chunk boundary (the prompt ends 30 tokens before it) close chunks with
+    rejected rows in them; the rollback re-closes them from the accepted rows: greedy text as without a draft."""
+    prompt = ("The lighthouse keeper wrote in his log every night. He noted the wind, the ships that passed, "
+              "the colour of the sea at dusk and the number of gulls on the rocks. ") * 6 + "Then he"
+    args = ("--raw", "-n", "60", "--ignore-eos", "--kv-dtype", "q4", "--ctx-size", "1024", "--stats",
+            "--offload-dir", store_dir)
+    plain = run_cli(*args, input=prompt)
+    spec = run_cli(*args, "--draft", "self-int4", "--spec-budget", "16", input=prompt)
+    rec = _stats(spec)
+    assert _stats(plain)["prompt_tokens"] + 60 > 256 > _stats(plain)["prompt_tokens"]
+    assert rec["spec"]["passes"] > 1 and rec["spec"]["accepted_tokens"] > rec["spec"]["passes"]
+    assert spec.stdout == plain.stdout
