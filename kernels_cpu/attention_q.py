@@ -1,16 +1,18 @@
-"""Decode attention over quantized KV chunks (``--kv-dtype q8|q4``), dequantized in registers.
+"""Decode attention over quantized KV chunks (``--kv-dtype q8|q4``).
 
 The records are :mod:`kernels_cpu.kv_quant`'s: per chunk and KV head, the codes then the float16
-scales (and q4's minimums); keys per channel over groups of 32 tokens, values per token over groups
-of 32 channels. A key group's scale and minimum fold into the query once per group (KIVI's trick):
-``q . k_j = sum_x (q_x s_x) c_jx + sum_x q_x m_x``, so the inner loop is a code widened to float and one
-multiply-add, as cheap as the float kernel's but over 1/2 (q8) or 1/4 (q4) of the bytes. A value's
-scale and minimum fold into the softmax weight per token and group (``p s`` on the codes, ``p m`` summed
-apart and added once per block).
+scales (and q4's minimums); keys per channel over groups of 32 tokens, values per token over the head
+dim. The products and the online softmax are :mod:`kernels_cpu.attention`'s (register-blocked 4 query
+rows x 4 keys), over one group of 32 keys at a time:
 
-Same structure as :mod:`kernels_cpu.attention`'s exact kernel, whose softmax step it reuses: rows of
-the query heads of a KV head register-blocked 4 rows x 4 keys, an online softmax per group of 32 keys,
-parallel over (KV head x split of chunks), the splits merged by log-sum-exp. Only closed (whole) chunks
+* q8 runs them over the int8 codes themselves, widened in registers like bf16: a key group's
+  per-channel scales fold into the query once per group (``q . k_j = (q * s) . c_j``, KIVI's trick), a
+  value's per-token scale into its softmax weight (``p_j s_j``). Same instructions per element as bf16,
+  half the bytes.
+* q4 first widens a group's nibbles (two per byte) into a float32 block in L1 (``m + s * c``), then the
+  same products over it: a few more instructions per element than bf16 (A1q in docs/BENCHMARKS.md).
+
+Parallel over (KV head x split of chunks), the splits merged by log-sum-exp. Only closed (whole) chunks
 are quantized and every key of a closed chunk is visible to a decode query, so there is no mask here:
 the open chunk, in floats, goes through the float kernel and is merged by the caller.
 """
