@@ -115,7 +115,7 @@ MODEL_OPTIONS = [
                       "Default: the whole context's KV in RAM."),
     click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
                  help="How the KV cache is held in RAM and on disk: f16, bf16, or q8/q4 (closed 256-token chunks "
-                      "quantized, keys per channel and values per token in groups of 32, the newest chunk in "
+                      "quantized, keys per channel over 32 tokens and values per token, the newest chunk in "
                       "floats). Default: the compute dtype."),
     click.option("--attention", type=click.Choice(["auto", "exact", "magicpig", "select"]), default="auto",
                  show_default=True,
