@@ -131,6 +131,11 @@ def build(cfg: RunConfig, *, plan_only: bool = False, serving: bool = False) -> 
         moe.warm_up()  # the routed experts' kernels
     attention_kernels.warm_up()  # compiled (or loaded from Numba's cache) before the baseline is measured
     rowops.warm_up()  # the fused single-row kernels of decode (calibration times layers with them)
+    if cfg.kv_dtype in ("q8", "q4"):
+        from kernels_cpu import attention_q
+
+        runtime.kv_dtypes(cfg, model.args, model.dtype)  # a head dim it cannot quantize: the one-line error now
+        attention_q.warm_up()
     if runtime.may_use_magicpig(cfg, model.args):
         from kernels_cpu import magicpig
 

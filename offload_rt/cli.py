@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from offload_rt.config import KV_SELECT_SHARE, RunConfig, SamplingConfig, parse_size
+from offload_rt.config import KV_DTYPES, KV_SELECT_SHARE, RunConfig, SamplingConfig, parse_size
 from offload_rt.errors import UsageError, UserError
 
 
@@ -113,6 +113,10 @@ MODEL_OPTIONS = [
     click.option("--kv-cpu-mem", default=None,
                  help="Host RAM for the KV cache (part of --cpu-mem); past it KV chunks spill to --offload-dir. "
                       "Default: the whole context's KV in RAM."),
+    click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
+                 help="How the KV cache is held in RAM and on disk: f16, bf16, or q8/q4 (closed 256-token chunks "
+                      "quantized, keys per channel over 32 tokens and values per token, the newest chunk in "
+                      "floats). Default: the compute dtype."),
     click.option("--attention", type=click.Choice(["auto", "exact", "magicpig", "select"]), default="auto",
                  show_default=True,
                  help="Decode attention over long contexts: exact; MagicPIG LSH sampling; select: with the KV spilled "

@@ -75,6 +75,7 @@ class SamplingConfig:
     seed: int | None = None  # None = nondeterministic
 
 
+KV_DTYPES = ("f16", "bf16", "q8", "q4")  # --kv-dtype's choices (kernels_cpu/kv_quant.py: the quantized ones)
 KV_SELECT_SHARE = 0.25  # --kv-select-share's default (offload_rt/memory/kv_select.py: why a share)
 
 
@@ -103,6 +104,7 @@ class RunConfig:
     bandwidth_hints: dict | None = None  # preset [bandwidths] (bytes/s), used instead of measuring
     ctx_size: int | None = None  # context window in tokens (None: the model's, capped at runtime.DEFAULT_CTX)
     kv_cpu_mem: int | None = None  # host RAM for the KV cache; past it chunks spill to disk (None: all in RAM)
+    kv_dtype: str | None = None  # --kv-dtype: f16 | bf16 | q8 | q4 (kernels_cpu/kv_quant.py); None: the compute dtype
     attention: str = "auto"  # auto | exact | magicpig (LSH sampling for long contexts) | select (disk chunks)
     kv_select_share: float = KV_SELECT_SHARE  # select: at most this share of a layer's disk chunks read per step
     lsh_k: int = 10  # MagicPIG: bits per hash table

@@ -23,7 +23,7 @@ from offload_rt.memory import budgets as budgets_mod
 from offload_rt.memory import gpu as gpu_mod
 from offload_rt.memory import calibrate
 from offload_rt.memory.expert_plan import ExpertPlan, ExpertSpec, plan_experts
-from offload_rt.memory.kv_plan import KVShape, KVSplit, split_kv
+from offload_rt.memory.kv_plan import CHUNK_TOKENS, KVShape, KVSplit, split_kv
 from offload_rt.memory.plan import MAX_PREFETCH_DEPTH, Bandwidths, Budgets, GroupSpec, Placement, cli_size, plan
 from offload_rt.memory.tiers import Tiers
 from offload_rt import models
@@ -82,8 +82,24 @@ def kv_reserve_bytes(args, dtype: torch.dtype, tokens: int) -> int:
     return tokens * kv_mod.bytes_per_token(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype)
 
 
-def kv_shape(args, dtype: torch.dtype) -> KVShape:
-    return KVShape(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype.itemsize)
+def kv_dtypes(cfg: RunConfig, args, dtype: torch.dtype):
+    """--kv-dtype: (the float dtype of the KV's floats, the quantization or None) for a compute ``dtype``
+    (kernels_cpu.kv_quant.parse). UsageError where the model's head dim cannot be quantized."""
+    from kernels_cpu.kv_quant import parse
+
+    try:
+        return parse(cfg.kv_dtype, dtype, args.head_dim, CHUNK_TOKENS)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def kv_shape(args, dtype: torch.dtype, cfg: RunConfig | None = None) -> KVShape:
+    """The KV's shape for the planner: ``dtype`` the compute dtype, ``cfg``'s --kv-dtype applied."""
+    if cfg is None or cfg.kv_dtype is None:
+        return KVShape(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype.itemsize)
+    kv_dtype, quant = kv_dtypes(cfg, args, dtype)
+    return KVShape(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, kv_dtype.itemsize,
+                   quant_row=quant.row_bytes() if quant else 0, name=cfg.kv_dtype, float_chunks=2 if cfg.draft else 1)
 
 
 def kv_dir(cfg: RunConfig) -> Path:
@@ -116,12 +132,16 @@ def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0,
     too); otherwise decode attention is exact (``--attention exact`` reads every disk chunk).
     """
     tokens = context_tokens(args, cfg.ctx_size) + extra_tokens
-    shape = kv_shape(args, dtype)
+    shape = kv_shape(args, dtype, cfg)
     free = _disk_free(kv_dir(cfg)) if cfg.kv_cpu_mem is not None else None
     kv_cpu_mem = None if cfg.kv_cpu_mem is None else cfg.kv_cpu_mem // sequences
     free = None if free is None else free // sequences
     kw = dict(kv_cpu_mem=kv_cpu_mem, disk_free=free, model_tokens=args.max_position_embeddings)
-    if cfg.attention == "magicpig" or (cfg.attention == "auto" and tokens >= AUTO_MAGICPIG_TOKENS):
+    quantized = bool(shape.quant_row)
+    if cfg.attention == "magicpig" and quantized:
+        raise UsageError(f"--attention magicpig runs over float KV only: use --kv-dtype f16/bf16, or --attention "
+                         f"exact/select with --kv-dtype {cfg.kv_dtype}")
+    if cfg.attention == "magicpig" or (cfg.attention == "auto" and tokens >= AUTO_MAGICPIG_TOKENS and not quantized):
         from kernels_cpu.magicpig import LSHIndex
 
         nkv, k, l = args.num_key_value_heads, cfg.lsh_k, cfg.lsh_l
@@ -239,15 +259,17 @@ class Prepared:
         from offload_rt.kv.tiered import TieredKV
 
         split = self.kv
-        if self.placement.kv_tier == "device":
-            return DenseKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, split.tokens,
+        kv_dtype, quant = kv_dtypes(cfg, args, dtype)
+        if self.placement.kv_tier == "device":  # the GPU keeps its dense window in floats
+            return DenseKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, kv_dtype, split.tokens,
                            device=self.device)
-        return TieredKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, dtype, split.tokens,
+        return TieredKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, kv_dtype, split.tokens,
                         host_chunks=split.host_chunks, staging_chunks=split.staging_chunks,
                         disk_root=kv_dir(cfg) if split.spills else None, chunk_tokens=split.shape.chunk_tokens,
                         attention=self.attention, lsh_k=cfg.lsh_k, lsh_l=cfg.lsh_l,
                         magicpig_from=AUTO_MAGICPIG_TOKENS if cfg.attention == "auto" else 0,
-                        select_share=cfg.kv_select_share, tracer=tracer)
+                        select_share=cfg.kv_select_share, tracer=tracer, quant=quant,
+                        float_chunks=split.shape.float_chunks)
 
     def factory(self, cfg: RunConfig, tracer=None, accel=None):
         """A builder of the run's weight source; ``accel`` (default: from the device) carries out the copies."""

@@ -80,6 +80,8 @@ class Session:
         now = _kv_disk_counters(cache)
         read, spilled, chunks_read = (a - b for a, b in zip(now, self._kv_disk_at_decode or now))
         return {"kv_bytes_by_tier": cache.tier_bytes(),
+                "kv_dtype": getattr(cache, "kv_dtype", str(cache.dtype).replace("torch.", "")),
+                "kv_bytes_per_token": getattr(cache, "stored_bytes_per_token", None),
                 "attention_s": round(attn - at_decode, 6),
                 "kv_disk_read_bytes": int(getattr(cache, "disk_read_bytes", 0)),
                 "kv_disk_write_bytes": int(getattr(cache, "disk_write_bytes", 0)),

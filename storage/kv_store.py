@@ -46,6 +46,7 @@ DIR_PREFIX = "kv-"
 DIMENSIONS = ("layer", "chunk", "kv", "kv_head", "token", "head_dim")  # zarr dimension names (kv: 0 = K, 1 = V)
 METADATA_BYTES = 64 << 10  # zarr.json and the lock file, beside the chunk files
 _DTYPE_NAMES = {f.dtype: name for name, f in FLOAT_FORMATS.items()}
+_DTYPE_NAMES[torch.uint8] = "uint8"  # quantized KV records (kernels_cpu/kv_quant.py): the last dimension is bytes
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _SFR_FLAGS = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER: write the range back and wait
 
@@ -160,13 +161,14 @@ class KVChunkStore:
 
     ``max_chunks`` is the number of chunk slots per layer the disk tier may hold (what the plan
     spills); the whole array's bytes are checked against the free space up front, so a disk that
-    cannot hold the plan fails before any work starts. ``dtype``: torch float32, bfloat16 or float16.
+    cannot hold the plan fails before any work starts. ``dtype``: torch float32, bfloat16 or float16, or uint8
+    for quantized records (``head_dim`` is then a record row's bytes, kernels_cpu/kv_quant.py).
     """
 
     def __init__(self, root: Path, n_layers: int, max_chunks: int, nkv: int, chunk_tokens: int, head_dim: int,
                  dtype: torch.dtype):
         if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"KV chunk store: dtype {dtype} is not one of {sorted(FLOAT_FORMATS)}")
+            raise ValueError(f"KV chunk store: dtype {dtype} is not one of {sorted(_DTYPE_NAMES.values())}")
         dims = (n_layers, max_chunks, nkv, chunk_tokens, head_dim)
         if any(int(n) <= 0 for n in dims):
             raise ValueError(f"KV chunk store: every dimension must be positive, got {dims}")
@@ -212,7 +214,7 @@ class KVChunkStore:
         try:
             arr = zarr.create_array(
                 store=str(self._path), shape=self._shape, chunks=(1, 1, *self._shape[2:]),
-                dtype=FLOAT_FORMATS[name].storage_dtype, compressors=None, filters=None, fill_value=0,
+                dtype=FLOAT_FORMATS[name].storage_dtype if name in FLOAT_FORMATS else name, compressors=None, filters=None, fill_value=0,
                 serializer={"name": "bytes", "configuration": {"endian": "little"}},
                 chunk_key_encoding={"name": "default", "separator": "."},  # one flat directory of chunk files
                 dimension_names=DIMENSIONS, attributes={"logical_dtype": name})

@@ -1,6 +1,12 @@
 """CPU decode attention benchmarks (docs/BENCHMARKS.md, row A1).
 
     python -m tools.bench_attention a1 --threads 2 [--lengths 4096,16384,65536,131072] [--json PATH]
+    python -m tools.bench_attention a1q --threads 2 [--lengths 16384,65536,131072] [--json PATH]
+
+A1q (--kv-dtype): the same step over the same keys and values held as bf16 (the exact kernel) and as
+q8 / q4 records (kernels_cpu/attention_q.py: closed chunks, dequantized in registers), each timed in
+the same run; the speed-up is against bf16, the error against exact float64 attention over the
+dequantized records (what the quantized kernel must compute), and the bf16 kernel's own error likewise.
 
 A1: one layer's decode attention step, 32 query heads over 8 KV heads, head dim 128, bf16 KV
 in chunks of 256 tokens at shuffled pool slots (as the host KV cache holds them), at 4k … 128k
@@ -123,6 +129,69 @@ def a1_case(n: int, threads: int, repeats: int, seed: int = 0) -> dict:
             **{f"{k}_gbs": kv_bytes / v / 1e9 for k, v in med.items()}}
 
 
+def a1q_case(n: int, threads: int, repeats: int, seed: int = 0) -> dict:
+    """One length: the bf16 kernel vs the quantized kernel over q8 and q4 records of the same K/V."""
+    from kernels_cpu import attention_q
+    from kernels_cpu.kv_quant import KVQuant
+
+    g = torch.Generator().manual_seed(seed)
+    m = -(-n // CHUNK)
+    n = m * CHUNK  # whole chunks: what the quantized records hold
+    kpool = torch.randn(m, NKV, CHUNK, D, generator=g).to(torch.bfloat16)
+    vpool = torch.randn(m, NKV, CHUNK, D, generator=g).to(torch.bfloat16)
+    slots = torch.randperm(m, generator=g).to(torch.int32)
+    q = torch.randn(1, NH, D, generator=g)
+    row = {"tokens": n}
+    with matvec.decode_scope(threads):
+        t = _times(lambda: attention.attend(q, kpool, vpool, slots, n, q_index=torch.tensor([n - 1])), repeats)
+    row.update(bf16_us=statistics.median(t) * 1e6, bf16_best_us=min(t) * 1e6, bf16_bytes=2 * n * NKV * D * 2)
+    for name in ("q8", "q4"):
+        fmt = KVQuant(name, D, CHUNK)
+        kq = torch.empty(m, *fmt.record_shape(NKV), dtype=torch.uint8)
+        vq = torch.empty_like(kq)
+        for c in range(m):
+            fmt.quantize(kpool[c], vpool[c], kq[c], vq[c])
+        s = slots.numpy()
+        with matvec.decode_scope(threads):
+            t = _times(lambda: attention_q.attend(q, kq, vq, s, m, fmt), repeats)
+            out, _lse = attention_q.attend(q, kq, vq, s, m, fmt)
+        # exact attention over the dequantized records, in float64, a chunk at a time of the slots' order
+        order = slots.long()
+        kd = torch.cat([fmt.dequantize_keys(kq[c]) for c in order], 1).double()
+        vd = torch.cat([fmt.dequantize_values(vq[c]) for c in order], 1).double()
+        ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None].double(), kd[None], vd[None],
+                                             enable_gqa=True)[0, :, 0]
+        del kd, vd
+        row.update({f"{name}_us": statistics.median(t) * 1e6, f"{name}_best_us": min(t) * 1e6,
+                    f"{name}_bytes": 2 * m * kq[0].numel(),
+                    f"{name}_rel_err": float((out[0].double() - ref).abs().max() / ref.abs().max())})
+    return row
+
+
+def run_a1q(a) -> dict:
+    from kernels_cpu import attention_q
+
+    attention.warm_up()
+    attention_q.warm_up()
+    bw = mem_bandwidth(a.threads)
+    limit = max(bw.values())
+    rows = [a1q_case(n, a.threads, a.repeats) for n in a.lengths]
+    print(f"A1q: decode attention over bf16 vs q8 / q4 KV, {NH} query / {NKV} KV heads, d {D}, chunks of {CHUNK} "
+          f"at shuffled slots, {a.threads} threads, median of {a.repeats} steps; memory read bandwidth "
+          f"{limit / 1e9:.1f} GB/s.\n")
+    print("| tokens | bf16 MB | bf16 µs | q8 MB | q8 µs | q8 speed-up | q4 MB | q4 µs | q4 speed-up "
+          "| GB/s bf16 / q8 / q4 | q8 / q4 max rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gbs = [r[f"{k}_bytes"] / r[f"{k}_us"] / 1e3 for k in ("bf16", "q8", "q4")]
+        print(f"| {r['tokens'] // 1024}k | {r['bf16_bytes'] / 1e6:.0f} | {r['bf16_us']:.0f} | {r['q8_bytes'] / 1e6:.0f} "
+              f"| {r['q8_us']:.0f} | {r['bf16_us'] / r['q8_us']:.2f}× | {r['q4_bytes'] / 1e6:.0f} | {r['q4_us']:.0f} "
+              f"| {r['bf16_us'] / r['q4_us']:.2f}× | {gbs[0]:.1f} / {gbs[1]:.1f} / {gbs[2]:.1f} "
+              f"| {r['q8_rel_err']:.1e} / {r['q4_rel_err']:.1e} |")
+    return {"scenario": "A1q", "threads": a.threads, "repeats": a.repeats, "bandwidth": bw, "limit": limit,
+            "shape": {"nh": NH, "nkv": NKV, "d": D, "chunk": CHUNK}, "rows": rows}
+
+
 def run_a1(a) -> dict:
     attention.warm_up()
     bw = mem_bandwidth(a.threads)
@@ -145,13 +214,13 @@ def run_a1(a) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("scenario", choices=["a1"])
+    ap.add_argument("scenario", choices=["a1", "a1q"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 65536, 131072])
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
-    res = run_a1(a)
+    res = run_a1(a) if a.scenario == "a1" else run_a1q(a)
     res["command"] = "python -m tools.bench_attention " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.json:
         with open(a.json, "w") as f:

@@ -3,6 +3,10 @@ exact vs MagicPIG attention vs selective disk reads, and the share of each token
 (issues 10, 22).
 
     python -m tools.bench_longctx [--tokens 6000] [-n 32] [--kv-cpu-mem 64M] [--memcap 2500M] [--json PATH]
+                                  [--kv-dtypes default,q8,q4]
+
+``--kv-dtypes``: every case once per ``--kv-dtype`` (``default``: the option left out, the compute dtype),
+side by side in the same run (the quantized KV's disk bytes per token in the ``disk read/step`` column).
 
 Each case is one ``python -m offload_rt`` process, run as a user would: a passkey prompt of about
 ``--tokens`` tokens (tests/passkey_prompts.py, the needle at half depth) from a file, ``--raw``,
@@ -60,9 +64,12 @@ def memcap_tool() -> str:
 
 
 def cli_command(prompt_file: Path, *, n: int, attention: str, kv_cpu_mem: str | None, ctx_size: int,
-                offload_dir: Path | None, memcap: str | None, select_share: float | None = None) -> list[str]:
+                offload_dir: Path | None, memcap: str | None, select_share: float | None = None,
+                kv_dtype: str = "default") -> list[str]:
     cmd = [sys.executable, "-m", "offload_rt", "--raw", "--prompt-file", str(prompt_file), "-n", str(n),
            "--ignore-eos", "--ctx-size", str(ctx_size), "--stats", "--attention", attention]
+    if kv_dtype != "default":
+        cmd += ["--kv-dtype", kv_dtype]
     if kv_cpu_mem:
         cmd += ["--kv-cpu-mem", kv_cpu_mem]
     if select_share is not None:
@@ -104,13 +111,14 @@ def _outcome(p: subprocess.CompletedProcess, what: str, memcap: str | None) -> d
     raise RuntimeError(f"{what} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
 
 
-def measure(storage: str, attention: str, prompt_file: Path, a) -> dict:
+def measure(storage: str, attention: str, prompt_file: Path, a, kv_dtype: str = "default") -> dict:
     """One case: two CLI runs, ``-n N`` and ``-n 2`` (one decode step), over the same prompt → one row."""
     kv_mem = a.kv_cpu_mem if storage == "disk" else None
     share = a.select_share if attention == "select" else None
     opts = dict(attention=attention, kv_cpu_mem=kv_mem, ctx_size=a.ctx_size, offload_dir=a.offload_dir,
-                memcap=a.memcap, select_share=share)
-    case = f"{storage} {attention}" + (f" {share:g}" if share is not None else "")
+                memcap=a.memcap, select_share=share, kv_dtype=kv_dtype)
+    case = (f"{storage} {attention}" + (f" {share:g}" if share is not None else "")
+            + (f" kv {kv_dtype}" if kv_dtype != "default" else ""))
     cmd = cli_command(prompt_file, n=a.n, **opts)
     row: dict = {"case": case, "command": " ".join(cmd)}
     p = run(cmd, a.timeout)
@@ -192,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated storage-attention pairs")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per CLI run")
     ap.add_argument("--json", dest="json_path", type=Path, help="also write the rows here")
+    ap.add_argument("--kv-dtypes", default="default", help="comma-separated --kv-dtype values, each case per value")
     a = ap.parse_args(argv)
     cases = [tuple(c.split("-", 1)) for c in a.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
@@ -203,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         prompt_file = Path(tmp) / "prompt.txt"
         prompt_file.write_text(passkey_text(KEY, n_filler, 0.5))
         for storage, attention in cases:
-            rows.append(measure(storage, attention, prompt_file, a))
-            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            for kv_dtype in a.kv_dtypes.split(","):
+                rows.append(measure(storage, attention, prompt_file, a, kv_dtype))
+                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
             if a.json_path:  # rewritten after each case: a run cut short keeps what it had
                 a.json_path.write_text(json.dumps({"tokens": a.tokens, "n": a.n, "memcap": a.memcap,
                                                    "kv_cpu_mem": a.kv_cpu_mem, "rows": rows}, indent=1))

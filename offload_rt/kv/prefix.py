@@ -56,15 +56,18 @@ SHAPE_KEYS = ("layers", "kv_heads", "head_dim", "kv_dtype")  # what an identity 
 _FADV = hasattr(os, "posix_fadvise")
 
 
-def model_identity(store, args, kv_dtype: torch.dtype) -> dict:
+def model_identity(store, args, kv_dtype: torch.dtype, quant: str | None = None) -> dict:
     """The identity of a loaded model's K/V (``store``: its storage.WeightStore, ``args``: its family config):
     the store's directory name, its source's identity and weights format, the tokenizer file's hash,
-    the KV dtype and shape. Two runs share prefix entries exactly when these are equal."""
+    the KV dtype (the rows' floats) and shape, and ``quant`` (``--kv-dtype`` q8/q4: entries hold the
+    dequantized rows, which quantize back to the same records). Two runs share prefix entries exactly when
+    these are equal."""
     manifest = store.manifest
-    return {"store": store.path.name, "source": manifest["source"]["identity"], "weights": manifest.get("weights"),
-            "tokenizer": hashlib.sha256(store.tokenizer_file.read_bytes()).hexdigest(),
-            "kv_dtype": format_of(kv_dtype).name, "layers": args.num_hidden_layers,
-            "kv_heads": args.num_key_value_heads, "head_dim": args.head_dim}
+    identity = {"store": store.path.name, "source": manifest["source"]["identity"], "weights": manifest.get("weights"),
+                "tokenizer": hashlib.sha256(store.tokenizer_file.read_bytes()).hexdigest(),
+                "kv_dtype": format_of(kv_dtype).name, "layers": args.num_hidden_layers,
+                "kv_heads": args.num_key_value_heads, "head_dim": args.head_dim}
+    return identity if quant is None else {**identity, "kv_quant": quant}
 
 
 @dataclass

@@ -28,6 +28,13 @@ pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
   (``kernels_cpu.magicpig``), built on first use and extended by whole chunks as tokens
   age out of the window. MagicPIG needs the chunks in RAM (the plan refuses otherwise).
 
+With ``quant`` (``--kv-dtype q8|q4``, :mod:`kernels_cpu.kv_quant`) the pools hold quantized records: a
+chunk is written into float32 rows beside the pools (per layer the open chunk, and with a draft the one
+before, so that a rollback into it re-closes it from the same floats) and quantized into its slot when it
+fills; closed chunks are what attention reads wherever they are (RAM, disk, re-closed after a rollback),
+through :mod:`kernels_cpu.attention_q` for decode (merged with the open chunk's float result) and
+dequantized a few at a time for prefill and trees; the selection's bounds come from the stored keys.
+
 Beside a GPU only q and the new k/v come down and only the output goes up.
 Pool memory is reserved once at its planned size and touched as tokens arrive; nothing
 proportional to the context is allocated per step but the selection's bounds of the disk chunks
@@ -36,6 +43,7 @@ proportional to the context is allocated per step but the selection's bounds of 
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Sequence
@@ -44,9 +52,10 @@ import numpy as np
 import torch
 
 from kernels_cpu import attention as kern
+from kernels_cpu.kv_quant import KVQuant
 from offload_rt.kv import bytes_per_token, check_keep, check_load
 from offload_rt.memory import kv_select
-from offload_rt.memory.kv_plan import CHUNK_TOKENS, STAGING_BATCH, ChunkTable
+from offload_rt.memory.kv_plan import CHUNK_TOKENS, DEQUANT_CHUNKS, STAGING_BATCH, ChunkTable
 from offload_rt.prefetch import Prefetcher
 from offload_rt.trace import NullTracer
 from storage.store import aligned_buffer
@@ -62,9 +71,17 @@ class TieredKV:
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int, *,
                  host_chunks: int, staging_chunks: int = 0, disk_root: Path | None = None,
                  chunk_tokens: int = CHUNK_TOKENS, attention: str = "exact", lsh_k: int = 10, lsh_l: int = 150,
-                 magicpig_from: int = 0, select_share: float = kv_select.DEFAULT_SHARE, tracer=None):
+                 magicpig_from: int = 0, select_share: float = kv_select.DEFAULT_SHARE, tracer=None,
+                 quant: KVQuant | None = None, float_chunks: int = 2):
         if attention not in ("exact", "magicpig", "select"):
             raise ValueError(f"attention {attention!r}")
+        if quant is not None and attention == "magicpig":
+            raise ValueError("MagicPIG runs over float KV chunks only")
+        if quant is not None and (quant.head_dim != head_dim or quant.chunk_tokens != chunk_tokens):
+            raise ValueError(f"{quant} for head dim {head_dim}, chunks of {chunk_tokens}")
+        self.quant = quant  # closed chunks as quantized records (kernels_cpu.kv_quant); None: floats
+        if quant is not None:
+            dtype = torch.float32  # the open chunks' floats, what rows() gives and load() takes
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.dtype, self.max_tokens, self.C = dtype, max_tokens, chunk_tokens
         self.offset = 0
@@ -76,10 +93,22 @@ class TieredKV:
         self._table = ChunkTable(n_layers, host_chunks, disk=disk_root is not None)
         slots = host_chunks + staging_chunks
         shape = (slots, kv_heads, chunk_tokens, head_dim)
-        nbytes = slots * kv_heads * chunk_tokens * head_dim * dtype.itemsize
+        pool_dtype = dtype
+        if quant is not None:
+            shape, pool_dtype = (slots, *quant.record_shape(kv_heads)), torch.uint8
+            # per layer its newest chunks in floats: the open one, and with float_chunks=2 the one before (a
+            # speculation's rollback going back into it re-closes it from the same floats); and a few chunks'
+            # dequantized floats for the general path
+            self._nf = float_chunks
+            self._fk = torch.zeros(float_chunks * n_layers, kv_heads, chunk_tokens, head_dim, dtype=dtype)
+            self._fv = torch.zeros_like(self._fk)
+            self._fchunk = [[-1] * float_chunks for _ in range(n_layers)]  # the chunk each of a layer's holds
+            self._dk = torch.zeros(DEQUANT_CHUNKS, kv_heads, chunk_tokens, head_dim)
+            self._dv = torch.zeros_like(self._dk)
+        nbytes = int(np.prod(shape)) * pool_dtype.itemsize
         # 4 KiB aligned (chunk reads from disk land here with O_DIRECT); pages are touched as tokens arrive
-        self.kpool = aligned_buffer(nbytes).view(dtype).view(shape)
-        self.vpool = aligned_buffer(nbytes).view(dtype).view(shape)
+        self.kpool = aligned_buffer(nbytes).view(pool_dtype).view(shape)
+        self.vpool = aligned_buffer(nbytes).view(pool_dtype).view(shape)
         self._disk_root = disk_root
         self._disk = None  # storage.kv_store.KVChunkStore, created at the first spill
         # per chunk on disk: its keys' min and max per KV head and channel (the selection's bounds)
@@ -96,7 +125,8 @@ class TieredKV:
         self.lsh_k, self.lsh_l, self.magicpig_from = lsh_k, lsh_l, magicpig_from
         self._index: list = [None] * n_layers  # MagicPIG tables per layer (kernels_cpu.magicpig.LSHIndex)
         self._index_stop = [0] * n_layers  # the index covers tokens [SINKS, stop); exact from stop on
-        self._pools = kern.DecodePools(self.kpool, self.vpool)  # the decode kernel's views, made once
+        # the decode kernel's views, made once
+        self._pools = kern.DecodePools(self.kpool, self.vpool) if quant is None else None
         # per layer: (the table's entries for its first chunks, their RAM slots as the kernel's int32 array),
         # reused while the entries are unchanged (decode steps within a chunk)
         self._decode_slots: list = [None] * n_layers
@@ -108,7 +138,7 @@ class TieredKV:
 
             max_chunks = -(-self.max_tokens // self.C)
             self._disk = KVChunkStore(self._disk_root, self.n_layers, max_chunks, self.kv_heads, self.C,
-                                      self.head_dim, self.dtype)
+                                      self.kpool.shape[3], self.kpool.dtype)
         return self._disk
 
     def _place(self, layer: int, chunk: int) -> int:
@@ -117,29 +147,63 @@ class TieredKV:
             with self.tracer.span("kv_disk", f"kv write layer.{vl}", layer=vl, chunk=victim):
                 self._store().write(vl, victim, self.kpool[s], self.vpool[s])
             self.disk_write_bytes += self._store().chunk_bytes
-            self._kmin[vl, victim], self._kmax[vl, victim] = kv_select.key_bounds(self.kpool[s].float().numpy())
+            keys = self.kpool[s].float() if self.quant is None else self.quant.dequantize_keys(self.kpool[s])
+            self._kmin[vl, victim], self._kmax[vl, victim] = kv_select.key_bounds(keys.numpy())  # what is stored
         if load:
             with self.tracer.span("kv_disk", f"kv read layer.{layer}", layer=layer, chunk=chunk):
                 self.disk_read_bytes += self._store().read_into(layer, chunk, self.kpool[slot], self.vpool[slot])
         return slot
 
     def _write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k/v [T, kv_heads, d] at token indices start.. (chunk by chunk)."""
+        """k/v [T, kv_heads, d] at token indices start.. (chunk by chunk). Quantized: into the chunk's floats,
+        quantized into its slot when the chunk fills (closes)."""
         i, T, C = 0, k.shape[0], self.C
         while i < T:
             pos = start + i
             c, r = divmod(pos, C)
             n = min(C - r, T - i)
             slot = self._place(layer, c)
-            self.kpool[slot, :, r:r + n] = k[i:i + n].transpose(0, 1)
-            self.vpool[slot, :, r:r + n] = v[i:i + n].transpose(0, 1)
+            if self.quant is None:
+                self.kpool[slot, :, r:r + n] = k[i:i + n].transpose(0, 1)
+                self.vpool[slot, :, r:r + n] = v[i:i + n].transpose(0, 1)
+            else:
+                f = self._open_floats(layer, c, r, slot)
+                self._fk[f, :, r:r + n] = k[i:i + n].transpose(0, 1)
+                self._fv[f, :, r:r + n] = v[i:i + n].transpose(0, 1)
+                if r + n == C:
+                    self.quant.quantize(self._fk[f], self._fv[f], self.kpool[slot], self.vpool[slot])
             i += n
+
+    def _open_floats(self, layer: int, chunk: int, rows: int, slot: int) -> int:
+        """Quantized: the index in the float chunks of ``chunk`` of ``layer``, written from row ``rows`` on.
+        A layer's newest ``float_chunks`` chunks keep their floats; an older one written again (a rollback went
+        back that far) gets its first rows back from its record, dequantized: the rows' groups that are whole
+        quantize again to the same bytes (kernels_cpu.kv_quant), the group the writing resumes in is
+        quantized anew with the new rows."""
+        f = self._nf * layer + chunk % self._nf
+        if self._fchunk[layer][chunk % self._nf] != chunk:
+            if rows:
+                self._fk[f, :, :rows] = self.quant.dequantize_keys(self.kpool[slot])[:, :rows]
+                self._fv[f, :, :rows] = self.quant.dequantize_values(self.vpool[slot])[:, :rows]
+            self._fchunk[layer][chunk % self._nf] = chunk
+        return f
+
+    def _floats(self, layer: int, chunk: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized: a chunk's K and V as floats [kv_heads, C, d]: its own floats while the layer keeps them,
+        else its record (in RAM slot ``slot``) dequantized."""
+        if self._fchunk[layer][chunk % self._nf] == chunk:
+            f = self._nf * layer + chunk % self._nf
+            return self._fk[f], self._fv[f]
+        return self.quant.dequantize_keys(self.kpool[slot]), self.quant.dequantize_values(self.vpool[slot])
 
     # ------------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
                tree_mask: torch.Tensor | None = None) -> torch.Tensor:
         # a window longer than the context hides no key: the decode path applies as without one
-        if q.shape[0] == 1 and tree_mask is None and (not window or self.offset < window) and q.is_cpu:
+        if k.dtype != self.dtype and self.quant is None:  # --kv-dtype f16/bf16 under another compute dtype
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        if (q.shape[0] == 1 and tree_mask is None and (not window or self.offset < window) and q.is_cpu
+                and self.quant is None):
             out = self._attend_decode(layer, q, k, v)
             if out is not None:
                 return out
@@ -159,9 +223,9 @@ class TieredKV:
         with self.tracer.span("cpu_attn", f"attention layer.{layer}", layer=layer, tokens=end):
             sampled = self._magicpig(layer, end) if (T == 1 and tree_mask is None and not window) else None
             if sampled is None and decode:
-                o, lse = self._decode_spilled(layer, qf, end, call)
+                o, lse = (self._decode_spilled if self.quant is None else self._decode_quant)(layer, qf, end, call)
             elif sampled is None:
-                o, lse = self._exact(layer, qf, 0, end, call)
+                o, lse = (self._exact if self.quant is None else self._exact_quant)(layer, qf, 0, end, call)
             else:
                 from kernels_cpu import magicpig
 
@@ -291,6 +355,93 @@ class TieredKV:
             passes.close()  # abandoned half-way (an exception): the ring gets back what was queued
         return acc
 
+    def _decode_quant(self, layer: int, q: torch.Tensor, end: int, call: dict):
+        """A decode step's attention over a quantized cache: the closed chunks through the quantized kernel
+        (``kernels_cpu.attention_q``: the RAM ones in one call while the disk ones chosen as in
+        :meth:`_decode_spilled` are read, then each disk batch), the open chunk's floats through the float
+        kernel, merged. A chunk is read as its record once closed, wherever it is: RAM, disk and a rollback's
+        re-closed chunk give the same result."""
+        from kernels_cpu import attention_q
+
+        C, closed = self.C, end // self.C
+        ram, disk = [], []
+        for c, (tier, slot) in enumerate(self._table.chunks[layer][:closed]):
+            (ram if tier == "host" else disk).append(slot if tier == "host" else c)
+        read = self._select(layer, q, end, disk) if self.attention == "select" and disk else disk
+        self.disk_chunks_seen += len(disk)
+        self.disk_chunks_read += len(read)
+        passes = self._disk_passes(layer, _batches(read, packed=True))
+        acc = None
+        try:
+            if end > closed * C:
+                f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
+                acc = kern.attend(q, self._fk, self._fv, f, end - closed * C, k_base=closed * C, **call)
+            batches = ((slots.numpy(), len(chunks)) for slots, chunks in passes)
+            for slots, n in itertools.chain([(ram, len(ram))] if ram else [], batches):  # the RAM chunks while the first disk batch is read, then each batch
+                res = attention_q.attend(q, self.kpool, self.vpool, slots, n, self.quant)
+                acc = res if acc is None else kern.merge(*acc, *res)
+        finally:
+            passes.close()
+        return acc
+
+    def _exact_quant(self, layer: int, q: torch.Tensor, lo: int, hi: int, call: dict):
+        """:meth:`_exact` over a quantized cache (prefill, trees, windows): closed chunks dequantized a few
+        at a time (disk ones read through the staging slots first) into float chunks the float kernels read,
+        the open chunk from its floats."""
+        C = self.C
+        fn = kern.attend if q.shape[0] <= BLOCK_QUERIES else kern.attend_blocks
+        acc = None
+
+        def add(res):
+            nonlocal acc
+            acc = res if acc is None else kern.merge(*acc, *res)
+
+        first, closed = lo // C, hi // C
+        row = self._table.chunks[layer]
+        disk = [c for c in range(first, closed) if row[c][0] != "host"]
+        ram = [c for c in range(first, closed) if row[c][0] == "host"]
+        self.disk_chunks_seen += len(disk)
+        self.disk_chunks_read += len(disk)
+
+        def dequantized(chunks: list[int], slots: list[int]):
+            for i in range(0, len(chunks), DEQUANT_CHUNKS):
+                group = chunks[i:i + DEQUANT_CHUNKS]
+                for j, slot in enumerate(slots[i:i + DEQUANT_CHUNKS]):
+                    self._dk[j], self._dv[j] = self._stored(slot)
+                # packed: region key j is row j % C of float chunk j // C, absolute index c * C + j % C; every
+                # chunk gets its own call unless the chunks are consecutive (one key range)
+                for run in _batches(group, packed=False):
+                    j0 = group.index(run[0])
+                    add(fn(q, self._dk, self._dv, torch.arange(j0, j0 + len(run), dtype=torch.int32), len(run) * C,
+                           k_base=run[0] * C, **call))
+
+        dequantized(ram, [row[c][1] for c in ram])
+        if disk:
+            for slots, chunks in self._disk_passes(layer, _batches(disk, packed=False)):
+                dequantized(list(chunks), slots.tolist())
+        if hi > closed * C and hi > lo:
+            f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
+            add(fn(q, self._fk, self._fv, f, hi - closed * C, k_base=closed * C, **call))
+        if acc is None:
+            T, nh, d = q.shape
+            return torch.zeros(T, nh, d), torch.full((T, nh), float("-inf"))
+        return acc
+
+    def _stored(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized: the record in ``slot`` dequantized, K and V [kv_heads, C, d] float32: what attention reads
+        of a closed chunk."""
+        return self.quant.dequantize_keys(self.kpool[slot]), self.quant.dequantize_values(self.vpool[slot])
+
+    def _key_rows(self, layer: int, chunk: int, lo: int, hi: int, end: int) -> torch.Tensor:
+        """Keys of rows [lo, hi) of a RAM chunk as floats [kv_heads, hi - lo, d], as attention at ``end``
+        tokens reads them (a closed chunk: its record)."""
+        slot = self._table.chunks[layer][chunk][1]
+        if self.quant is None:
+            return self.kpool[slot, :, lo:hi].float()
+        if (chunk + 1) * self.C <= end:
+            return self.quant.dequantize_keys(self.kpool[slot])[:, lo:hi]
+        return self._fk[self._nf * layer + chunk % self._nf, :, lo:hi].float()
+
     def _select(self, layer: int, q: torch.Tensor, end: int, disk: list[int]) -> list[int]:
         """The disk chunks of ``layer`` a decode query q [1, nh, d] at token ``end - 1`` reads:
         :func:`offload_rt.memory.kv_select.choose` on the chunks' key bounds, against the log-sum-exp of the
@@ -299,10 +450,10 @@ class TieredKV:
         d = q.shape[2]
         qs = q[0].numpy() * d ** -0.5
         row, C = self._table.chunks[layer], self.C
-        seen = [self.kpool[row[(end - 1) // C][1], :, (end - 1) % C][:, None]]
+        seen = [self._key_rows(layer, (end - 1) // C, (end - 1) % C, (end - 1) % C + 1, end)]
         if row[0][0] == "host":
-            seen.append(self.kpool[row[0][1], :, :min(SINKS, end - 1)])
-        ref = kv_select.reference(qs, torch.cat(seen, dim=1).float().numpy())
+            seen.append(self._key_rows(layer, 0, 0, min(SINKS, end - 1), end))
+        ref = kv_select.reference(qs, torch.cat(seen, dim=1).numpy())
         idx = np.asarray(disk)
         bounds = kv_select.score_bounds(qs, self._kmin[layer, idx], self._kmax[layer, idx])
         pick = kv_select.choose(bounds, ref, len(disk) * C, kv_select.budget(len(disk), self.select_share))
@@ -397,11 +548,17 @@ class TieredKV:
         staging = iter(range(self.host_chunks, self.host_chunks + self.staging_chunks))
         for c in range(lo // C, -(-hi // C)):
             tier, slot = self._table.chunks[layer][c]
-            if tier == "disk":
+            held = self.quant is not None and self._fchunk[layer][c % self._nf] == c
+            if tier == "disk" and not held:
                 slot = next(staging)  # keep() spans a few chunks (a speculation tree), staging holds 16
                 self.disk_read_bytes += self._store().read_into(layer, c, self.kpool[slot], self.vpool[slot])
-            ks.append(self.kpool[slot])
-            vs.append(self.vpool[slot])
+            if self.quant is None:
+                ks.append(self.kpool[slot])
+                vs.append(self.vpool[slot])
+            else:  # the floats while held (a rollback re-closes the chunk from them), else the record's
+                k, v = self._floats(layer, c, slot)
+                ks.append(k)
+                vs.append(v)
         base = (lo // C) * C
         pos = idx + (lo - base)
         k = torch.cat(ks, dim=1)[:, pos].transpose(0, 1).clone()
@@ -435,11 +592,22 @@ class TieredKV:
         self.trim(self.offset)
 
     def tier_bytes(self) -> dict[str, int]:
-        cb = 2 * self.kv_heads * self.C * self.head_dim * self.dtype.itemsize
+        cb = 2 * self.kpool[0].numel() * self.kpool.element_size()
         tables = sum(i.nbytes for i in self._index if i is not None)
         disk = self._table.count("disk")
         bounds = disk * kv_select.abstract_bytes(self.kv_heads, self.head_dim)  # the disk chunks' abstracts
-        return {"host": self._table.count("host") * cb + tables + bounds, "disk": disk * cb}
+        floats = 0 if self.quant is None else sum(t.nbytes for t in (self._fk, self._fv, self._dk, self._dv))
+        return {"host": self._table.count("host") * cb + tables + bounds + floats, "disk": disk * cb}
+
+    @property
+    def kv_dtype(self) -> str:
+        """How chunks hold K/V: q8 / q4, or the float dtype's name (--stats)."""
+        return self.quant.name if self.quant is not None else str(self.dtype).replace("torch.", "")
+
+    @property
+    def stored_bytes_per_token(self) -> int:
+        """K and V bytes one token takes in the chunks, every layer, scales included (--stats)."""
+        return 2 * self.n_layers * self.kpool[0, :, 0].numel() * self.kpool.element_size()
 
     @property
     def nbytes(self) -> int:

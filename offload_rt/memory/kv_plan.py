@@ -26,6 +26,7 @@ from offload_rt.memory.plan import cli_size
 
 CHUNK_TOKENS = 256  # tokens per chunk (per layer)
 STAGING_BATCH = 8  # disk chunks read per batch; two batches in flight (one read while the other computes)
+DEQUANT_CHUNKS = 2  # quantized KV: closed chunks dequantized at a time for prefill / tree attention (kv/tiered.py)
 SINK_CHUNKS = 1  # a layer's first chunks that never leave RAM
 
 
@@ -36,15 +37,32 @@ class KVShape:
     head_dim: int
     itemsize: int  # bytes per element at the KV dtype
     chunk_tokens: int = CHUNK_TOKENS
+    quant_row: int = 0  # --kv-dtype q8/q4: bytes per token and KV head of K (= of V), scales included; 0: floats
+    name: str = ""  # the KV dtype as --kv-dtype names it, for --plan ("": the compute dtype)
+    float_chunks: int = 1  # quantized KV: chunks per layer kept in floats (the open one; 2 with a draft's rollbacks)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per token and KV head of K (and of V), as chunks hold them."""
+        return self.quant_row or self.head_dim * self.itemsize
 
     @property
     def chunk_bytes(self) -> int:
         """K and V of one chunk of one layer."""
-        return 2 * self.kv_heads * self.chunk_tokens * self.head_dim * self.itemsize
+        return 2 * self.kv_heads * self.chunk_tokens * self.row_bytes
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.n_layers * self.kv_heads * self.head_dim * self.itemsize
+        return 2 * self.n_layers * self.kv_heads * self.row_bytes
+
+    @property
+    def float_bytes(self) -> int:
+        """Quantized KV: the float32 chunks beside the records (each layer's newest ``float_chunks``, and the
+        chunks dequantized at a time for prefill; kv/tiered.py); 0 for float KV."""
+        if not self.quant_row:
+            return 0
+        chunks = self.float_chunks * self.n_layers + DEQUANT_CHUNKS
+        return chunks * 2 * self.kv_heads * self.chunk_tokens * self.head_dim * 4
 
     @property
     def abstract_bytes(self) -> int:
@@ -72,7 +90,7 @@ class KVSplit:
     def host_bytes(self) -> int:
         """Everything the KV takes from the host budget: chunks, staging, hash tables, key bounds."""
         chunks = (self.host_chunks + self.staging_chunks) * self.shape.chunk_bytes
-        return chunks + self.table_bytes + self.bound_bytes
+        return chunks + self.table_bytes + self.bound_bytes + self.shape.float_bytes
 
     @property
     def disk_bytes(self) -> int:
@@ -84,7 +102,8 @@ class KVSplit:
 
     def describe(self) -> str:
         s = self.shape
-        line = (f"kv cache: {self.tokens} tokens, {format_size(self.tokens * s.bytes_per_token)} in chunks of "
+        kind = f" as {s.name} ({format_size(s.bytes_per_token)} per token)" if s.name else ""
+        line = (f"kv cache: {self.tokens} tokens, {format_size(self.tokens * s.bytes_per_token)}{kind} in chunks of "
                 f"{s.chunk_tokens} tokens: host {format_size(self.host_chunks * s.chunk_bytes)} "
                 f"({self.host_chunks} chunks)")
         if self.spills:
@@ -92,6 +111,8 @@ class KVSplit:
             line += (f", disk {format_size(self.disk_bytes)} ({self.disk_chunks} chunks; "
                      f"{self.staging_chunks} staging chunks in RAM, {staging}; key bounds "
                      f"{format_size(self.bound_bytes)})")
+        if s.float_bytes:
+            line += f"; newest chunks in floats {format_size(s.float_bytes)}"
         if self.table_bytes:
             line += f"; MagicPIG tables {format_size(self.table_bytes)}"
         return line + f"; longest context that fits: {self.longest_context} tokens"
@@ -121,7 +142,7 @@ def split_kv(shape: KVShape, tokens: int, *, kv_cpu_mem: int | None, disk_free: 
         room = host_chunks + (disk_room // cb)
         return max(0, min(model_tokens, (room // shape.n_layers) * shape.chunk_tokens))
 
-    if kv_cpu_mem is None or total * cb + tables <= kv_cpu_mem:
+    if kv_cpu_mem is None or total * cb + tables + shape.float_bytes <= kv_cpu_mem:
         return KVSplit(shape, tokens, total, 0, 0, tables, longest(total))
     if table_bytes_per_token:
         raise BudgetError(f"MagicPIG needs the KV cache and its hash tables in RAM "
@@ -129,10 +150,10 @@ def split_kv(shape: KVShape, tokens: int, *, kv_cpu_mem: int | None, disk_free: 
                           f"{cli_size(total * cb + tables, round_up=True)} or use --attention exact")
     staging = 2 * STAGING_BATCH
     bounds = total * shape.abstract_bytes
-    host = max(0, kv_cpu_mem - bounds) // cb - staging
+    host = max(0, kv_cpu_mem - bounds - shape.float_bytes) // cb - staging
     need = min_host_chunks(shape, tokens)
     if host < need:
-        least = (need + staging) * cb + bounds
+        least = (need + staging) * cb + bounds + shape.float_bytes
         raise BudgetError(f"--kv-cpu-mem {format_size(kv_cpu_mem)} is below the KV cache's working set "
                           f"({format_size(least)}: each layer's first and newest chunk, read buffers and the "
                           f"disk chunks' key bounds); raise it to at least {cli_size(least, round_up=True)}")

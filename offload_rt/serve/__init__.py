@@ -58,7 +58,11 @@ def open_prefix_cache(rt):
     chunk = prepared.kv.shape.chunk_tokens
     _, granule = prefill_pass(engine.prefill_chunk, chunk)
     root = prefix_root(rt.cfg, model.store)
-    identity = {**model_identity(model.store, model.args, model.dtype), "device": rt.device}
+    from offload_rt.runtime import kv_dtypes
+
+    kv_dtype, quant = kv_dtypes(rt.cfg, model.args, model.dtype)
+    identity = {**model_identity(model.store, model.args, kv_dtype, rt.cfg.kv_dtype if quant else None),
+                "device": rt.device}
     try:
         root.mkdir(parents=True, exist_ok=True)
         disk = min(PREFIX_DISK_RAM_RATIO * prepared.prefix_bytes, int(PREFIX_DISK_FREE_SHARE * shutil.disk_usage(root).free))
