@@ -260,7 +260,7 @@ class Prepared:
 
         split = self.kv
         kv_dtype, quant = kv_dtypes(cfg, args, dtype)
-        if self.placement.kv_tier == "device":  # the GPU keeps its dense window in floats
+        if self.placement.kv_tier == "device":  # float KV only: the plan keeps quantized KV off the GPU
             return DenseKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, kv_dtype, split.tokens,
                            device=self.device)
         return TieredKV(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, kv_dtype, split.tokens,
@@ -403,7 +403,8 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
         try:
             placement = plan(specs, bud, bw, kv_bytes=(n_seq + prefix_cache) * kv.host_bytes,
                              prefetch_depth=cfg.prefetch_depth,
-                             kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact",
+                             # quantized KV (--kv-dtype q8/q4) lives in RAM/disk, where its kernels run
+                             kv_device_ok=cfg.kv_cpu_mem is None and attention == "exact" and not kv.shape.quant_row,
                              activation_bytes=scratch,
                              embed_bytes=untied_embed_bytes(store, args, dtype),
                              depth_bounds=(MIN_STREAM_DEPTH, MAX_PREFETCH_DEPTH))

@@ -46,10 +46,10 @@ def fake_gpu(monkeypatch):
     return caps
 
 
-def prepare(store, gpu_mem):
+def prepare(store, gpu_mem, **kw):
     args = LlamaArgs.from_config(store.model_config)
     cfg = RunConfig(cpu_mem=1 << 30, gpu_mem=gpu_mem, device="cuda", bandwidth_hints=HINTS, ctx_size=64,
-                    prefill_chunk=4, progress=False)
+                    prefill_chunk=4, progress=False, **kw)
     return runtime.prepare(cfg, store, args, torch.float32, model_groups(args), "cuda"), args
 
 
@@ -85,3 +85,22 @@ def test_gpu_mem_zero_on_a_cuda_run_is_a_usage_error(store, fake_gpu):
 
     with pytest.raises(UsageError, match="--gpu-mem 0"):
         prepare(store, 0)
+
+
+def test_quantized_kv_stays_in_ram_where_its_kernels_run(tmp_path, default_gguf, fake_gpu):
+    """Room on the GPU for everything: float KV goes there (a dense window in floats), while --kv-dtype q4's
+    chunked records stay in RAM (their kernels are the CPU's), planned at their quantized size."""
+    import storage
+    from storage.sources import GGUFSource
+    from tests.hf_models import tiny_model
+
+    ckpt = tmp_path / "ckpt"  # q4 KV needs a head dim that is a multiple of 32
+    tiny_model("llama", seed=5, head_dim=32, num_hidden_layers=2, vocab_size=1000).save_pretrained(ckpt)
+    GGUFSource(default_gguf).tokenizer(ckpt / "tokenizer.json")
+    q_store = storage.open_or_convert(ckpt, tmp_path / "stores", progress=False)
+    g = CONTEXT + (2 << 30)
+    floats, _ = prepare(q_store, g)
+    q4, _ = prepare(q_store, g, kv_dtype="q4")
+    assert floats.placement.kv_tier == "device"
+    assert q4.placement.kv_tier == "host"
+    assert 0 < q4.placement.kv_bytes
