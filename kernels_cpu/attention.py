@@ -12,9 +12,15 @@ read once per step, so its speed is the memory bandwidth the kernel reaches. The
   through LLVM's ``fpext half``, the F16C conversion), and accumulates in float32;
 - register-blocks both products 4 query rows x 4 keys (see _scores): a plain row-by-row dot and
   axpy per key spends more on loop overhead, horizontal sums and accumulator loads/stores than on
-  FMAs, and ran at ~8 GB/s per core;
+  FMAs, and ran at ~8 GB/s per core; the 16 scores of a block are reduced together by one
+  transposing tree (kernels_cpu/simd.py) where the head dim is a multiple of 16;
 - prefetches PF_KEYS keys ahead in software: the 4 rows read side by side defeat the hardware
   stream prefetcher (measured: 10 -> 22 GB/s on one core from DRAM, the in-cache compute rate);
+  and, at each block's start, the whole block PF_BLOCKS ahead (K and V) into L2 only: on a core
+  whose compute rate is close to its share of the memory bandwidth (AMD EPYC, Zen 4: 512-bit FMAs
+  issued as two halves, ~21 GB/s of compute per core against ~20 GB/s of read) 16 keys ahead left
+  compute and memory stalls adding up (one thread 8.8 GB/s, = 1 / (1/compute + 1/read)); a block
+  ahead in L2 gave 10.5 GB/s (issue 22, docs/BENCHMARKS.md A1);
 - runs an online softmax per block of keys (one running max / rescale per block, not per key),
   with a vectorisable exp (Cody-Waite range reduction + polynomial: libm's ``expf`` is a scalar
   call per score, and there is one score per key and query head);
@@ -47,6 +53,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from kernels_cpu.matvec import _bits_to_f32
+from kernels_cpu.simd import LANES, qk4x4
 
 BLOCK = 64  # keys per softmax block inside a task: the score scratch is [rows, BLOCK]
 MIN_SPLIT_KEYS = 256  # a KV split shorter than this costs more in merging and scheduling than it gains
@@ -56,6 +63,7 @@ BLOCK_KEYS = 1024  # attend_blocks: keys gathered into one float32 block
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 FLASH_BLOCK_KEYS = 4096  # keys per block through it (fewer, larger calls: its own tiling is inside)
 PF_KEYS = 16  # software prefetch distance, in keys (see _scores)
+PF_BLOCKS = 1  # blocks of keys prefetched ahead into L2 (see _attend_range)
 _NEG = np.float32(-1e30)  # running max before any visible key (finite: see the module docstring)
 
 _VIEWS = {torch.float32: None, torch.bfloat16: np.uint16, torch.float16: np.int16}  # pool element -> numpy view
@@ -73,10 +81,9 @@ def _half_bits_to_f32(typingctx, x):
     return sig, codegen
 
 
-@intrinsic
-def _prefetch(typingctx, arr, i0, i1, i2, off):
-    """Hint the cache line ``off`` bytes past arr[i0, i1, i2, 0] into the caches (llvm.prefetch)."""
-    sig = types.void(arr, types.intp, types.intp, types.intp, types.intp)
+def _prefetch_codegen(locality: int):
+    """codegen of a prefetch hint (llvm.prefetch, read, ``locality`` 3: all cache levels, 2: from L2 on)
+    of the cache line ``off`` bytes past arr[i0, i1, i2, 0]."""
 
     def codegen(context, builder, signature, args):
         aryty = signature.args[0]
@@ -87,10 +94,23 @@ def _prefetch(typingctx, arr, i0, i1, i2, off):
         ptr = builder.gep(builder.bitcast(ptr, ir.IntType(8).as_pointer()), [args[4]])
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        builder.call(fn, [ptr, i32(0), i32(locality), i32(1)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i0, i1, i2, off):
+    """Hint the cache line ``off`` bytes past arr[i0, i1, i2, 0] into the caches (llvm.prefetch)."""
+    return types.void(arr, types.intp, types.intp, types.intp, types.intp), _prefetch_codegen(3)
+
+
+@intrinsic
+def _prefetch_l2(typingctx, arr, i0, i1, i2, off):
+    """:func:`_prefetch` into the outer caches only (locality 2: prefetcht1, L2 and beyond): for data
+    needed a whole block later, which would only evict the current block's rows from L1."""
+    return types.void(arr, types.intp, types.intp, types.intp, types.intp), _prefetch_codegen(2)
 
 
 @intrinsic
@@ -188,6 +208,10 @@ def _scores(qg, g, kp, slot, row, nbk, s):  # pragma: no cover - compiled
             if r == 0 and row + j + PF_KEYS + 4 <= kp.shape[2]:
                 for off in range(0, 4 * rowbytes, 64):
                     _prefetch(kp, slot, g, row + j + PF_KEYS, off)
+            if d % LANES == 0:  # explicit vectors, one reduction tree for the 16 scores (kernels_cpu/simd.py)
+                qk4x4(qg, g, r, kp, slot, row + j, s, j)
+                j += 4
+                continue
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
             a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
             for x in range(d):
@@ -385,6 +409,15 @@ def _attend_range(qg, kp, vp, slots, j0, j1, g, qidx, G, k_base, window, tail, n
             for off in range(0, min(PF_KEYS, C, j1 - b - nbk) * kp.shape[3] * kp.itemsize, 64):
                 _prefetch(kp, nxt, g, 0, off)
                 _prefetch(vp, nxt, g, 0, off)
+        if PF_BLOCKS > 0 and b + PF_BLOCKS * BLOCK < j1:  # a block PF_BLOCKS ahead into L2 (see PF_BLOCKS)
+            nb0 = b + PF_BLOCKS * BLOCK
+            nch = nb0 // C
+            nrow = nb0 - nch * C
+            nn = min(BLOCK, C - nrow, j1 - nb0)
+            nslot = slots[nch]
+            for off in range(0, nn * kp.shape[3] * kp.itemsize, 64):
+                _prefetch_l2(kp, nslot, g, nrow, off)
+                _prefetch_l2(vp, nslot, g, nrow, off)
         _scores(qg, g, kp, slot, row, nbk, s)
         last = key0 + nbk - 1
         whole = (last < n_prefix) if has_tail else (last <= qmin)

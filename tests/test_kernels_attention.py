@@ -105,6 +105,8 @@ CASES = [
     (64, 2, 8, 1000, 64, 1, torch.bfloat16, 128, 0),  # sliding window
     (64, 3, 1, 1234, 50, 24, torch.float16, 300, 100),
     (128, 4, 4, 64, 16, 6, torch.float32, 5, 7),
+    (40, 2, 4, 300, 64, 1, torch.bfloat16, 0, 0),  # head dim not a multiple of simd.LANES: the scalar loops
+    (80, 2, 4, 500, 64, 2, torch.float16, 0, 0),  # 5 vectors of simd.LANES per row
 ]
 
 

@@ -35,6 +35,7 @@ _threads.configure_process()  # before torch/numba load libgomp: the waiting pol
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels_cpu import attention, matvec  # noqa: E402
+from tools.machine import cpu_model  # noqa: E402
 
 NH, NKV, D, CHUNK = 32, 8, 128, 256
 
@@ -193,6 +195,7 @@ def run_a1q(a) -> dict:
 
 
 def run_a1(a) -> dict:
+    load0 = os.getloadavg()[0]
     attention.warm_up()
     bw = mem_bandwidth(a.threads)
     limit = max(bw.values())
@@ -200,7 +203,8 @@ def run_a1(a) -> dict:
     print(f"A1: decode attention, {NH} query / {NKV} KV heads, d {D}, bf16 KV in chunks of {CHUNK} at shuffled "
           f"slots, {a.threads} threads, median of {a.repeats} steps. Memory read bandwidth in this run: Numba "
           f"parallel sum {bw['numba_sum'] / 1e9:.1f} GB/s, torch sum {bw['torch_sum'] / 1e9:.1f} GB/s "
-          f"(limit used: {limit / 1e9:.1f}).\n")
+          f"(limit used: {limit / 1e9:.1f}).\nCPU: {cpu_model()}. Load average (1 min) at the start / end of the "
+          f"run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
     print("| tokens | KV MB | SDPA enable_gqa µs | SDPA grouped µs | ours µs | speed-up | SDPA GB/s | ours GB/s "
           "| % of bandwidth | ours, 1 thread GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -208,7 +212,7 @@ def run_a1(a) -> dict:
         print(f"| {r['tokens'] // 1024}k | {r['kv_bytes'] / 1e6:.0f} | {r['sdpa_gqa_us']:.0f} "
               f"| {r['sdpa_grouped_us']:.0f} | {r['ours_us']:.0f} | {r['sdpa_us'] / r['ours_us']:.2f}× | {r['sdpa_gbs']:.1f} | {r['ours_gbs']:.1f} "
               f"| {100 * r['ours_gbs'] * 1e9 / limit:.0f}% | {r['ours_1t_gbs']:.1f} |")
-    return {"scenario": "A1", "threads": a.threads, "repeats": a.repeats, "bandwidth": bw, "limit": limit,
+    return {"scenario": "A1", "cpu": cpu_model(), "threads": a.threads, "repeats": a.repeats, "bandwidth": bw, "limit": limit,
             "shape": {"nh": NH, "nkv": NKV, "d": D, "chunk": CHUNK, "dtype": "bfloat16"}, "rows": rows}
 
 

@@ -54,6 +54,7 @@ from pathlib import Path
 
 from tools import bench_quant as bq
 from tools.bench_decode import MEMCAP, PROMPT, publish
+from tools.machine import cpu_model
 from tools.make_gguf import DEFAULT_LLAMA_PYTHON, find_llama_src, make_gguf
 
 PRESET = "qwen3-30b-a3b-8l"
@@ -335,15 +336,6 @@ def m1_table(a, runs: dict[str, list[bq.Run]], traffic: dict, rates: dict[str, l
             "prefetch accuracy | expert disk bytes/token | disk-bound limit tok/s | % of limit | "
             "time split (moe stats) | cgroup peaks MB |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(rows) + "\n"
-
-
-def cpu_model() -> str:
-    p = subprocess.run(["lscpu"], capture_output=True, text=True)
-    kv = dict(ln.split(":", 1) for ln in p.stdout.splitlines() if ":" in ln)
-    get = lambda k: kv.get(k, "?").strip()  # noqa: E731
-    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in get("Flags").split()]
-    return (f"{get('Model name')} (family {get('CPU family')} model {get('Model')}), {get('CPU(s)')} CPUs, "
-            f"{get('Hypervisor vendor')} guest, {' '.join(flags)}")
 
 
 def main(argv=None) -> int:

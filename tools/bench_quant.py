@@ -42,6 +42,7 @@ from pathlib import Path
 
 from tools.bench_decode import MEMCAP, PROMPT, last_json, publish, streamed_groups, synthetic
 from tools.make_gguf import DEFAULT_LLAMA_PYTHON, make_gguf
+from tools.machine import cpu_model
 
 SHAPE_3B = {"hidden": 3072, "layers": 28, "intermediate": 8192, "heads": 24, "kv_heads": 8}
 
@@ -559,7 +560,8 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     text = r1q(a) if a.which == "r1q" else d1q(a)
     # 2 shared cores: the load average says how much the neighbours took from this run
-    text += f"\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n"
+    text += (f"\nCPU: {cpu_model()}. Load average (1 min) at the start / end of the run: {load0:.2f} / "
+             f"{os.getloadavg()[0]:.2f}.\n")
     publish(text + f"\n```\npython -m tools.bench_quant {' '.join(argv if argv is not None else sys.argv[1:])}\n```\n",
             a.out)
     return 0
