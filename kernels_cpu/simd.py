@@ -13,7 +13,7 @@ the 16 scores as four 4-wide rows.
 Vectors are ``LANES`` float32 wide; the head dim must be a multiple of LANES (the caller falls back to
 the scalar loops otherwise). Pool elements are read as they are stored and widened in registers:
 bfloat16 bits (uint16) shifted into the top half of a float32, float16 bits (int16) through
-``fpext half``, float32 as is.
+``fpext half``, float32 as is, int8 codes (q8 KV, kernels_cpu/attention_q.py) converted as integers.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ def _widen(builder, ptr, kind: str):
     if kind == "f32":
         vp = builder.bitcast(ptr, ir.VectorType(_F32, LANES).as_pointer())
         return builder.load(vp, align=4)
+    if kind == "i8":
+        vp = builder.bitcast(ptr, ir.VectorType(ir.IntType(8), LANES).as_pointer())
+        return builder.sitofp(builder.load(vp, align=1), ir.VectorType(_F32, LANES))
     vp = builder.bitcast(ptr, ir.VectorType(ir.IntType(16), LANES).as_pointer())
     raw = builder.load(vp, align=2)
     if kind == "f16":
@@ -77,7 +80,7 @@ def _widen(builder, ptr, kind: str):
 
 
 def _kind(dtype) -> str | None:
-    return {types.uint16: "bf16", types.int16: "f16", types.float32: "f32"}.get(dtype)
+    return {types.uint16: "bf16", types.int16: "f16", types.float32: "f32", types.int8: "i8"}.get(dtype)
 
 
 @intrinsic
@@ -85,7 +88,7 @@ def qk4x4(typingctx, qg, g, r, kp, slot, row, s, j):
     """s[r + i, j + t] = qg[g, r + i, :] . widen(kp[slot, g, row + t, :]) for i, t in 0..3.
 
     qg [nkv, R, d] float32 (C-contiguous rows), kp [P, nkv, C, d] of float32 / bfloat16 bits (uint16) /
-    float16 bits (int16), s [R, B] float32; d % LANES == 0 (unchecked: the caller's guard)."""
+    float16 bits (int16) / int8 codes, s [R, B] float32; d % LANES == 0 (unchecked: the caller's guard)."""
     kind = _kind(kp.dtype)
     if kind is None or qg.dtype != types.float32 or s.dtype != types.float32:
         return None
