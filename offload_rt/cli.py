@@ -132,6 +132,9 @@ MODEL_OPTIONS = [
                       "guesses a tree of tokens that one pass of the target verifies. Same output as without."),
     click.option("--spec-budget", type=int, default=None,
                  help="Tree nodes verified per target pass with --draft (8-1024; default: the planner chooses)."),
+    click.option("--spec-overlap/--no-spec-overlap", default=False, show_default=True,
+                 help="With --draft: the draft grows on (towards the next tree) while the target verifies the "
+                      "current one, on a second thread. Same output either way."),
     click.option("--expert-slots", type=click.IntRange(min=1), default=None,
                  help="Mixture-of-Experts: at most this many routed experts per layer cached in RAM (default: as "
                       "many as --cpu-mem leaves after the always-needed weights); the rest are read from disk when "
