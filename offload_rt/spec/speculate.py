@@ -29,6 +29,7 @@ from offload_rt.trace import NullTracer
 MAX_CHILDREN = 8  # draft proposals per expanded leaf
 MAX_BATCH = 128  # leaves per draft call (ALGORITHMS.md: ≤ 128)
 AHEAD_ROWS = 4  # overlapped drafting: draft rows per step, in tree budgets (the draft's cache is sized for it)
+AHEAD_BATCH = 16  # leaves per draft call beside the pass: the pass's end waits for the call in flight
 
 
 @dataclass
@@ -165,7 +166,7 @@ class Speculator:
         rows = min(self.draft.room(), self.ahead_rows * budget)
         pinned = {i for _s, i in grower.order[:budget]}  # the tree being verified
         return GrowAhead(lambda stop: grower.run(self._scored, self.ahead_rows * budget, max_evaluated=rows,
-                                                 stop=stop, pinned=pinned),
+                                                 stop=stop, pinned=pinned, max_batch=AHEAD_BATCH),
                          threads=self.ahead_threads, engine=self.draft.engine)
 
     def _verify(self, engine: Engine, sampler, root: int, tree: Tree) -> tuple[list[int], list[int]]:

@@ -233,15 +233,17 @@ class Grower:
 
     def run(self, draft_logprobs: DraftFn, budget: int, *, max_steps: int | None = None,
             max_evaluated: int | None = None, stop: Callable[[], bool] | None = None,
-            pinned: set[int] | None = None) -> int:
+            pinned: set[int] | None = None, max_batch: int | None = None) -> int:
         """Best-first growth towards the ``budget`` best nodes (see :func:`grow`); ``stop()`` is asked
         before each draft call (growth ends when it says so). ``pinned`` nodes are kept on top of the
         ``budget`` best others (overlapped drafting: the tree under verification, whose nodes are never
         where a pass ends, while the budget goes to the alternatives beside and below it, where the
-        pass's outcome may be). Returns the number of draft calls."""
+        pass's outcome may be); ``max_batch`` overrides the state's for these calls. Returns the number of
+        draft calls."""
         if budget < 1:
             raise ValueError(f"budget must be at least 1, got {budget}")
         work, decay, steps = self.work, self.decay, 0
+        batch = max_batch or self.max_batch
         while max_steps is None or steps < max_steps:
             if pinned:
                 others = [x for x in self.order if x[1] not in pinned][:budget]
@@ -253,7 +255,7 @@ class Grower:
                 leaves = [-1]
             else:
                 leaves = [i for _s, i in kept if i not in self.expanded and work.depths[i] < self.max_depth
-                          and work.scores[i] + decay > worst][:self.max_batch]  # kept is sorted: best first
+                          and work.scores[i] + decay > worst][:batch]  # kept is sorted: best first
             if max_evaluated is not None and leaves != [-1]:
                 leaves = leaves[:max(0, max_evaluated - self.evaluated)]
             if not leaves or (stop is not None and stop()):
