@@ -148,6 +148,9 @@ def run_config(model, *, temperature, top_p, top_k, seed, gpu_mem, cpu_mem, stop
     """The RunConfig of the MODEL_OPTIONS as click parsed them: the options that need parsing or checking
     by name, ``fields`` (the rest, and serve's ``parallel``) as the RunConfig fields they are named after;
     a ``--config`` preset fills in what the command line left out. UsageError for a bad value."""
+    if fields.get("spec_overlap") and draft is None:
+        raise UsageError("--spec-overlap grows the tree of --draft during the target's pass; pass --draft too "
+                         "(e.g. --draft self-int4)")
     cfg = RunConfig(
         model=model,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
