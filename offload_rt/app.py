@@ -65,6 +65,8 @@ def print_plan(rt, stats: bool) -> None:
         print(f"predicted decode with the routed experts: {prepared.predicted_tok_s:.2f} tok/s")
     if prepared.draft is not None:
         print(prepared.draft.describe())
+    elif prepared.spec_off:
+        print(prepared.spec_off)
     print(baseline.describe(rt.base, prepared.budgets.host))
     if device == "cuda":
         print(f"GPU: CUDA context {format_size(prepared.gpu_context_bytes)} (measured), device budget "

@@ -136,6 +136,9 @@ MODEL_OPTIONS = [
                       "guesses a tree of tokens that one pass of the target verifies. Same output as without."),
     click.option("--spec-budget", type=int, default=None,
                  help="Tree nodes verified per target pass with --draft (8-1024; default: the planner chooses)."),
+    click.option("--spec-overlap/--no-spec-overlap", default=False, show_default=True,
+                 help="With --draft: the draft grows on (towards the next tree) while the target verifies the "
+                      "current one, on a second thread. Same output either way."),
     click.option("--expert-slots", type=click.IntRange(min=1), default=None,
                  help="Mixture-of-Experts: at most this many routed experts per layer cached in RAM (default: as "
                       "many as --cpu-mem leaves after the always-needed weights); the rest are read from disk when "
@@ -149,6 +152,9 @@ def run_config(model, *, temperature, top_p, top_k, seed, gpu_mem, cpu_mem, stop
     """The RunConfig of the MODEL_OPTIONS as click parsed them: the options that need parsing or checking
     by name, ``fields`` (the rest, and serve's ``parallel``) as the RunConfig fields they are named after;
     a ``--config`` preset fills in what the command line left out. UsageError for a bad value."""
+    if fields.get("spec_overlap") and draft is None:
+        raise UsageError("--spec-overlap grows the tree of --draft during the target's pass; pass --draft too "
+                         "(e.g. --draft self-int4)")
     cfg = RunConfig(
         model=model,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),

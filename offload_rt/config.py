@@ -111,6 +111,7 @@ class RunConfig:
     lsh_l: int = 150  # MagicPIG: hash tables
     draft: str | None = None  # SpecExec draft: a model path, or "self-int4" (the target as int4); None: off
     spec_budget: int | None = None  # tree nodes per target pass (None: the planner chooses; offload_rt.spec.budget)
+    spec_overlap: bool = False  # the draft grows the next tree while the target verifies (offload_rt.spec.ahead)
     expert_slots: int | None = None  # MoE: cap on routed experts cached in RAM per layer (None: what the budget allows)
 
     @property

@@ -241,6 +241,7 @@ class Prepared:
     experts: ExpertPlan | None = None  # a MoE model's routed experts: resident, or a RAM cache over the disk
     draft: object | None = None  # spec.setup.DraftPlan: the draft's residency and the speculation budget
     notice: str | None = None  # one line for stderr: a --draft the plan runs without (predicted slower)
+    spec_off: str | None = None  # --plan's line for that: speculation off, with both predictions
     bandwidths_note: str | None = None  # --plan: where the bandwidths came from (nothing measured)
     sequences: int = 1  # KV caches the plan holds (a server's --parallel): ``kv`` is one sequence's split
     prefix_bytes: int = 0  # RAM for the server's prefix cache (planned beside the sequences' KV)
@@ -440,7 +441,7 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
             bud = Budgets(device=bud.device, host=bud.host + emin)
         return bud, kv, attention, placement, held
 
-    notice = None
+    notice = spec_off = None
     n_seq = sequences or 1
     try:
         draft_plan = None
@@ -481,13 +482,17 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                                         min_budget=placement.min_working_set + (0 if cuda else sum(held)),
                                         chosen=cfg.spec_budget is None, agreement=agreement,
                                         tokens_per_pass=per_pass, predicted_tok_s=tok_s,
-                                        target_pass_s=cost.target_pass_s(tree + 1), draft_s=cost.draft_s(tree, depth))
+                                        target_pass_s=cost.target_pass_s(tree + 1), draft_s=cost.draft_s(tree, depth),
+                                        overlap=cfg.spec_overlap)
             if cfg.spec_budget is None:  # the planner's choice includes not speculating at all
                 alone = place(0, with_draft=False)
                 without = 1.0 / alone[3].predicted_s_per_token if alone[3].predicted_s_per_token > 0 else float("inf")
-                if tok_s < without:
+                if tok_s < without:  # at equal memory: the draft's bytes go to the target's resident layers
                     notice = (f"--draft {cfg.draft}: speculation is predicted slower here ({tok_s:.3g} tok/s with "
                               f"the draft, {without:.3g} without it); running without it (--spec-budget N forces it)")
+                    spec_off = (f"speculation: off (--draft {cfg.draft} predicted {tok_s:.3g} tok/s at budget {tree}, "
+                                f"{without:.3g} tok/s without it in the same --cpu-mem: its RAM holds more of the "
+                                "target instead)")
                     (bud, kv, attention, placement, _), draft_plan = alone, None
     except BudgetError as e:
         if cuda and getattr(e, "tier", None) == "device":  # say it in what the user types: the footprint
@@ -504,5 +509,5 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
     if cuda:  # the caching allocator may not grow past what the budget implies: an overrun fails loudly
         gpu_mod.cap_allocator(device, gpu_mod.allocator_limit(cfg.gpu_mem, context_bytes=ctx, placement=dev))
     return Prepared(placement, bw, specs, bud, device, gpu_context_bytes=ctx, kv=kv, attention=attention,
-                    draft=draft_plan, experts=eplan, notice=notice, bandwidths_note=bw_note, sequences=n_seq,
+                    draft=draft_plan, experts=eplan, notice=notice, spec_off=spec_off, bandwidths_note=bw_note, sequences=n_seq,
                     prefix_bytes=kv.host_bytes if prefix_cache else 0)

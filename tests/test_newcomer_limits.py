@@ -52,6 +52,18 @@ def test_a_draft_predicted_slower_is_dropped_with_one_line_unless_the_budget_is_
     assert forced.stdout == auto.stdout  # greedy: the same answer either way
 
 
+def test_plan_says_speculation_is_off_where_the_draft_cannot_win(off):
+    """Equal memory: the target alone in the same --cpu-mem (the draft's bytes holding more of it) is
+    predicted faster, and --plan says so in one line in place of the draft's."""
+    proc = run_cli("--plan", "--draft", "self-int4", "--offload-dir", off)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("speculation")]
+    assert len(lines) == 1 and not any(ln.startswith("draft: ") for ln in proc.stdout.splitlines()), proc.stdout
+    m = re.fullmatch(r"speculation: off \(--draft self-int4 predicted ([0-9.]+) tok/s at budget (\d+), ([0-9.]+) "
+                     r"tok/s without it in the same --cpu-mem: .*\)", lines[0])
+    assert m and float(m.group(1)) < float(m.group(3)), lines[0]
+
+
 def test_a_refusal_with_a_draft_names_the_smallest_cpu_mem_that_runs(off):
     plan = ("--plan", "--draft", "self-int4", "--spec-budget", "8", "--offload-dir", off)
     err = assert_user_error(run_cli(*plan, "--cpu-mem", "1M"), "the draft", "more than --cpu-mem allows",

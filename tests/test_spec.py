@@ -240,6 +240,15 @@ def test_the_fit_test_detects_a_biased_acceptance(monkeypatch):
 # ---------------------------------------------------------------- greedy: token for token
 
 
+def assert_greedy_answers(target: Engine, spec: Speculator, n: int) -> None:
+    """Each of PROMPTS answered greedily by speculation (both engines reset): the autoregressive tokens."""
+    for prompt in PROMPTS:
+        target.reset()
+        spec.draft.reset()
+        got = take(spec.tokens(target, GREEDY, target.prefill(prompt)), n)
+        assert got == autoregressive_greedy(tuple(prompt), n), (spec.budget, prompt)
+
+
 @pytest.mark.parametrize("draft", [TARGET, OTHER], ids=["self-draft", "other-draft"])
 @pytest.mark.parametrize("kind", ["dense", "tiered"])
 def test_greedy_speculation_equals_autoregressive_greedy(kind, draft):
@@ -249,11 +258,7 @@ def test_greedy_speculation_equals_autoregressive_greedy(kind, draft):
     for budget in (1, 3, 8, 32):
         spec.budget = budget
         spec.new_answer()
-        for prompt in PROMPTS:
-            target.reset()
-            spec.draft.reset()
-            got = take(spec.tokens(target, GREEDY, target.prefill(prompt)), n)
-            assert got == autoregressive_greedy(tuple(prompt), n), (budget, prompt)
+        assert_greedy_answers(target, spec, n)
         st = spec.stats
         assert st.tree_nodes > 0 and st.accepted_tokens > 0, (budget, st.as_dict())  # trees verified, used
         if draft == TARGET:  # its own draft: its first guess is the target's (but for near-ties)
@@ -422,4 +427,112 @@ def test_an_interrupted_step_leaves_both_engines_consistent(tmp_path, monkeypatc
     abandoned = hit.state
     assert len(abandoned) > len(target.tokens) + 2  # rows of an unfinished tree were there
     answer_matches_a_clean_run(target, spec, abandoned, n, ar=False)
+    answer_matches_a_clean_run(target, spec, PROMPT, n, ar=True)
+
+
+# ---------------------------------------------------------------- overlapped drafting (issue 22)
+#
+# The draft grows on during the target's pass (offload_rt.spec.ahead) and the part of that growth under
+# where the pass ended is the next step's tree. ``ahead_complete`` lets the growth end by itself before
+# the pass's outcome is used, so that what is carried does not depend on timing; the free-running
+# thread is the run's own mode and must give the same tokens.
+
+
+def make_overlap_spec(draft_seed: int, budget: int, *, complete: bool = True, kind: str = "dense",
+                      disk: Path | None = None) -> Speculator:
+    """A speculator with overlapped drafting; the draft's cache sized as the app sizes it (spec.setup)."""
+    from offload_rt.spec.setup import draft_rows
+
+    spec = Speculator(Draft(make_engine(draft_seed, kind, disk, MAX_TOKENS + draft_rows(budget, True)), vocab=V),
+                      budget, overlap=True)
+    spec.ahead_complete = complete
+    return spec
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["carried", "free-running"])
+@pytest.mark.parametrize("draft", [TARGET, OTHER], ids=["self-draft", "other-draft"])
+def test_overlapped_drafting_equals_autoregressive_greedy(draft, complete):
+    target = make_engine(TARGET)
+    n = 20
+    for budget in (3, 8):
+        spec = make_overlap_spec(draft, budget, complete=complete)
+        assert_greedy_answers(target, spec, n)
+        st = spec.stats
+        assert st.accepted_tokens > 0 and st.ahead_s > 0, st.as_dict()
+        if complete:  # some passes ended where the draft had grown on: their trees were carried over
+            assert st.carried > 0, (budget, st.as_dict())
+
+
+def test_a_carried_tree_holds_the_drafts_rows_for_its_paths():
+    """Each row a carried tree brings along is the draft's K/V for its node at its place: what the draft
+    computes for the accepted sequence followed by the node's path, one token at a time."""
+    target, spec = make_engine(TARGET), make_overlap_spec(OTHER, 8)
+    root = GREEDY(target.prefill(PROMPT))
+    checked = 0
+    for _ in range(12):
+        root = spec.step(target, GREEDY, root)[-1]
+        g, d = spec._carried, spec.draft
+        if g is None:
+            continue
+        assert d.carries(target.tokens + [root])
+        for row, node in enumerate(d._fed):
+            ref = make_engine(OTHER)
+            for t in d.engine.tokens[:d.base] + g.work.path_tokens(node):
+                ref.forward([t])
+            at = d.base + row
+            for layer in range(d.engine.args.num_hidden_layers):
+                got, want = d.engine.cache.rows(layer, at, at + 1), ref.cache.rows(layer, ref.cache.offset - 1,
+                                                                                  ref.cache.offset)
+                for gg, w in zip(got, want):
+                    assert torch.allclose(gg, w, atol=ROWS_ATOL, rtol=ROWS_RTOL), (node, layer)
+            checked += 1
+    assert checked > 0  # some steps carried scored nodes
+
+
+def test_overlapped_sampling_keeps_the_targets_joint_distribution():
+    """The other draft: short accepted paths, so the 3rd token often comes out of a carried tree's pass."""
+    target, spec = make_engine(TARGET), make_overlap_spec(OTHER, 4)
+    counts = speculative_pairs(target, spec, PLAIN, SAMPLES)
+    stat, df = chi_square(counts, exact_pairs(PLAIN))
+    assert df >= 10
+    assert stat < chi2_critical(df), (stat, df, chi2_critical(df))
+    st = spec.stats
+    assert st.passes >= SAMPLES and st.accepted_tokens > SAMPLES // 10 and st.carried > SAMPLES // 10, st.as_dict()
+
+
+OVERLAP_WHERE = ["ahead-draft", "verify-pass", "verify-mid-layer"]
+
+
+@pytest.mark.parametrize("where", OVERLAP_WHERE)
+@pytest.mark.parametrize("kind", ["dense", "disk"])
+def test_an_interrupted_overlapped_step_leaves_both_engines_consistent(tmp_path, monkeypatch, closing, kind, where):
+    """Ctrl-C in the draft's growth beside the pass (raised on its thread, re-raised by the step), or in the
+    target's pass while the draft grows beside it: then new answers give a clean run's tokens and caches."""
+    import threading
+
+    n = 16
+    target = make_engine(TARGET, kind, tmp_path / "target")
+    spec = make_overlap_spec(OTHER, 8, complete=True, kind=kind, disk=tmp_path / "draft")
+    d = spec.draft.engine
+    closing += [target, d]
+
+    def held() -> list[int]:
+        return max(list(target.tokens), list(d.tokens), key=len)
+
+    if where == "ahead-draft":  # the 2nd draft call on the growth thread
+        hit = Interrupt(2, lambda *a, **kw: threading.current_thread().name == "offload-draft-ahead", held)
+        monkeypatch.setattr(Draft, "logprobs", hit.wrap(Draft.logprobs))
+    elif where == "verify-pass":  # a later pass: after steps that carried trees
+        hit = Interrupt(4, lambda ids, **kw: kw.get("all_logits", False), held)
+        monkeypatch.setattr(target, "forward", hit.wrap(target.forward))
+    else:
+        hit = Interrupt(4, lambda layer, *a, tree_mask=None, **kw: layer == 1 and tree_mask is not None, held)
+        monkeypatch.setattr(target.cache, "attend", hit.wrap(target.cache.attend))
+    with pytest.raises(KeyboardInterrupt):
+        take(spec.tokens(target, GREEDY, target.prefill(PROMPT)), n)
+    assert hit.fired
+    monkeypatch.undo()
+    for eng in (target, d):
+        assert eng.cache.offset == len(eng.tokens)
+    answer_matches_a_clean_run(target, spec, hit.state, n, ar=False)
     answer_matches_a_clean_run(target, spec, PROMPT, n, ar=True)

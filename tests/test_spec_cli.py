@@ -136,6 +136,17 @@ def test_greedy_speculation_prints_the_autoregressive_answer(runs, streamed_mem,
     assert text == ref_text
 
 
+def test_overlapped_drafting_prints_the_autoregressive_answer(runs, streamed_mem):
+    """--spec-overlap, the target streamed: the draft grows on a second thread beside the target's passes
+    (int4 kernels beside the streamed float32 layers); the same greedy answer."""
+    ref_text, _ = runs.reference("chat")
+    text, rec = runs.answer(*PROMPTS["chat"], "--draft", "self-int4", "--spec-budget", "16", "--spec-overlap",
+                            "--cpu-mem", streamed_mem)
+    check_spec_stats(rec["spec"], 16)
+    assert rec["spec"]["ahead_s"] > 0 and rec["placement"]["disk"] > 0, rec
+    assert text == ref_text
+
+
 def test_a_separate_draft_with_the_same_tokenizer(runs, tmp_path_factory, default_gguf):
     """--draft PATH: a random-weight checkpoint with SmolLM2's vocabulary proposes (nearly) nothing the
     target accepts; every token is then the target's own and the answer is still the reference."""
@@ -208,6 +219,7 @@ def test_budget_out_of_range_or_without_draft_is_a_user_error(stores):
                                   "--offload-dir", stores), f"--spec-budget {budget} is outside 8…1024")
     assert_user_error(run_cli(*BASE, "-p", "hi", "--spec-budget", "16", "--offload-dir", stores),
                       "--spec-budget", "--draft")
+    assert_user_error(run_cli(*BASE, "-p", "hi", "--spec-overlap", "--offload-dir", stores), "--spec-overlap", "--draft")
 
 
 def test_missing_draft_is_a_user_error(stores):

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "bin" / "memcap"
+# ../shared/bin/memcap beside the checkout (OFFLOAD_RT_MEMCAP: elsewhere, e.g. from a worktree one level deeper)
+MEMCAP = Path(os.environ.get("OFFLOAD_RT_MEMCAP") or Path(__file__).resolve().parents[2] / "shared" / "bin" / "memcap")
 
 
 def sh(cmd: list[str], *, env=None, timeout=3600) -> subprocess.CompletedProcess:

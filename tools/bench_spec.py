@@ -1,16 +1,17 @@
 """Speculative decoding (SpecExec, issue 12): D2 and the target's pass-cost curve, baselines in the same run.
 
-    python -m tools.bench_spec d2 [--budgets 8,16,32,64,128,256] [--tokens 64] [--margin 8M] [--cap-extra 450M]
+    python -m tools.bench_spec d2 [--budgets 8,16,32,64,128,256] [--tokens 64] [--overlap] [--margin 8M] [--cap-extra 450M]
                                   [--plot docs/d2_acceptance.png] [--out docs/BENCHMARKS.md]
         The default model stored in float32 is the target, most of its layers streaming from disk
         (``--cpu-mem`` = the minimum working set ``--plan`` prints + ``--margin``, ``-c 1024``), the draft
         ``--draft self-int4`` (the same model as q4_1 blocks, resident), every run under
-        ``memcap (cpu-mem + cap-extra) --cold``. Per budget (and the planner's own choice): tokens per
-        target pass, decode tok/s, target pass and tree-building time per pass; against autoregressive
-        decoding of the same target at its own minimum working set + margin (the same streamed setting)
-        and at the speculative run's larger --cpu-mem (the same RAM: the draft's bytes spent on resident
-        layers instead). Greedy, several chat prompts, ``--ignore-eos``; the texts must equal the
-        autoregressive ones (checked, reported). Plots tokens per pass against the budget.
+        ``memcap (cpu-mem + cap-extra) --cold``. Equal memory: every run, autoregressive included, gets the
+        same ``--cpu-mem`` (what the largest budget needs with the draft + margin), so autoregressive
+        decoding spends the draft's bytes on resident layers. Per budget (with ``--overlap`` also with
+        ``--spec-overlap``) and the planner's own choice: tokens per target pass, decode tok/s, target pass
+        and tree-building time per pass, disk bytes per pass and the D2 limit (the pass's bytes at the
+        calibrated disk rate × tokens per pass). Greedy, several chat prompts, ``--ignore-eos``; the texts
+        must equal the autoregressive ones (checked, reported). Plots tokens per pass against the budget.
     python -m tools.bench_spec cost [--work DIR] [--budgets 8,32,128,512] [--cap 1800M] [--tokens 4]
         The synthetic 1.2B bf16 model of D1 streamed under the D1 cap, with a synthetic 135M-shaped bf16
         draft (random weights: it is accepted rarely; the point is the cost side): the target's pass time
@@ -116,53 +117,66 @@ def plot(points: list[tuple[int, float, float]], path: Path, title: str) -> None
     fig.savefig(path, dpi=110)
 
 
+def disk_rate(plan_text: str) -> float:
+    """The disk read rate (bytes/s) ``--plan`` says the plan was made with."""
+    return float(re.search(r"bandwidths: disk ([0-9.]+) GB/s", plan_text).group(1)) * 1e9
+
+
 def d2(a) -> str:
     store = Path(a.work) / "stores"
     cmd = base_cmd(None, store, weights="f32", ctx=1024, tokens=a.tokens)
     margin, extra = parse_size_arg(a.margin), parse_size_arg(a.cap_extra)
+    draft = ["--draft", "self-int4"]
     # untimed: converts the f32 and int4 stores, compiles the kernels, calibrates
-    run_process(cmd + ["--draft", "self-int4", "--spec-budget", "8", "-p", "hi", "-n", "4", "--stats"])
-    ar_mem = plan_min(cmd, False)[0] + margin
-    configs: list[tuple[str, list, int]] = [("autoregressive", [], ar_mem)]
-    auto_mem = plan_min(cmd + ["--draft", "self-int4"], True)[0]
-    # what the planner chooses at the --cpu-mem the run gets (a plan at 64G has nothing to stream)
-    auto_plan = plan_min(cmd + ["--draft", "self-int4", "--cpu-mem", str(auto_mem + margin)], True)[1]
-    chosen = int(re.search(r"budget (\d+) tree nodes", auto_plan).group(1))
-    predicted = float(re.search(r"predicted ([0-9.]+) tokens per target pass", auto_plan).group(1))
+    run_process(cmd + draft + ["--spec-budget", "8", "-p", "hi", "-n", "4", "--stats"])
+    # one --cpu-mem for every run (equal memory): what the largest tree needs with the draft, + margin
+    widest = max(a.budgets)
+    mem = plan_min(cmd + draft + ["--spec-budget", str(widest)] + (["--spec-overlap"] if a.overlap else []),
+                   True)[0] + margin
+    auto_plan = plan_min(cmd + draft + ["--cpu-mem", str(mem)], False)[1]  # (with or without speculation)
+    m = re.search(r"budget (\d+) tree nodes", auto_plan)
+    off = re.search(r"speculation: off \((.*)\)", auto_plan)
+    chosen = f"budget {m.group(1)}" if m else "no speculation" + (f" ({off.group(1)})" if off else "")
+    rate = disk_rate(plan_min(cmd + ["--cpu-mem", str(mem)], False)[1])
+    configs: list[tuple[str, list]] = [("autoregressive", [])]
     for b in a.budgets:
-        mem = plan_min(cmd + ["--draft", "self-int4", "--spec-budget", str(b)], True)[0] + margin
-        configs.append((f"budget {b}", ["--draft", "self-int4", "--spec-budget", b], mem))
-    configs.append(("planner's choice", ["--draft", "self-int4"], auto_mem + margin))
-    configs.append(("autoregressive, same RAM", [], auto_mem + margin))
-    results: dict[str, list[Run]] = {name: [] for name, _x, _m in configs}
+        configs.append((f"budget {b}", draft + ["--spec-budget", b]))
+        if a.overlap:
+            configs.append((f"budget {b}, overlap", draft + ["--spec-budget", b, "--spec-overlap"]))
+    configs.append(("planner's choice", draft))
+    results: dict[str, list[Run]] = {name: [] for name, _x in configs}
     for prompt in PROMPTS[:a.prompts]:
-        for name, flags, mem in configs:  # alternate configurations within each prompt
+        for name, flags in configs:  # alternate configurations within each prompt
             results[name].append(timed_run(cmd + flags, mem, extra, prompt))
     ar = summarize(results["autoregressive"])
-    rows = ["| run | --cpu-mem | budget | tokens/pass | decode tok/s | × autoregressive | target pass ms | "
-            "tree ms/pass | disk MB/pass |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | budget | tokens/pass | decode tok/s | × autoregressive | target pass ms | tree ms/pass | "
+            "disk MB/pass | D2 limit tok/s | % of limit |", "|---|---|---|---|---|---|---|---|---|---|"]
     points = []
-    for name, _flags, mem in configs:
+    for name, _flags in configs:
         s = summarize(results[name])
         if "status" in s:
-            rows.append(f"| {name} | {mem >> 20}M | — | {s['status']} | | | | | |")
+            rows.append(f"| {name} | — | {s['status']} | | | | | | | |")
             continue
         ratio = s["tok_s"] / ar["tok_s"] if ar.get("tok_s") else float("nan")
-        rows.append(f"| {name} | {mem >> 20}M | {s.get('budget', '—')} | {s['tokens_per_pass']:.2f} | "
+        # D2 limit: the disk-bound pass (its bytes at the calibrated rate, D1's limit) × tokens per pass
+        limit = s["tokens_per_pass"] * rate / s["disk_per_pass"] if s["disk_per_pass"] else float("nan")
+        rows.append(f"| {name} | {s.get('budget', '—')} | {s['tokens_per_pass']:.2f} | "
                     f"{s['tok_s']:.2f} | {ratio:.2f}× | {s['verify_ms']:.0f} | {s['draft_ms']:.0f} | "
-                    f"{s['disk_per_pass'] / 1e6:.0f} |")
-        if name.startswith("budget"):
+                    f"{s['disk_per_pass'] / 1e6:.0f} | {limit:.2f} | {100 * s['tok_s'] / limit:.0f}% |")
+        if name.startswith("budget") and "overlap" not in name:
             points.append((s["budget"], s["tokens_per_pass"], ratio))
     same = all(r.ok and a_.ok and r.stdout == a_.stdout
                for name, runs in results.items() for r, a_ in zip(runs, results["autoregressive"]))
     if a.plot and points:
-        plot(points, Path(a.plot), "D2: default model f32 streamed, draft self-int4")
+        plot(points, Path(a.plot), "D2: default model f32 streamed, draft self-int4, equal --cpu-mem")
     cmdline = "python -m tools.bench_spec d2 " + " ".join(sys.argv[2:])
     return "\n".join([
-        f"### D2 — speculative decoding, streamed target (`{cmdline}`)", "",
-        f"Default model stored f32 (513 MiB), `-c 1024`, {a.prompts} chat prompts × {a.tokens} tokens "
-        f"(`--ignore-eos`, greedy), each run under `memcap (cpu-mem + {a.cap_extra}) --cold`; tok/s over all prompts. "
-        f"Planner's choice: budget {chosen}, predicted {predicted:.2f} tokens per pass.", "", *rows, "",
+        f"### D2 — speculative decoding at equal memory, streamed target (`{cmdline}`)", "",
+        f"Default model stored f32 (513 MiB), `-c 1024`, {a.prompts} chat prompt(s) × {a.tokens} tokens "
+        f"(`--ignore-eos`, greedy), every run (autoregressive included) at `--cpu-mem {mem >> 20}M` (the minimum "
+        f"working set with the draft for budget {widest} + {a.margin}), each under `memcap (cpu-mem + {a.cap_extra}) "
+        f"--cold`; tok/s over all prompts; disk {rate / 1e9:.2f} GB/s as calibrated. Planner's choice at this "
+        f"--cpu-mem: {chosen}.", "", *rows, "",
         f"Every run's text equals the autoregressive run's for the same prompt: {'yes' if same else 'NO'}. "
         + (f"Acceptance curve: `{a.plot}`." if a.plot and points else ""), ""])
 
@@ -203,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--margin", default="8M")
     p.add_argument("--cap-extra", default="450M")
     p.add_argument("--plot", default="docs/d2_acceptance.png")
+    p.add_argument("--overlap", action="store_true", help="also each budget with --spec-overlap")
     p.add_argument("--out", type=Path)
     c = sub.add_parser("cost")
     c.add_argument("--work", default="/tmp/offload_rt_bench")

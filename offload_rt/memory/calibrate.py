@@ -355,3 +355,27 @@ def matmul_flops(dtype: str, device: str = "cpu", *, cache_dir: Path | None = No
     flops = measure_matmul_flops(dtype, device, reps=7)
     update_entry(path, key, {"flops": flops, "measured_at": now()})
     return flops
+
+
+def quant_rows_cost(fmt: str, shapes: list[tuple[int, int]], *, cache_dir: Path | None = None) -> tuple[float, float]:
+    """:func:`~offload_rt.memory.microbench.measure_quant_rows` once per machine, thread count, format and
+    set of shapes, cached beside the bandwidths (the speculation budget derived from it must not change
+    from run to run)."""
+    import hashlib
+
+    import numba
+    import torch
+
+    shapes = sorted(set(shapes))
+    sig = hashlib.sha1(repr(shapes).encode()).hexdigest()[:12]
+    key = (f"quantrows:{socket.gethostname()}:{os.cpu_count()}:t{torch.get_num_threads()}:"
+           f"n{numba.get_num_threads()}:{fmt}:{sig}")
+    path = cache_path(cache_dir)
+    entry = read_entries(path).get(key)
+    if isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in ("one_s", "row_s")):
+        return float(entry["one_s"]), float(entry["row_s"])
+    from offload_rt.memory.microbench import measure_quant_rows
+
+    one, row = measure_quant_rows(fmt, shapes)
+    update_entry(path, key, {"one_s": one, "row_s": row, "measured_at": now()})
+    return one, row

@@ -181,3 +181,28 @@ def measure_h2d(nbytes: int = H2D_TEST_BYTES, reps: int = 5, device="cuda") -> f
         if pinned:
             torch.cuda.synchronize(accel.device)  # no copy may still read the pages being unlocked
             accel.unpin(src)
+
+
+def measure_quant_rows(fmt: str, shapes: list[tuple[int, int]], *, tokens: int = 32, reps: int = 5) -> tuple[float, float]:
+    """The fused quantized kernels (``kernels_cpu.matvec.linear`` as decode and tree passes call it: the
+    mat-vec for one row, the multi-row kernel for more) over the matrices ``shapes`` ([n, k]
+    each, in ``fmt`` blocks): (seconds for one row through all of them, seconds per further row), from
+    the best of ``reps`` sweeps at 1 and at ``tokens`` rows. What a resident int4 draft's pass costs in
+    its linears (spec.setup.pass_cost): one row is bound by the weight bytes, a batch by the arithmetic."""
+    import torch
+
+    from kernels_cpu.matvec import linear
+    from storage.formats import FORMATS, QTensor
+
+    f = FORMATS[fmt]
+    ws = [QTensor(torch.zeros(f.byte_shape((n, k)), dtype=torch.uint8), f, (n, k)) for n, k in shapes]
+    xs = {t: {k: torch.randn(t, k) for _n, k in shapes} for t in (1, tokens)}
+
+    def sweep(t: int):
+        for w in ws:
+            linear(xs[t][w.shape[1]], w)
+
+    sweep(1)  # warm: compiled, pages touched
+    one = min(timed(lambda: sweep(1)) for _ in range(reps))
+    many = min(timed(lambda: sweep(tokens)) for _ in range(reps))
+    return one, max(many - one, 0.0) / (tokens - 1)

@@ -80,6 +80,24 @@ class Draft:
         self._valid = self.base + len(rows)
         self._fed, self._row = [], {}
 
+    def advance(self, path: Sequence[int], node: int, below: Sequence[int]) -> None:
+        """Overlapped drafting: the pass accepted working nodes ``path`` and its bonus token is working node
+        ``node``, which the draft scored (so did every node of ``path``: its ancestors). Keep their rows as
+        the accepted sequence (the next step's context, ``node`` its root) and, after it, the rows of the
+        scored nodes among ``below``: ``below[j]`` is the working index of node j of the next step's tree
+        (:meth:`~offload_rt.spec.tree.Grower.subtree`), whose rows are then keyed by j."""
+        lead = [self._row[n] for n in path] + [self._row[node]]
+        tail = sorted((self._row[o], j) for j, o in enumerate(below) if o in self._row)
+        self.engine.keep(self.base, lead + [r for r, _j in tail])  # rows ascend: ancestors were scored first
+        self.base = self._valid = self.base + len(lead)
+        self._first = None  # the root's children are already in the carried tree
+        self._fed = [j for _r, j in tail]
+        self._row = {j: i for i, j in enumerate(self._fed)}
+
+    def carries(self, context: Sequence[int]) -> bool:
+        """Whether the cache holds ``context`` (root included) as its accepted sequence, a carried tree after."""
+        return self.base == self._valid == len(context) and self.engine.tokens[:self.base] == list(context)
+
     def _logsoftmax(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits[:, :self.vocab].float(), dim=-1)
 

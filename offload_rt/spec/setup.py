@@ -24,9 +24,12 @@ def tree_headroom(budget: int) -> int:
     return budget + 1
 
 
-def draft_rows(budget: int) -> int:
-    """Draft KV rows one step's tree may use (tree.grow's ``max_evaluated``, the root included)."""
-    return 2 * budget + 1
+def draft_rows(budget: int, overlap: bool = False) -> int:
+    """Draft KV rows one step's tree may use (tree.grow's ``max_evaluated``, the root included; with
+    overlapped drafting, the growth past the tree during the pass: speculate.AHEAD_ROWS budgets)."""
+    from offload_rt.spec.speculate import AHEAD_ROWS
+
+    return (AHEAD_ROWS if overlap else 2) * budget + 1
 
 
 def open_draft(cfg: RunConfig, target, device: str, *, plan_only: bool = False):
@@ -79,6 +82,7 @@ class DraftPlan:
     predicted_tok_s: float = 0.0
     target_pass_s: float = 0.0  # predicted, for the budget's tree
     draft_s: float = 0.0  # predicted tree building per step
+    overlap: bool = False  # --spec-overlap
 
     @property
     def bytes(self) -> int:
@@ -105,27 +109,58 @@ def draft_bytes(draft, cfg: RunConfig, ctx_tokens: int, budget: int, device: str
 
     a, dt = draft.args, draft.dtype
     weights = sum(draft.store.info(n).held_bytes(dt) for n in draft.store.tensor_names)
-    rows = ctx_tokens + draft_rows(budget)
+    rows = ctx_tokens + draft_rows(budget, cfg.spec_overlap)
     rows = -(-rows // CHUNK_TOKENS) * CHUNK_TOKENS if device == "cpu" else rows  # whole RAM chunks
     kv = rows * kv_mod.bytes_per_token(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dt)
     act = activation_bytes(a, max(cfg.prefill_chunk, MAX_BATCH), dequant_scratch_bytes(draft.store, device == "cuda"))
     return weights, kv, act
 
 
+def quantized_matrices(store) -> tuple[str | None, int, list[tuple[int, int]]]:
+    """(the most common block format, bytes, distinct shapes) of the store's quantized 2-D tensors: what a
+    quantized draft's pass runs through the fused kernel (None, 0, [] for a float store)."""
+    by_fmt: dict[str, int] = {}
+    shapes: dict[str, set] = {}
+    for n in store.tensor_names:
+        info = store.info(n)
+        if info.quantized and len(info.shape) == 2:
+            by_fmt[info.fmt.name] = by_fmt.get(info.fmt.name, 0) + int(info.nbytes)
+            shapes.setdefault(info.fmt.name, set()).add(tuple(int(x) for x in info.shape))
+    if not by_fmt:
+        return None, 0, []
+    fmt = max(by_fmt, key=by_fmt.get)
+    return fmt, by_fmt[fmt], sorted(shapes[fmt])
+
+
 def pass_cost(target_store, target_dtype, placement, bw, draft, device: str) -> budget_mod.PassCost:
-    """The cost model's inputs from the target's placement, the measured rates and the draft's size."""
+    """The cost model's inputs from the target's placement, the measured rates and the draft's size.
+
+    A quantized draft on the CPU (``self-int4``) is costed with the fused kernel's own measured rates
+    (calibrate.quant_rows_cost: one row, then each further row, over its matrices' shapes, scaled to all
+    its quantized bytes) plus the rest of its layers (``layer_s``) and a token's fixed cost; a float draft
+    with the mat-vec rate and the batched matmul rate of its dtype."""
     from offload_rt.memory import calibrate
 
     flops = calibrate.matmul_flops(str(target_dtype).replace("torch.", ""), device)
-    dflops = flops if draft.dtype == target_dtype else calibrate.matmul_flops(str(draft.dtype).replace("torch.", ""),
-                                                                              device)
-    dweights = sum(draft.store.info(n).nbytes for n in draft.store.tensor_names)
     a = draft.args
+    fmt, qbytes, shapes = quantized_matrices(draft.store) if device == "cpu" else (None, 0, [])
+    if fmt is not None:
+        from storage.formats import FORMATS
+
+        one_s, row_s = calibrate.quant_rows_cost(fmt, shapes)
+        scale = qbytes / sum(FORMATS[fmt].nbytes(sh) for sh in shapes)  # all layers' matrices, from one of each
+        draft_fixed = one_s * scale + a.num_hidden_layers * bw.layer_s + bw.token_s
+        draft_token = row_s * scale
+    else:
+        dflops = flops if draft.dtype == target_dtype else calibrate.matmul_flops(
+            str(draft.dtype).replace("torch.", ""), device)
+        dweights = sum(draft.store.info(n).nbytes for n in draft.store.tensor_names)
+        draft_fixed = dweights / bw.matvec + a.num_hidden_layers * bw.layer_s + bw.token_s
+        draft_token = 2.0 * matrix_params(draft.store) / dflops
     return budget_mod.PassCost(
         target_fixed_s=placement.predicted_s_per_token,
         target_token_s=2.0 * matrix_params(target_store) / flops,
-        draft_fixed_s=dweights / bw.matvec + a.num_hidden_layers * bw.layer_s + bw.token_s,
-        draft_token_s=2.0 * matrix_params(draft.store) / dflops)
+        draft_fixed_s=draft_fixed, draft_token_s=draft_token)
 
 
 def agreement(cfg: RunConfig) -> float:
@@ -141,10 +176,10 @@ def build_speculator(draft, plan: DraftPlan, *, vocab: int, ctx_tokens: int, dev
     from offload_rt.spec.speculate import Speculator
 
     a, dt, store = draft.args, draft.dtype, draft.store
-    rows = ctx_tokens + draft_rows(plan.budget)
+    rows = ctx_tokens + draft_rows(plan.budget, plan.overlap)
     cache = resident_kv(a, dt, rows, device)
     source = resident_source(store, a, draft.groups, dt, device)
     engine = Engine(a, source, dt, max_tokens=rows, device=device, cache=cache,
                     prefill_threads=threads if device == "cpu" else None)
     draft.engine = engine
-    return Speculator(Draft(engine, vocab=vocab, name=draft.name), plan.budget, tracer=tracer)
+    return Speculator(Draft(engine, vocab=vocab, name=draft.name), plan.budget, tracer=tracer, overlap=plan.overlap)

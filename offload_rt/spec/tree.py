@@ -201,44 +201,111 @@ def grow(draft_logprobs: DraftFn, budget: int, *, max_children: int = 8, max_bat
     """
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}")
-    if max_children < 1 or max_batch < 1 or max_depth < 1:
-        raise ValueError("max_children, max_batch and max_depth must be at least 1")
-    work = Tree()
-    kept: list[tuple[float, int]] = []  # (-score, index), sorted: best first
-    expanded: set[int] = set()
-    steps = 0
-    while max_steps is None or steps < max_steps:
-        full = len(kept) >= budget
-        worst = -kept[-1][0] if full else -math.inf
-        if -1 not in expanded:
-            leaves = [-1]
-        else:
-            leaves = [i for _s, i in kept if i not in expanded and work.depths[i] < max_depth
-                      and work.scores[i] + decay > worst][:max_batch]  # kept is sorted: best first
-        if max_evaluated is not None and leaves != [-1]:
-            leaves = leaves[:max(0, max_evaluated - (len(expanded) - 1))]
-        if not leaves:
-            break
-        logp = draft_logprobs(work, leaves)
-        if logp.dim() != 2 or logp.shape[0] != len(leaves):
-            raise ValueError(f"draft returned log-probs of shape {tuple(logp.shape)} for {len(leaves)} leaves")
-        k = min(max_children, logp.shape[1])
-        vals, toks = torch.topk(logp.detach().float().cpu(), k, dim=-1)
-        fresh: list[tuple[float, int]] = []
-        for leaf, row_v, row_t in zip(leaves, vals.tolist(), toks.tolist()):
-            expanded.add(leaf)
-            base = (0.0 if leaf < 0 else work.scores[leaf]) + decay
-            new_t, new_s = [], []
-            for v, t in zip(row_v, row_t):  # descending: stop at the first that cannot enter
-                s = base + min(v, 0.0)
-                if not math.isfinite(s) or s <= worst:
-                    break
-                new_t.append(t)
-                new_s.append(s)
-            fresh += [(-s, i) for s, i in zip(new_s, work.add(leaf, new_t, new_s))]
-        kept = sorted(kept + fresh)[:budget]
-        steps += 1
-    return work.select([i for _s, i in kept])
+    g = Grower(max_children=max_children, max_batch=max_batch, max_depth=max_depth, decay=decay)
+    g.run(draft_logprobs, budget, max_steps=max_steps, max_evaluated=max_evaluated)
+    return g.tree(budget)
+
+
+class Grower:
+    """:func:`grow`'s search state, kept between calls so that growth can go on past a budget.
+
+    ``work`` is the working tree (every node any draft call proposed), ``expanded`` the leaves the
+    draft has scored (-1: the root), ``order`` every node as (-score, index), best first. The kept
+    set of a budget B is ``order[:B]``: the B best nodes ever proposed, which is what grow's
+    truncated list holds, so resuming with a larger budget continues the same best-first search
+    (overlapped drafting grows past the verified tree while the target's pass runs, and
+    :meth:`subtree` turns the part under the pass's outcome into the next step's state).
+    """
+
+    def __init__(self, *, max_children: int = 8, max_batch: int = 128, max_depth: int = DEFAULT_MAX_DEPTH,
+                 decay: float = DEFAULT_DECAY):
+        if max_children < 1 or max_batch < 1 or max_depth < 1:
+            raise ValueError("max_children, max_batch and max_depth must be at least 1")
+        self.max_children, self.max_batch, self.max_depth, self.decay = max_children, max_batch, max_depth, decay
+        self.work = Tree()
+        self.expanded: set[int] = set()
+        self.order: list[tuple[float, int]] = []
+
+    @property
+    def evaluated(self) -> int:
+        """Nodes the draft has scored (its KV rows this step), the root's token not counted."""
+        return len(self.expanded) - (-1 in self.expanded)
+
+    def run(self, draft_logprobs: DraftFn, budget: int, *, max_steps: int | None = None,
+            max_evaluated: int | None = None, stop: Callable[[], bool] | None = None,
+            pinned: set[int] | None = None, max_batch: int | None = None) -> int:
+        """Best-first growth towards the ``budget`` best nodes (see :func:`grow`); ``stop()`` is asked
+        before each draft call (growth ends when it says so). ``pinned`` nodes are kept on top of the
+        ``budget`` best others (overlapped drafting: the tree under verification, whose nodes are never
+        where a pass ends, while the budget goes to the alternatives beside and below it, where the
+        pass's outcome may be); ``max_batch`` overrides the state's for these calls. Returns the number of
+        draft calls."""
+        if budget < 1:
+            raise ValueError(f"budget must be at least 1, got {budget}")
+        work, decay, steps = self.work, self.decay, 0
+        batch = max_batch or self.max_batch
+        while max_steps is None or steps < max_steps:
+            if pinned:
+                others = [x for x in self.order if x[1] not in pinned][:budget]
+                kept = sorted(others + [x for x in self.order if x[1] in pinned])
+            else:
+                others = kept = self.order[:budget]
+            worst = -others[-1][0] if len(others) >= budget else -math.inf
+            if -1 not in self.expanded:
+                leaves = [-1]
+            else:
+                leaves = [i for _s, i in kept if i not in self.expanded and work.depths[i] < self.max_depth
+                          and work.scores[i] + decay > worst][:batch]  # kept is sorted: best first
+            if max_evaluated is not None and leaves != [-1]:
+                leaves = leaves[:max(0, max_evaluated - self.evaluated)]
+            if not leaves or (stop is not None and stop()):
+                break
+            logp = draft_logprobs(work, leaves)
+            if logp.dim() != 2 or logp.shape[0] != len(leaves):
+                raise ValueError(f"draft returned log-probs of shape {tuple(logp.shape)} for {len(leaves)} leaves")
+            k = min(self.max_children, logp.shape[1])
+            vals, toks = torch.topk(logp.detach().float().cpu(), k, dim=-1)
+            fresh: list[tuple[float, int]] = []
+            for leaf, row_v, row_t in zip(leaves, vals.tolist(), toks.tolist()):
+                self.expanded.add(leaf)
+                base = (0.0 if leaf < 0 else work.scores[leaf]) + decay
+                new_t, new_s = [], []
+                for v, t in zip(row_v, row_t):  # descending: stop at the first that cannot enter
+                    s = base + min(v, 0.0)
+                    if not math.isfinite(s) or s <= worst:
+                        break
+                    new_t.append(t)
+                    new_s.append(s)
+                fresh += [(-s, i) for s, i in zip(new_s, work.add(leaf, new_t, new_s))]
+            self.order = sorted(self.order + fresh)
+            steps += 1
+        return steps
+
+    def tree(self, budget: int) -> Tree:
+        """The ``budget`` best nodes as a tree (``origin``: their working indices)."""
+        return self.work.select([i for _s, i in self.order[:budget]])
+
+    def subtree(self, node: int) -> tuple[Grower, list[int]]:
+        """The search state of a step whose root is working node ``node`` (which the draft scored):
+        its descendants, scores and depths taken relative to it, and which of them were scored.
+        Returns (the new state, its nodes' indices here in its index order)."""
+        work = self.work
+        if node not in self.expanded or node < 0:
+            raise ValueError(f"node {node} was not scored by the draft")
+        g = Grower(max_children=self.max_children, max_batch=self.max_batch, max_depth=self.max_depth,
+                   decay=self.decay)
+        new = {node: -1}
+        base_s = work.scores[node]
+        old: list[int] = []
+        for i in range(node + 1, len(work)):  # parents before children: one pass finds every descendant
+            p = new.get(work.parents[i])
+            if p is None:
+                continue
+            new[i] = g.work.add(p, [work.tokens[i]], [work.scores[i] - base_s])[0]
+            old.append(i)
+        g.expanded = {new[i] for i in self.expanded if i in new}
+        g.order = sorted((-s, i) for i, s in enumerate(g.work.scores))
+        return g, old
 
 
 def accept(tree: Tree, target_next: torch.Tensor | Sequence[int] | Callable[[int], int]) -> tuple[list[int], int]:
