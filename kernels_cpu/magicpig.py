@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numba as nb
 import numpy as np
@@ -321,7 +322,7 @@ def _walk(ids, offs, g, codes, L, counts, lo, hi, sampled, union):  # pragma: no
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l, offs_l, norms_l,
-                         K, L, scale, log_u, out, lse, nsampled):  # pragma: no cover - compiled
+                         K, L, scale, log_u, exact, out, lse, nsampled):  # pragma: no cover - compiled
     """The shared gather: per KV head (in parallel; query groups over SUBGROUP heads split in
     sub-groups), segment by segment, each query head walks its own buckets into its own 2-bit
     counter of one uint32 per token, listing the union of the group's sampled tokens as it goes
@@ -329,7 +330,10 @@ def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l,
     faster), each with the mask of heads that sampled it. Each key row of the union is read once and dotted with the query
     heads that sampled it (their own reweighted logits, as in _attend_kernel), each value row
     once and added to those heads' running softmaxes. Per head the sampled set, the logits and
-    the estimator are exactly _attend_kernel's; only the float summation order differs."""
+    the estimator are exactly _attend_kernel's; only the float summation order differs. The token
+    ranges ``exact`` [R, 2] (the sinks and the recent window) join the same softmax first, every
+    head attending each of their keys with u = 1: the exact part costs no kernel call or merge of
+    its own. ``nsampled`` counts the sampled keys only."""
     nh, d = q.shape
     nkv = kw.shape[1]
     group = nh // nkv
@@ -357,24 +361,36 @@ def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l,
         counts = np.zeros(maxspan, np.uint32)
         lo = np.empty((gs, L), np.int64)
         hi = np.empty((gs, L), np.int64)
-        union = np.empty(maxspan + 1, np.int64)  # +1: the walk writes one ahead
-        masks = np.empty(maxspan, np.uint32)
+        nex = 0
+        for r in range(exact.shape[0]):
+            nex += exact[r, 1] - exact[r, 0]
+        union = np.empty(max(maxspan, nex) + 1, np.int64)  # +1: the walk writes one ahead
+        masks = np.empty(max(maxspan, nex), np.uint32)
         acc = np.zeros((gs, d), np.float32)
         m = np.zeros(gs, np.float32)
         ssum = np.zeros(gs, np.float32)
         taken = np.zeros(gs, np.int64)
         mx = np.empty(gs, np.float32)
         npk = np.empty(gs, np.int64)
-        for s in range(nseg):
-            ids = ids_l[s]
-            offs = offs_l[s]
-            norms = norms_l[s]
-            base = bases[s]
-            span = spans[s]
-            nu = _walk(ids, offs, g, codes, L, counts, lo, hi, sampled, union)
-            for i in range(nu):
-                masks[i] = counts[union[i]]
-            counts[:span] = 0  # for the next segment
+        nsamp = np.zeros(gs, np.int64)
+        for s in range(-1, nseg):  # -1: the exact ranges
+            ids = ids_l[max(s, 0)]
+            offs = offs_l[max(s, 0)]
+            norms = norms_l[max(s, 0)]
+            if s < 0:
+                base = 0
+                nu = 0
+                for r in range(exact.shape[0]):
+                    for t in range(exact[r, 0], exact[r, 1]):
+                        union[nu] = t
+                        masks[nu] = sampled
+                        nu += 1
+            else:
+                base = bases[s]
+                nu = _walk(ids, offs, g, codes, L, counts, lo, hi, sampled, union)
+                for i in range(nu):
+                    masks[i] = counts[union[i]]
+                counts[:spans[s]] = 0  # for the next segment
             if nu == 0:
                 continue
             logits = np.empty((nu, gs), np.float32)
@@ -385,19 +401,22 @@ def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l,
                 if i + PREFETCH < nu:
                     b = base + union[i + PREFETCH]
                     _prefetch_row(kw[slots[b // C], g, b % C])
-                    _prefetch_row(norms[g, union[i + PREFETCH]:union[i + PREFETCH] + 1])
+                    if s >= 0:
+                        _prefetch_row(norms[g, union[i + PREFETCH]:union[i + PREFETCH] + 1])
                 t = union[i]
                 a = base + t
                 row = kw[slots[a // C], g, a % C]
-                nrm = norms[g, t]
+                nrm = norms[g, t] if s >= 0 else np.float32(0.0)
                 w = masks[i]
                 for j in range(gs):
                     if (w >> np.uint32(2 * j + 1)) & np.uint32(1):
                         h = h0 + j
                         dot = _dot_row(row, q[h], kind)
-                        den = qn[j] * nrm
-                        cos = (dot - qmu[h]) / den if den > 0 else np.float32(0.0)
-                        lg = np.float32(scale * dot) + _neg_log_u(cos, log_u)
+                        lg = np.float32(scale * dot)
+                        if s >= 0:
+                            den = qn[j] * nrm
+                            cos = (dot - qmu[h]) / den if den > 0 else np.float32(0.0)
+                            lg += _neg_log_u(cos, log_u)
                         logits[i, j] = lg
                         mx[j] = max(mx[j], lg)
                         npk[j] += 1
@@ -413,6 +432,8 @@ def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l,
                         acc[j, i] *= f
                     m[j] = mx[j]
                 taken[j] += npk[j]
+                if s >= 0:
+                    nsamp[j] += npk[j]
             for i in range(nu):
                 if i + PREFETCH < nu:
                     b = base + union[i + PREFETCH]
@@ -427,7 +448,7 @@ def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l,
                         _axpy_row(row, wgt, acc[j], kind)
         for j in range(gs):
             h = h0 + j
-            nsampled[h] = taken[j]
+            nsampled[h] = nsamp[j]
             if taken[j] > 0:
                 inv = np.float32(1.0) / ssum[j]
                 for i in range(d):
@@ -728,13 +749,17 @@ class LSHIndex:
 
 def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, slots, index: LSHIndex, *,
                    scale: float | None = None, eps: float = U_EPS,
-                   nsampled: np.ndarray | None = None, shared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention of q [nh, d] over the tokens in ``index`` only, by LSH sampling.
+                   nsampled: np.ndarray | None = None, shared: bool = True,
+                   exact: Sequence[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of q [nh, d] over the tokens in ``index``, by LSH sampling, and over the token
+    ranges ``exact`` ([lo, hi) pairs outside the index: the sinks and the recent window; ``slots``
+    must cover them), attended exactly in the same softmax (``shared`` only).
 
-    Returns (out [nh, d] float32, lse [nh] float32, natural log) for merging with the exact part;
-    a head that sampled nothing gets out 0 and lse -inf. ``eps`` is MagicPIG's 1e-4 in
+    Returns (out [nh, d] float32, lse [nh] float32, natural log) for merging with anything else;
+    a head that attended nothing gets out 0 and lse -inf. ``eps`` is MagicPIG's 1e-4 in
     log(u + eps) (0 in tests, where u == 1 must reproduce exact attention); ``nsampled`` ([nh]
-    int64), when given, receives the number of keys each head attended.
+    int64), when given, receives the number of keys each head sampled. ``shared``: one gather per
+    KV head over its query heads' sampled rows (False: one per query head, the old path).
     """
     nh, d = q.shape
     if d != index.d or nh % index.nkv:
@@ -750,21 +775,29 @@ def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, sl
     out = torch.empty(nh, d, dtype=torch.float32)
     lse = torch.empty(nh, dtype=torch.float32)
     counts = np.empty(nh, dtype=np.int64) if nsampled is None else nsampled
-    if index.n_tokens == 0:
+    ranges = np.array([(a, b) for a, b in exact if b > a], dtype=np.int64).reshape(-1, 2)
+    if ranges.size and not shared:
+        raise ValueError("the exact ranges join the shared kernel's softmax only")
+    if index.n_tokens == 0 and not ranges.size:
         out.zero_()
         lse.fill_(-math.inf)
         counts[:] = 0
         return out, lse
-    mean = torch.from_numpy(index.mean)
     group = nh // index.nkv
+    mean = torch.from_numpy(index.mean) if index.mean is not None else torch.zeros(index.nkv, d)
     qmu = (qf * mean.repeat_interleave(group, dim=0)).sum(-1).numpy()
     slots = np.asarray(slots.numpy() if isinstance(slots, torch.Tensor) else slots, dtype=np.int32)
     ids, offs, norms = index._lists
     log_u = _log_u_table(index.K, index.L, float(eps))
-    kernel = _attend_group_kernel if shared else _attend_kernel
-    kernel(qf.numpy(), index.project(qf), qmu, _words(kpool), _words(vpool), kind, slots, index._bases,
-                   index._spans, ids, offs, norms, index.K, index.L, scale, log_u, out.numpy(), lse.numpy(), counts)
-    lse[torch.from_numpy(counts == 0)] = -math.inf
+    args = (qf.numpy(), index.project(qf), qmu, _words(kpool), _words(vpool), kind, slots, index._bases, index._spans,
+            ids, offs, norms, index.K, index.L, scale, log_u)
+    if shared:
+        _attend_group_kernel(*args, ranges, out.numpy(), lse.numpy(), counts)
+        empty = counts == 0 if not ranges.size else np.zeros(nh, dtype=bool)
+    else:
+        _attend_kernel(*args, out.numpy(), lse.numpy(), counts)
+        empty = counts == 0
+    lse[torch.from_numpy(empty)] = -math.inf
     return out, lse
 
 
@@ -776,5 +809,6 @@ def warm_up() -> None:
     idx = LSHIndex(1, 2, K=1, L=2, max_segment=8)
     idx.build(kp, slots, 0, 4)
     idx.extend(kp, slots, 4, 8)  # a merge
-    attend_sampled(torch.randn(1, 2), kp, kp, slots, idx)
+    attend_sampled(torch.randn(1, 2), kp, kp, slots, idx, exact=[(0, 1)])
+    attend_sampled(torch.randn(1, 2), kp, kp, slots, idx, shared=False)
     idx.retrieve(torch.randn(1, 2))

@@ -175,6 +175,9 @@ def test_every_key_with_u_one_is_exact_attention(dtype, nh, nkv):
     ref, ref_lse = exact(q, k, v)
     assert (o.double() - ref).abs().max() < 2e-5 * ref.abs().max()
     assert (lse.double() - ref_lse).abs().max() < 1e-4
+    # the exact part in the kernel's own softmax: the same
+    o3, l3 = mp.attend_sampled(q, kpool, vpool, slots, index, eps=0.0, exact=[(0, 4), (n - 64, n)])
+    assert (o3.double() - ref).abs().max() < 2e-5 * ref.abs().max() and (l3.double() - ref_lse).abs().max() < 1e-4
     # alone, the sampled part is exact attention over the indexed tokens
     o2, l2 = mp.attend_sampled(q, kpool, vpool, slots, index, eps=0.0, scale=0.1)
     r2, rl2 = exact(q, k, v, torch.arange(4, n - 64), scale=0.1)
@@ -234,6 +237,10 @@ def test_shared_gather_equals_each_heads_own_sampled_estimate(dtype, nh, nkv):
     ref, ref_lse = sampled_reference(q, k, v, index)
     assert float(((o1.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max()) < 1e-4
     assert float((l1.double() - ref_lse).abs().max()) < 1e-4
+    # with the sinks and the window in the kernel's softmax: what merging them apart gives
+    o2, l2 = mp.attend_sampled(q, kpool, vpool, slots, index, exact=[(0, 4), (n - 64, n)])
+    o3, l3 = with_exact_part(q, k, v, kpool, vpool, slots, index, 4, 64)
+    assert float(((o2 - o3).norm(dim=-1) / o3.norm(dim=-1)).max()) < 1e-5 and float((l2 - l3).abs().max()) < 1e-5
 
 
 def test_shifting_every_key_changes_neither_sampling_nor_output():

@@ -5,8 +5,8 @@
 Shapes as A1: 32 query heads, 8 KV heads, head dim 128, bf16 KV in chunks of 256 tokens
 (pool slots shuffled, as a cache that spills and reuses slots leaves them). One decode query
 at the last position. MagicPIG's step is what the cache runs: the 4 sink tokens and the last
-64 exactly (``kernels_cpu.attention.attend``), the rest sampled (``attend_sampled``), merged by
-log-sum-exp; the exact step attends all keys with the same kernel. ``--gather`` picks MagicPIG's
+64 exactly, the rest sampled (``attend_sampled``; the old path: the exact part by
+``kernels_cpu.attention.attend``, merged by log-sum-exp); the exact step attends all keys with the same kernel. ``--gather`` picks MagicPIG's
 kernels: ``per-head`` (each query head gathers its own sampled rows: the old path) and ``shared``
 (one gather per KV head over the union of its query heads' rows, each head its own estimator);
 ``--no-huge-pages`` leaves the pools on 4 KiB pages (the old path; kernels_cpu.hugepages). Timings
@@ -98,6 +98,9 @@ def exact_step(attn, q, kpool, vpool, slots, n):
 
 
 def magicpig_step(attn, q, kpool, vpool, slots, n, index, nsampled=None, shared=True):
+    if shared:  # the sinks and the window in the kernel's own softmax, as the cache runs it
+        return mp.attend_sampled(q, kpool, vpool, slots, index, nsampled=nsampled,
+                                 exact=[(0, SINKS), (n - WINDOW, n)])
     o1, l1 = attn.attend(q[None], kpool, vpool, slots[:1], SINKS, q_index=torch.tensor([n - 1]))
     first = (n - WINDOW) // C  # the window's region starts at a chunk boundary; the kernel reads the window only
     o2, l2 = attn.attend(q[None], kpool, vpool, slots[first:], n - first * C, q_index=torch.tensor([n - 1]),

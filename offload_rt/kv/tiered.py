@@ -172,13 +172,10 @@ class TieredKV:
             else:
                 from kernels_cpu import magicpig
 
-                index, slots = sampled
-                stop = self._index_stop[layer]
-                o, lse = self._exact(layer, qf, 0, SINKS, call)
-                o2, lse2 = self._exact(layer, qf, stop, end, call)
-                o, lse = kern.merge(o, lse, o2, lse2)
-                os_, lses = magicpig.attend_sampled(qf[0], self.kpool, self.vpool, slots, index)
-                o, lse = kern.merge(o, lse, os_[None], lses[None])
+                # the sinks and the window exact, in the kernel's own softmax
+                o, lse = magicpig.attend_sampled(qf[0], self.kpool, self.vpool, self._slots(layer, end), sampled,
+                                                 exact=[(0, SINKS), (self._index_stop[layer], end)])
+                o, lse = o[None], lse[None]
             if T > 1 and tree_mask is None and not window and end >= self._prompt_end:
                 self._magicpig(layer, end + 1)  # a prompt's (last) pass: the tables the next decode step needs
         out = o.reshape(T, nh * d).to(device=out_device, dtype=out_dtype)
@@ -362,8 +359,8 @@ class TieredKV:
         return ((end - WINDOW) // self.C) * self.C
 
     def _magicpig(self, layer: int, end: int):
-        """(the layer's LSH index brought up to date for a decode step at ``end`` tokens, the RAM slots of
-        the chunks it covers), or None (exact attention). A prompt's last pass (:meth:`expect`) calls it for
+        """The layer's LSH index brought up to date for a decode step at ``end`` tokens, or None (exact
+        attention). A prompt's last pass (:meth:`expect`) calls it for
         its last token + 1 as each layer's keys are written, so that the tables are built at prefill, not by
         the first decode step (which otherwise hashes the whole prompt: seconds at a few thousand tokens)."""
         if self.attention != "magicpig" or end < max(self.magicpig_from, SINKS + WINDOW + self.C):
@@ -380,7 +377,7 @@ class TieredKV:
         elif stop > self._index_stop[layer]:
             index.extend(self.kpool, slots, self._index_stop[layer], stop)
         self._index_stop[layer] = stop
-        return index, slots
+        return index
 
     # ------------------------------------------------------------------ bookkeeping
     def expect(self, end: int) -> None:
