@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numba as nb
 import numpy as np
@@ -45,6 +46,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.typed import List as NbList
 
+from kernels_cpu import hugepages
 from kernels_cpu.matvec import _bits_to_f32
 
 SEG_MAX = 65535  # tokens a segment may span: ids and bucket offsets fit uint16
@@ -282,6 +284,181 @@ def _attend_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l, offs_
             lse[h] = 0.0
 
 
+SUBGROUP = 16  # query heads per shared gather at most: 2-bit collision counters of a group fit a uint32
+
+
+@nb.njit(fastmath=True, inline="always")
+def _walk(ids, offs, g, codes, L, counts, lo, hi, sampled, union):  # pragma: no cover - compiled
+    """The query heads' walks (codes [gs, L]) over their buckets in every table of KV head g: head j's
+    2-bit counter at bit 2j of counts[t] goes 0 -> 1 -> 2 and saturates (2: sampled), branch-free;
+    a token enters ``union`` when its first head samples it (``sampled``: every counter's high bit).
+    Returns the union's size. The buckets' bounds are cache misses (a table's offsets are spread over
+    2^K entries), so all of them are asked for first, then all the buckets, and only then walked
+    (lo, hi: [gs, L] scratch)."""
+    gs = codes.shape[0]
+    for j in range(gs):
+        for l in range(L):
+            _prefetch_row(offs[g, l, codes[j, l]:codes[j, l] + 2])
+    for j in range(gs):
+        for l in range(L):
+            a = np.int64(offs[g, l, codes[j, l]])
+            b = np.int64(offs[g, l, codes[j, l] + 1])
+            lo[j, l] = a
+            hi[j, l] = b
+            _prefetch_row(ids[g, l, a:b])
+    nu = 0
+    for j in range(gs):
+        bit = np.uint32(2 * j)
+        for l in range(L):
+            for e in range(lo[j, l], hi[j, l]):
+                t = np.int64(ids[g, l, e])
+                w = counts[t]
+                x = (w >> bit) & np.uint32(3)
+                counts[t] = w + (np.uint32(x < 2) << bit)
+                union[nu] = t
+                nu += (x == 1) & ((w & sampled) == 0)
+    return nu
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l, offs_l, norms_l,
+                         K, L, scale, log_u, exact, out, lse, nsampled):  # pragma: no cover - compiled
+    """The shared gather: per KV head (in parallel; query groups over SUBGROUP heads split in
+    sub-groups), segment by segment, each query head walks its own buckets into its own 2-bit
+    counter of one uint32 per token, listing the union of the group's sampled tokens as it goes
+    (in the order found: reading them in token order, i.e. memory order within a chunk, measured no
+    faster), each with the mask of heads that sampled it. Each key row of the union is read once and dotted with the query
+    heads that sampled it (their own reweighted logits, as in _attend_kernel), each value row
+    once and added to those heads' running softmaxes. Per head the sampled set, the logits and
+    the estimator are exactly _attend_kernel's; only the float summation order differs. The token
+    ranges ``exact`` [R, 2] (the sinks and the recent window) join the same softmax first, every
+    head attending each of their keys with u = 1: the exact part costs no kernel call or merge of
+    its own. ``nsampled`` counts the sampled keys only."""
+    nh, d = q.shape
+    nkv = kw.shape[1]
+    group = nh // nkv
+    C = kw.shape[2]
+    nseg = len(ids_l)
+    nsub = (group + SUBGROUP - 1) // SUBGROUP
+    maxspan = 1
+    for s in range(nseg):
+        maxspan = max(maxspan, spans[s])
+    for task in nb.prange(nkv * nsub):
+        g = task // nsub
+        h0 = g * group + (task % nsub) * SUBGROUP
+        gs = min(SUBGROUP, g * group + group - h0)
+        codes = np.empty((gs, L), np.int64)
+        qn = np.empty(gs, np.float32)
+        for j in range(gs):
+            _codes(proj[h0 + j], K, L, codes[j])
+            acc2 = np.float32(0.0)
+            for i in range(d):
+                acc2 += q[h0 + j, i] * q[h0 + j, i]
+            qn[j] = np.float32(math.sqrt(acc2))
+        sampled = np.uint32(0)  # the high bit of every head's counter: set once it reaches 2
+        for j in range(gs):
+            sampled |= np.uint32(2) << np.uint32(2 * j)
+        counts = np.zeros(maxspan, np.uint32)
+        lo = np.empty((gs, L), np.int64)
+        hi = np.empty((gs, L), np.int64)
+        nex = 0
+        for r in range(exact.shape[0]):
+            nex += exact[r, 1] - exact[r, 0]
+        union = np.empty(max(maxspan, nex) + 1, np.int64)  # +1: the walk writes one ahead
+        masks = np.empty(max(maxspan, nex), np.uint32)
+        acc = np.zeros((gs, d), np.float32)
+        m = np.zeros(gs, np.float32)
+        ssum = np.zeros(gs, np.float32)
+        taken = np.zeros(gs, np.int64)
+        mx = np.empty(gs, np.float32)
+        npk = np.empty(gs, np.int64)
+        nsamp = np.zeros(gs, np.int64)
+        for s in range(-1, nseg):  # -1: the exact ranges
+            ids = ids_l[max(s, 0)]
+            offs = offs_l[max(s, 0)]
+            norms = norms_l[max(s, 0)]
+            if s < 0:
+                base = 0
+                nu = 0
+                for r in range(exact.shape[0]):
+                    for t in range(exact[r, 0], exact[r, 1]):
+                        union[nu] = t
+                        masks[nu] = sampled
+                        nu += 1
+            else:
+                base = bases[s]
+                nu = _walk(ids, offs, g, codes, L, counts, lo, hi, sampled, union)
+                for i in range(nu):
+                    masks[i] = counts[union[i]]
+                counts[:spans[s]] = 0  # for the next segment
+            if nu == 0:
+                continue
+            logits = np.empty((nu, gs), np.float32)
+            for j in range(gs):
+                mx[j] = np.float32(-3.0e38)
+                npk[j] = 0
+            for i in range(nu):
+                if i + PREFETCH < nu:
+                    b = base + union[i + PREFETCH]
+                    _prefetch_row(kw[slots[b // C], g, b % C])
+                    if s >= 0:
+                        _prefetch_row(norms[g, union[i + PREFETCH]:union[i + PREFETCH] + 1])
+                t = union[i]
+                a = base + t
+                row = kw[slots[a // C], g, a % C]
+                nrm = norms[g, t] if s >= 0 else np.float32(0.0)
+                w = masks[i]
+                for j in range(gs):
+                    if (w >> np.uint32(2 * j + 1)) & np.uint32(1):
+                        h = h0 + j
+                        dot = _dot_row(row, q[h], kind)
+                        lg = np.float32(scale * dot)
+                        if s >= 0:
+                            den = qn[j] * nrm
+                            cos = (dot - qmu[h]) / den if den > 0 else np.float32(0.0)
+                            lg += _neg_log_u(cos, log_u)
+                        logits[i, j] = lg
+                        mx[j] = max(mx[j], lg)
+                        npk[j] += 1
+            for j in range(gs):
+                if npk[j] == 0:
+                    continue
+                if taken[j] == 0:
+                    m[j] = mx[j]
+                elif mx[j] > m[j]:
+                    f = np.float32(math.exp(m[j] - mx[j]))
+                    ssum[j] *= f
+                    for i in range(d):
+                        acc[j, i] *= f
+                    m[j] = mx[j]
+                taken[j] += npk[j]
+                if s >= 0:
+                    nsamp[j] += npk[j]
+            for i in range(nu):
+                if i + PREFETCH < nu:
+                    b = base + union[i + PREFETCH]
+                    _prefetch_row(vw[slots[b // C], g, b % C])
+                a = base + union[i]
+                row = vw[slots[a // C], g, a % C]
+                w = masks[i]
+                for j in range(gs):
+                    if (w >> np.uint32(2 * j + 1)) & np.uint32(1):
+                        wgt = np.float32(math.exp(logits[i, j] - m[j]))
+                        ssum[j] += wgt
+                        _axpy_row(row, wgt, acc[j], kind)
+        for j in range(gs):
+            h = h0 + j
+            nsampled[h] = nsamp[j]
+            if taken[j] > 0:
+                inv = np.float32(1.0) / ssum[j]
+                for i in range(d):
+                    out[h, i] = acc[j, i] * inv
+                lse[h] = m[j] + math.log(ssum[j])
+            else:
+                out[h, :] = 0.0
+                lse[h] = 0.0
+
+
 @nb.njit(cache=True, nogil=True)
 def _retrieve_kernel(codes, spans, ids_l, offs_l, group, picked, npicked):  # pragma: no cover - compiled
     """The sampled set per query head, as segment-relative (segment, id) pairs: the same walk as
@@ -311,6 +488,22 @@ def _retrieve_kernel(codes, spans, ids_l, offs_l, group, picked, npicked):  # pr
                         k += 1
             counts[:spans[s]] = 0
         npicked[h] = k
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _pack_codes(proj, K, L, codes, t0):  # pragma: no cover - compiled
+    """Keys' projections [nkv, rows, K*L] -> their bucket codes, codes[g, l, t0 + row] (K bits each).
+    One pass in place of torch's compare, widen, shift and sum over [nkv, rows, L, K], which cost
+    more than the projection's matmul itself."""
+    nkv, rows, _ = proj.shape
+    for t in nb.prange(nkv * rows):
+        g = t // rows
+        r = t % rows
+        for l in range(L):
+            c = 0
+            for j in range(K):
+                c |= np.int64(proj[g, r, l * K + j] > 0) << j
+            codes[g, l, t0 + r] = c
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
@@ -478,10 +671,9 @@ class LSHIndex:
     def _hash_segment(self, kpool, slots, start, stop) -> _Segment:
         """Hash [start, stop) (centered) into one CSR segment."""
         n, K, L = stop - start, self.K, self.L
-        codes = torch.zeros(self.nkv, L, n, dtype=torch.int16)
+        codes = np.zeros((self.nkv, L, n), dtype=np.uint16)
         norms = torch.empty(self.nkv, n, dtype=torch.float32)
         mean = torch.from_numpy(self.mean)[:, None, :]
-        shifts = torch.arange(K, dtype=torch.int16)
         blocks = list(_token_blocks(slots, kpool.shape[2], start, stop))
         i = 0
         while i < len(blocks):  # gather chunks into batches of about HASH_ROWS tokens
@@ -493,13 +685,12 @@ class LSHIndex:
             t0 = blocks[i][3] - start
             norms[:, t0:t0 + rows] = torch.linalg.vector_norm(keys, dim=-1)
             if K > 0:
-                bits = (torch.matmul(keys, self.R) > 0).view(self.nkv, rows, L, K).to(torch.int16)
-                codes[:, :, t0:t0 + rows] = (bits << shifts).sum(-1, dtype=torch.int16).transpose(1, 2)
+                _pack_codes(torch.matmul(keys, self.R).numpy(), K, L, codes, t0)
             i = j
         nbk = 1 << K
-        ids = np.empty((self.nkv, L, n), dtype=np.uint16)
+        ids = hugepages.empty((self.nkv, L, n), np.uint16)  # walked at random: see kernels_cpu.hugepages
         offs = np.empty((self.nkv, L, nbk + 1), dtype=np.uint16)
-        _csr_build(codes.numpy().view(np.uint16), nbk, ids, offs)
+        _csr_build(codes, nbk, ids, offs)
         return _Segment(start, n, n, ids, offs, norms.numpy())
 
     def _merge_tail(self) -> None:
@@ -511,7 +702,7 @@ class LSHIndex:
             span = b.base + b.span - a.base
             if span > self.max_segment or a.count > MERGE_RATIO * b.count:
                 return
-            ids = np.empty((self.nkv, self.L, a.count + b.count), dtype=np.uint16)
+            ids = hugepages.empty((self.nkv, self.L, a.count + b.count), np.uint16)
             offs = np.empty_like(a.offs)
             _csr_merge(a.ids, a.offs, b.ids, b.offs, b.base - a.base, ids, offs)
             norms = np.zeros((self.nkv, span), dtype=np.float32)
@@ -558,13 +749,17 @@ class LSHIndex:
 
 def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, slots, index: LSHIndex, *,
                    scale: float | None = None, eps: float = U_EPS,
-                   nsampled: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention of q [nh, d] over the tokens in ``index`` only, by LSH sampling.
+                   nsampled: np.ndarray | None = None, shared: bool = True,
+                   exact: Sequence[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of q [nh, d] over the tokens in ``index``, by LSH sampling, and over the token
+    ranges ``exact`` ([lo, hi) pairs outside the index: the sinks and the recent window; ``slots``
+    must cover them), attended exactly in the same softmax (``shared`` only).
 
-    Returns (out [nh, d] float32, lse [nh] float32, natural log) for merging with the exact part;
-    a head that sampled nothing gets out 0 and lse -inf. ``eps`` is MagicPIG's 1e-4 in
+    Returns (out [nh, d] float32, lse [nh] float32, natural log) for merging with anything else;
+    a head that attended nothing gets out 0 and lse -inf. ``eps`` is MagicPIG's 1e-4 in
     log(u + eps) (0 in tests, where u == 1 must reproduce exact attention); ``nsampled`` ([nh]
-    int64), when given, receives the number of keys each head attended.
+    int64), when given, receives the number of keys each head sampled. ``shared``: one gather per
+    KV head over its query heads' sampled rows (False: one per query head, the old path).
     """
     nh, d = q.shape
     if d != index.d or nh % index.nkv:
@@ -580,20 +775,29 @@ def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, sl
     out = torch.empty(nh, d, dtype=torch.float32)
     lse = torch.empty(nh, dtype=torch.float32)
     counts = np.empty(nh, dtype=np.int64) if nsampled is None else nsampled
-    if index.n_tokens == 0:
+    ranges = np.array([(a, b) for a, b in exact if b > a], dtype=np.int64).reshape(-1, 2)
+    if ranges.size and not shared:
+        raise ValueError("the exact ranges join the shared kernel's softmax only")
+    if index.n_tokens == 0 and not ranges.size:
         out.zero_()
         lse.fill_(-math.inf)
         counts[:] = 0
         return out, lse
-    mean = torch.from_numpy(index.mean)
     group = nh // index.nkv
+    mean = torch.from_numpy(index.mean) if index.mean is not None else torch.zeros(index.nkv, d)
     qmu = (qf * mean.repeat_interleave(group, dim=0)).sum(-1).numpy()
     slots = np.asarray(slots.numpy() if isinstance(slots, torch.Tensor) else slots, dtype=np.int32)
     ids, offs, norms = index._lists
     log_u = _log_u_table(index.K, index.L, float(eps))
-    _attend_kernel(qf.numpy(), index.project(qf), qmu, _words(kpool), _words(vpool), kind, slots, index._bases,
-                   index._spans, ids, offs, norms, index.K, index.L, scale, log_u, out.numpy(), lse.numpy(), counts)
-    lse[torch.from_numpy(counts == 0)] = -math.inf
+    args = (qf.numpy(), index.project(qf), qmu, _words(kpool), _words(vpool), kind, slots, index._bases, index._spans,
+            ids, offs, norms, index.K, index.L, scale, log_u)
+    if shared:
+        _attend_group_kernel(*args, ranges, out.numpy(), lse.numpy(), counts)
+        empty = counts == 0 if not ranges.size else np.zeros(nh, dtype=bool)
+    else:
+        _attend_kernel(*args, out.numpy(), lse.numpy(), counts)
+        empty = counts == 0
+    lse[torch.from_numpy(empty)] = -math.inf
     return out, lse
 
 
@@ -605,5 +809,6 @@ def warm_up() -> None:
     idx = LSHIndex(1, 2, K=1, L=2, max_segment=8)
     idx.build(kp, slots, 0, 4)
     idx.extend(kp, slots, 4, 8)  # a merge
-    attend_sampled(torch.randn(1, 2), kp, kp, slots, idx)
+    attend_sampled(torch.randn(1, 2), kp, kp, slots, idx, exact=[(0, 1)])
+    attend_sampled(torch.randn(1, 2), kp, kp, slots, idx, shared=False)
     idx.retrieve(torch.randn(1, 2))

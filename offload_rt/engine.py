@@ -208,6 +208,9 @@ class Engine:
         del self.tokens[common:]
         P, n = self.prefill_chunk, len(ids)
         edges = [common, *range((common // P + 1) * P, n, P), n]
+        expect = getattr(self.cache, "expect", None)
+        if expect is not None:
+            expect(n)  # the prompt's end: a cache may prepare the decode steps at the pass that reaches it
         logits = None
         for lo, hi in zip(edges, edges[1:]):
             logits = self.forward(ids[lo:hi])

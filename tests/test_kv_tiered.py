@@ -164,6 +164,43 @@ def test_magicpig_mode_keeps_sinks_and_window_exact_and_samples_the_rest():
     assert max(errs) < 1e-3, errs
 
 
+def test_magicpig_tables_are_built_by_the_prompts_last_pass_as_the_first_step_would_build_them():
+    """With expect(n) the prompt's passes before the last build no tables, the last builds every layer's
+    (centred on the whole prompt's keys), and the first decode step hashes nothing more; the decode
+    outputs equal, bit for bit, those of a cache whose first decode step builds them (prefilled with
+    exact attention, switched to MagicPIG after)."""
+    def cache():
+        return TieredKV(2, NKV, D, torch.float32, 1200, host_chunks=64, chunk_tokens=64, attention="magicpig",
+                        lsh_k=4, lsh_l=8)
+
+    early, late = cache(), cache()
+    late.attention = "exact"
+    gen = torch.Generator().manual_seed(5)
+    n, passes = 700, (256, 256, 188)
+    early.expect(n)
+    for T in passes:
+        qkv = [[torch.randn(T, h, D, generator=gen) for h in (NH, NKV, NKV)] for _layer in range(2)]
+        assert early._index == [None, None]  # this pass does not reach the prompt's end: no tables yet
+        for layer in range(2):
+            early.attend(layer, *qkv[layer])
+            late.attend(layer, *qkv[layer])
+        early.commit(T)
+        late.commit(T)
+    tables = list(early._index)
+    stop = ((n + 1 - 64) // 64) * 64
+    assert all(t is not None and t.stop == stop for t in tables) and late._index == [None, None]
+    keys = early.rows(0, 4, stop)[0].double()
+    assert torch.allclose(torch.from_numpy(tables[0].mean).double(), keys.mean(0), atol=1e-5)
+    late.attention = "magicpig"
+    for _step in range(3):
+        for layer in range(2):
+            q, k, v = (torch.randn(1, h, D, generator=gen) for h in (NH, NKV, NKV))
+            assert torch.equal(early.attend(layer, q, k, v), late.attend(layer, q, k, v))
+        early.commit(1)
+        late.commit(1)
+    assert early._index == tables and [t.n_tokens for t in tables] == [stop - 4] * 2  # not rebuilt, not extended
+
+
 @pytest.mark.parametrize("kind", ["dense", "ram", "spilled"])
 def test_load_of_a_caches_rows_gives_the_same_rows_and_the_same_attention(tmp_path, kind):
     """load() appends rows read from another cache (the prefix cache's restore): the new cache's rows are

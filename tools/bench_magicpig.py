@@ -5,9 +5,12 @@
 Shapes as A1: 32 query heads, 8 KV heads, head dim 128, bf16 KV in chunks of 256 tokens
 (pool slots shuffled, as a cache that spills and reuses slots leaves them). One decode query
 at the last position. MagicPIG's step is what the cache runs: the 4 sink tokens and the last
-64 exactly (``kernels_cpu.attention.attend``), the rest sampled (``attend_sampled``), merged by
-log-sum-exp; the exact step attends all keys with the same kernel. Timings interleave the two,
-``--repeats`` times; these machines are shared and noisy, so the table shows the best time of
+64 exactly, the rest sampled (``attend_sampled``; the old path: the exact part by
+``kernels_cpu.attention.attend``, merged by log-sum-exp); the exact step attends all keys with the same kernel. ``--gather`` picks MagicPIG's
+kernels: ``per-head`` (each query head gathers its own sampled rows: the old path) and ``shared``
+(one gather per KV head over the union of its query heads' rows, each head its own estimator);
+``--no-huge-pages`` leaves the pools on 4 KiB pages (the old path; kernels_cpu.hugepages). Timings
+interleave them, ``--repeats`` times; these machines are shared and noisy, so the table shows the best time of
 each and the speed-up as the median of the back-to-back ratios (medians of the times: JSON).
 
 Keys (``--keys``):
@@ -23,8 +26,8 @@ Keys (``--keys``):
 
 Reported per (keys, length): µs per layer-step for each, the speed ratio, the output's relative
 error vs exact (mean over heads of |o - o_exact| / |o_exact|, averaged over ``--queries`` query
-draws), the share of indexed keys a head attends, the tables' build time per token and bytes
-per token.
+draws), the share of indexed keys a head attends, the rows the shared gather reads against the per-head
+gathers, the tables' build time per token and bytes per token.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -39,8 +43,10 @@ import time
 import numpy as np
 import torch
 
+from kernels_cpu import hugepages
 from kernels_cpu import magicpig as mp
 from kernels_cpu import matvec
+from tools.bench_moe import cpu_model
 
 NH, NKV, D, C = 32, 8, 128, 256
 SINKS, WINDOW = 4, 64
@@ -51,11 +57,14 @@ def parse_tokens(s: str) -> int:
     return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
 
 
-def make_kv(n: int, keys: str, g: torch.Generator):
-    """(kpool, vpool [P, NKV, C, D] bf16, slots [P] int32 shuffled, cluster centres or empty)."""
+def make_kv(n: int, keys: str, g: torch.Generator, huge: bool = True):
+    """(kpool, vpool [P, NKV, C, D] bf16, slots [P] int32 shuffled, cluster centres or empty); ``huge``:
+    the pools advised to huge pages before they are filled, as the cache's are with MagicPIG."""
     P = -(-n // C)
     slots = torch.randperm(P, generator=g).to(torch.int32)
     kpool, vpool = (torch.empty(P, NKV, C, D, dtype=torch.bfloat16) for _ in range(2))
+    for pool in (kpool, vpool) if huge else ():
+        hugepages.advise(pool)
     vpool.copy_(torch.randn(P, NKV, C, D, generator=g))
     if keys == "random":
         kpool.copy_(torch.randn(P, NKV, C, D, generator=g))
@@ -88,12 +97,15 @@ def exact_step(attn, q, kpool, vpool, slots, n):
     return attn.attend(q[None], kpool, vpool, slots, n, q_index=torch.tensor([n - 1]))
 
 
-def magicpig_step(attn, q, kpool, vpool, slots, n, index, nsampled=None):
+def magicpig_step(attn, q, kpool, vpool, slots, n, index, nsampled=None, shared=True):
+    if shared:  # the sinks and the window in the kernel's own softmax, as the cache runs it
+        return mp.attend_sampled(q, kpool, vpool, slots, index, nsampled=nsampled,
+                                 exact=[(0, SINKS), (n - WINDOW, n)])
     o1, l1 = attn.attend(q[None], kpool, vpool, slots[:1], SINKS, q_index=torch.tensor([n - 1]))
     first = (n - WINDOW) // C  # the window's region starts at a chunk boundary; the kernel reads the window only
     o2, l2 = attn.attend(q[None], kpool, vpool, slots[first:], n - first * C, q_index=torch.tensor([n - 1]),
                          k_base=first * C, window=WINDOW)
-    o3, l3 = mp.attend_sampled(q, kpool, vpool, slots, index, nsampled=nsampled)
+    o3, l3 = mp.attend_sampled(q, kpool, vpool, slots, index, nsampled=nsampled, shared=shared)
     o, lse = attn.merge(o1[0], l1[0], o2[0], l2[0])
     return attn.merge(o, lse, o3, l3)
 
@@ -112,9 +124,19 @@ def effective_keys(q: torch.Tensor, kpool, slots, n: int) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum(-1)).median())
 
 
-def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int, seed: int, beta: float) -> dict:
+def union_share(index, q) -> float:
+    """Rows one gather per KV head reads (the union of its query heads' sampled sets) over the rows
+    per-head gathers read (the sum of the sets)."""
+    sets = index.retrieve(q)
+    G = NH // NKV
+    union = sum(len(np.unique(np.concatenate(sets[a * G:a * G + G]))) for a in range(NKV))
+    return union / max(1, sum(len(s) for s in sets))
+
+
+def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int, seed: int, beta: float,
+             gathers: list[str], huge: bool) -> dict:
     g = torch.Generator().manual_seed(seed + n)
-    kpool, vpool, slots, centres = make_kv(n, keys, g)
+    kpool, vpool, slots, centres = make_kv(n, keys, g, huge)
     qs = [make_queries(n, centres, kpool, slots, g, beta) for _ in range(queries)]
     eff = statistics.mean(effective_keys(q, kpool, slots, n) for q in qs)
     index = mp.LSHIndex(NKV, D, K=K, L=L, seed=seed)
@@ -122,29 +144,32 @@ def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int
     t0 = time.perf_counter()
     index.build(kpool, slots, SINKS, n - WINDOW)
     build_s = time.perf_counter() - t0
-    errs, frac = [], []
+    errs, frac = {w: [] for w in gathers}, []
     ns = np.zeros(NH, dtype=np.int64)
     with matvec.decode_scope():
         for q in qs:
             ref, _ = exact_step(attn, q, kpool, vpool, slots, n)
-            o, _ = magicpig_step(attn, q, kpool, vpool, slots, n, index, ns)
-            errs.append(rel_err(o, ref[0]))
+            for w in gathers:
+                o, _ = magicpig_step(attn, q, kpool, vpool, slots, n, index, ns, shared=w == "shared")
+                errs[w].append(rel_err(o, ref[0]))
             frac.append(float(ns.mean()) / index.n_tokens)
-        te, tm = [], []
-        for _ in range(repeats):  # interleaved: both see the same machine
+        te, tm = [], {w: [] for w in gathers}
+        for _ in range(repeats):  # interleaved: all see the same machine
             t0 = time.perf_counter()
             exact_step(attn, qs[0], kpool, vpool, slots, n)
-            t1 = time.perf_counter()
-            magicpig_step(attn, qs[0], kpool, vpool, slots, n, index)
-            t2 = time.perf_counter()
-            te.append(t1 - t0)
-            tm.append(t2 - t1)
+            te.append(time.perf_counter() - t0)
+            for w in gathers:
+                t0 = time.perf_counter()
+                magicpig_step(attn, qs[0], kpool, vpool, slots, n, index, shared=w == "shared")
+                tm[w].append(time.perf_counter() - t0)
     # shared machines: the best of each and the median of back-to-back ratios are what survive
     # other processes; medians of the times are kept in the JSON
-    return dict(keys=keys, tokens=n, K=K, L=L, exact_us=min(te) * 1e6, magicpig_us=min(tm) * 1e6,
-                exact_median_us=statistics.median(te) * 1e6, magicpig_median_us=statistics.median(tm) * 1e6,
-                speedup=statistics.median(e / m for e, m in zip(te, tm)),
-                rel_err=statistics.mean(errs), effective_keys=eff, sampled_frac=statistics.mean(frac),
+    per = {w: dict(magicpig_us=min(tm[w]) * 1e6, magicpig_median_us=statistics.median(tm[w]) * 1e6,
+                   speedup=statistics.median(e / m for e, m in zip(te, tm[w])), rel_err=statistics.mean(errs[w]))
+           for w in gathers}
+    return dict(keys=keys, tokens=n, K=K, L=L, huge_pages=huge, exact_us=min(te) * 1e6,
+                exact_median_us=statistics.median(te) * 1e6, gathers=per, union_share=union_share(index, qs[0]),
+                effective_keys=eff, sampled_frac=statistics.mean(frac),
                 build_us_per_token=build_s / index.n_tokens * 1e6, table_bytes_per_token=index.nbytes / index.n_tokens,
                 kv_bytes_per_token=2 * NKV * D * 2)
 
@@ -158,10 +183,18 @@ def a2(argv) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--queries", type=int, default=4, help="query draws averaged for the error")
     ap.add_argument("--beta", type=float, default=0.8, help="clustered: how strongly a query leans to its cluster")
+    ap.add_argument("--gather", default="per-head,shared",
+                    help="MagicPIG kernels timed side by side: per-head (a gather per query head, the old path), "
+                         "shared (one per KV head's query group)")
+    ap.add_argument("--no-huge-pages", action="store_true", help="leave the pools on 4 KiB pages (the old path)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_path", help="also write the rows here")
     a = ap.parse_args(argv)
+    gathers = a.gather.split(",")
+    if not gathers or any(w not in ("per-head", "shared") for w in gathers):
+        print(f"bench_magicpig: --gather takes per-head and/or shared, not {a.gather!r}", file=sys.stderr)
+        return 2
     from kernels_cpu import attention as attn
     matvec.set_threads(a.threads)
     attn.warm_up()
@@ -169,19 +202,23 @@ def a2(argv) -> int:
     rows = []
     print(f"A2: one layer's decode step, {NH} query / {NKV} KV heads, d {D}, bf16 KV, C {C}, K {a.K}, L {a.L}, "
           f"{a.threads} threads; exact part {SINKS} sinks + {WINDOW} window; best of {a.repeats}, speed-up: median "
-          f"of back-to-back ratios\n")
-    print("| keys | tokens | exact µs (best) | MagicPIG µs (best) | speed-up | rel. error | effective keys "
-          "| keys attended | build µs/token | table B/token (KV B/token) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"of back-to-back ratios; pools on {'4 KiB' if a.no_huge_pages else 'huge'} pages; "
+          f"CPU {cpu_model()}, load {os.getloadavg()[0]:.2f}\n")
+    cols = "".join(f" {w} µs (best) | {w} speed-up | {w} rel. error |" for w in gathers)
+    print(f"| keys | tokens | exact µs (best) |{cols} effective keys | keys attended | rows read shared "
+          "| build µs/token | table B/token (KV B/token) |")
+    print("|---|---|---|" + "---|---|---|" * len(gathers) + "---|---|---|---|---|")
     for keys in a.keys.split(","):
         for n in (parse_tokens(s) for s in a.lengths.split(",")):
-            r = run_case(attn, n, keys, a.K, a.L, a.repeats, a.queries, a.seed, a.beta)
+            r = run_case(attn, n, keys, a.K, a.L, a.repeats, a.queries, a.seed, a.beta, gathers, not a.no_huge_pages)
             rows.append(r)
-            print(f"| {keys} | {n} | {r['exact_us']:.0f} | {r['magicpig_us']:.0f} "
-                  f"| {r['speedup']:.1f}x "
-                  f"| {r['rel_err']:.3f} | {r['effective_keys']:.0f} | {100 * r['sampled_frac']:.2f}% "
+            cells = "".join(f" {p['magicpig_us']:.0f} | {p['speedup']:.2f}x | {p['rel_err']:.3f} |"
+                            for p in r["gathers"].values())
+            print(f"| {keys} | {n} | {r['exact_us']:.0f} |{cells} {r['effective_keys']:.0f} "
+                  f"| {100 * r['sampled_frac']:.2f}% | {100 * r['union_share']:.0f}% "
                   f"| {r['build_us_per_token']:.1f} | {r['table_bytes_per_token']:.0f} ({r['kv_bytes_per_token']}) |",
                   flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     if a.json_path:
         with open(a.json_path, "w") as f:
             json.dump(dict(command=" ".join(["python -m tools.bench_magicpig a2", *argv]), rows=rows), f, indent=1)

@@ -22,6 +22,8 @@ Bookkeeping shared by every implementation:
 * ``tree_mask`` [T, S] (bool, True = attend, T <= S <= offset + T) replaces the causal mask over the
   last S keys: the S - T cached tokens before the new ones and the T new ones (every key before those
   is visible to all): tree verification (S = T), and a draft expanding a tree it has partly cached;
+* ``expect(end)`` (optional; the engine calls it when a cache has it): a prompt is about to run in passes
+  up to ``end`` tokens (TieredKV builds MagicPIG's tables in the pass that reaches it);
 * ``tier_bytes()``: KV bytes held per tier; ``attention_s``: seconds spent in attention;
 * ``rows(layer, lo, hi)`` -> ``(k, v)``, copies [hi - lo, kv_heads, d] of committed tokens [lo, hi)
   wherever they live (tests compare a cache with an autoregressive run's, value by value; the prefix
