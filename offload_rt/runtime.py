@@ -367,6 +367,9 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
     host = budgets_mod.resolve_budget(cfg.cpu_mem, kind="cpu")
     hints = cfg.bandwidth_hints or {}
     bw_note = None
+    given = ({"disk_read", "matvec"} <= set(hints) and (hints.get("h2d") or not cuda)) or \
+        calibrate.bandwidths_from_env() is not None
+    quant_rates = "off" if given else "cached" if plan_only else "measure"  # spec.pass_cost
     if plan_only:
         bw, bw_note = plan_bandwidths(cfg, cuda)
     elif {"disk_read", "matvec"} <= set(hints) and (hints.get("h2d") or not cuda):
@@ -472,10 +475,11 @@ def prepare(cfg: RunConfig, store, args, dtype: torch.dtype, groups: list[Group]
                         if len(sizes) == 1:
                             raise
                         sizes.pop()
-                tree = budget_mod.choose_budget(spec.pass_cost(store, dtype, widest, bw, draft, device), agreement,
+                tree = budget_mod.choose_budget(spec.pass_cost(store, dtype, widest, bw, draft, device,
+                                                                quant_rates=quant_rates), agreement,
                                                 sizes)
             bud, kv, attention, placement, held = place(tree)
-            cost = spec.pass_cost(store, dtype, placement, bw, draft, device)
+            cost = spec.pass_cost(store, dtype, placement, bw, draft, device, quant_rates=quant_rates)
             per_pass, tok_s = budget_mod.predict(tree, cost, agreement)
             depth = budget_mod.expected_tokens(tree, agreement)[1]
             draft_plan = spec.DraftPlan(draft.name, "device" if cuda else "host", *held, budget=tree,

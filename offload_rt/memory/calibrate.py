@@ -357,10 +357,11 @@ def matmul_flops(dtype: str, device: str = "cpu", *, cache_dir: Path | None = No
     return flops
 
 
-def quant_rows_cost(fmt: str, shapes: list[tuple[int, int]], *, cache_dir: Path | None = None) -> tuple[float, float]:
+def quant_rows_cost(fmt: str, shapes: list[tuple[int, int]], *, cache_dir: Path | None = None,
+                    measure: bool = True) -> tuple[float, float] | None:
     """:func:`~offload_rt.memory.microbench.measure_quant_rows` once per machine, thread count, format and
     set of shapes, cached beside the bandwidths (the speculation budget derived from it must not change
-    from run to run)."""
+    from run to run). ``measure=False``: the cached figures or None (``--plan`` measures nothing)."""
     import hashlib
 
     import numba
@@ -374,6 +375,8 @@ def quant_rows_cost(fmt: str, shapes: list[tuple[int, int]], *, cache_dir: Path 
     entry = read_entries(path).get(key)
     if isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in ("one_s", "row_s")):
         return float(entry["one_s"]), float(entry["row_s"])
+    if not measure:
+        return None
     from offload_rt.memory.microbench import measure_quant_rows
 
     one, row = measure_quant_rows(fmt, shapes)

@@ -132,22 +132,29 @@ def quantized_matrices(store) -> tuple[str | None, int, list[tuple[int, int]]]:
     return fmt, by_fmt[fmt], sorted(shapes[fmt])
 
 
-def pass_cost(target_store, target_dtype, placement, bw, draft, device: str) -> budget_mod.PassCost:
+def pass_cost(target_store, target_dtype, placement, bw, draft, device: str, *,
+              quant_rates: str = "measure") -> budget_mod.PassCost:
     """The cost model's inputs from the target's placement, the measured rates and the draft's size.
 
     A quantized draft on the CPU (``self-int4``) is costed with the fused kernel's own measured rates
     (calibrate.quant_rows_cost: one row, then each further row, over its matrices' shapes, scaled to all
     its quantized bytes) plus the rest of its layers (``layer_s``) and a token's fixed cost; a float draft
-    with the mat-vec rate and the batched matmul rate of its dtype."""
+    with the mat-vec rate and the batched matmul rate of its dtype. ``quant_rates``: "measure" (once per
+    machine, then cached), "cached" (``--plan``: never measured here) or "off" (given bandwidths, as
+    tests and presets give them: the quantized draft is costed like a float one at ``bw.matvec``, so the
+    plan depends on the given figures only)."""
     from offload_rt.memory import calibrate
 
     flops = calibrate.matmul_flops(str(target_dtype).replace("torch.", ""), device)
     a = draft.args
     fmt, qbytes, shapes = quantized_matrices(draft.store) if device == "cpu" else (None, 0, [])
-    if fmt is not None:
+    rates = None
+    if fmt is not None and quant_rates != "off":
+        rates = calibrate.quant_rows_cost(fmt, shapes, measure=quant_rates == "measure")
+    if rates is not None:
         from storage.formats import FORMATS
 
-        one_s, row_s = calibrate.quant_rows_cost(fmt, shapes)
+        one_s, row_s = rates
         scale = qbytes / sum(FORMATS[fmt].nbytes(sh) for sh in shapes)  # all layers' matrices, from one of each
         draft_fixed = one_s * scale + a.num_hidden_layers * bw.layer_s + bw.token_s
         draft_token = row_s * scale
