@@ -3,24 +3,13 @@ bytes in --stats and --plan, the one-line refusal of MagicPIG over quantized KV.
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
 from kernels_cpu.kv_quant import KVQuant
 from tests.cli_helpers import assert_user_error, run_cli
-from tests.test_kv_cli import ARGS, STORY
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
-def _stats(proc):
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stderr.strip().splitlines()[-1])
+from tests.test_kv_cli import ARGS, STORY, _stats, store_dir  # noqa: F401 (store_dir: a fixture, used by name)
 
 
 def test_q4_kv_in_ram_and_spilled_same_text_and_quantized_bytes(store_dir):
