@@ -301,11 +301,10 @@ class TieredKV:
 
         def add(res):
             nonlocal acc
-            acc = res if acc is None else kern.merge(*acc, *res)
+            acc = _merged(acc, res)
 
         if hi <= lo:
-            T, nh, d = q.shape
-            return torch.zeros(T, nh, d), torch.full((T, nh), float("-inf"))
+            return _no_keys(q)
         first, n_chunks = lo // C, -(-hi // C)
         disk: list[int] = []
         for tier, c0, slots in self._table.runs(layer, n_chunks):
@@ -384,8 +383,7 @@ class TieredKV:
                 acc = kern.attend(q, self._fk, self._fv, f, end - closed * C, k_base=closed * C, **call)
             batches = ((slots.numpy(), len(chunks)) for slots, chunks in passes)
             for slots, n in itertools.chain([(ram, len(ram))] if ram else [], batches):  # the RAM chunks while the first disk batch is read, then each batch
-                res = attention_q.attend(q, self.kpool, self.vpool, slots, n, self.quant)
-                acc = res if acc is None else kern.merge(*acc, *res)
+                acc = _merged(acc, attention_q.attend(q, self.kpool, self.vpool, slots, n, self.quant))
         finally:
             passes.close()
         return acc
@@ -400,7 +398,7 @@ class TieredKV:
 
         def add(res):
             nonlocal acc
-            acc = res if acc is None else kern.merge(*acc, *res)
+            acc = _merged(acc, res)
 
         first, closed = lo // C, hi // C
         row = self._table.chunks[layer]
@@ -428,10 +426,7 @@ class TieredKV:
         if hi > closed * C and hi > lo:
             f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
             add(fn(q, self._fk, self._fv, f, hi - closed * C, k_base=closed * C, **call))
-        if acc is None:
-            T, nh, d = q.shape
-            return torch.zeros(T, nh, d), torch.full((T, nh), float("-inf"))
-        return acc
+        return _no_keys(q) if acc is None else acc
 
     def _stored(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantized: the record in ``slot`` dequantized, K and V [kv_heads, C, d] float32: what attention reads
@@ -646,6 +641,17 @@ class TieredKV:
         if self._disk is not None:
             self._disk.close()
             self._disk = None
+
+
+def _merged(acc, res):
+    """Attention over two key sets merged by log-sum-exp: (out, lse) pairs; ``acc`` None is no keys yet."""
+    return res if acc is None else kern.merge(*acc, *res)
+
+
+def _no_keys(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of attention over no keys: zeros, and -inf so that a merge ignores it."""
+    T, nh, d = q.shape
+    return torch.zeros(T, nh, d), torch.full((T, nh), float("-inf"))
 
 
 def _batches(chunks: list[int], packed: bool) -> list[tuple[int, ...]]:
