@@ -1,11 +1,14 @@
-"""Passkey retrieval on the default model at ~6k tokens: exact attention finds the key, MagicPIG as often.
+"""Passkey retrieval on the default model at ~6k tokens: exact attention finds the key, MagicPIG as often,
+and so does exact attention over the same prompt's KV held quantized (``--kv-dtype q8`` / ``q4``).
 
 A five-digit key hidden at a random depth in ~6k tokens of filler (tests/passkey_prompts.py),
 raw prompts (with the chat template the 135M model answers "The pass key is a magical key..."
 and finds none: measured 0 of 8 at 6k, against 8 of 8 raw), greedy 8 tokens, found = the digits
 appear. Each prompt is prefilled once into a TieredKV in RAM and decoded twice from the same
 prefill: exact attention, then MagicPIG (sinks + recent window exact, the rest sampled through
-the LSH tables at the default K=10, L=150); only decode attention differs.
+the LSH tables at the default K=10, L=150); only decode attention differs. The quantized caches are
+loaded with the float cache's rows (``TieredKV.load``, the prefix cache's restore path: every closed
+chunk quantized as a prefill closes it) and decode exactly from there.
 
 Cost: the prefill dominates (~30-60 s for 6k tokens on 2 shared cores). Depths are stratified and
 the prompts come in order of depth, so each prompt prefills only what follows the previous needle:
@@ -19,6 +22,7 @@ import pytest
 import torch
 
 from kernels_cpu import magicpig
+from kernels_cpu.kv_quant import KVQuant
 from offload_rt.config import RunConfig
 from offload_rt.kv.tiered import TieredKV
 from offload_rt.loader import load_model
@@ -55,10 +59,12 @@ def test_magicpig_finds_the_passkey_at_least_90_percent_as_often_as_exact(model,
     monkeypatch.setattr(magicpig, "attend_sampled", counting)
     prompts = make_prompts(model.tokenizer, PROMPTS, TOKENS, seed=SEED)
     assert all(TOKENS - 100 <= len(p.ids) <= TOKENS + 100 for p in prompts)
-    found = {"exact": 0, "magicpig": 0}
+    found = {"exact": 0, "magicpig": 0, "q8": 0, "q4": 0}
     report = []
     for p in prompts:
         out = answers(model.engine, p.ids, ("exact", "magicpig"), n_new=8)
+        for name in ("q8", "q4"):
+            out[name] = _quantized_answer(model, cache, p.ids, KVQuant(name, a.head_dim, CHUNK_TOKENS))
         for mode, toks in out.items():
             text = model.tokenizer.decode(toks)
             found[mode] += str(p.key) in text
@@ -70,3 +76,19 @@ def test_magicpig_finds_the_passkey_at_least_90_percent_as_often_as_exact(model,
     assert 0 < share < 0.25, share
     assert found["exact"] > PROMPTS / 2, report
     assert found["magicpig"] >= 0.9 * found["exact"], report
+    assert found["q8"] >= found["exact"] and found["q4"] >= found["exact"], report
+
+
+def _quantized_answer(model, cache, ids, fmt):
+    """Greedy answer with exact attention over ``cache``'s rows (the prompt) held as ``fmt`` records."""
+    a = model.args
+    qcache = TieredKV(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, model.dtype, CTX,
+                      host_chunks=cache.host_chunks, quant=fmt)
+    qcache.load(*zip(*(cache.rows(layer, 0, cache.offset) for layer in range(a.num_hidden_layers))))
+    engine = model.engine
+    engine.cache = qcache
+    try:
+        return answers(engine, ids, ("exact",), n_new=8)["exact"]
+    finally:
+        engine.cache = cache
+        qcache.close()
