@@ -239,3 +239,34 @@ def test_load_of_a_caches_rows_gives_the_same_rows_and_the_same_attention(tmp_pa
         b.load([torch.zeros(2, NKV, D)] * L, [torch.zeros(2, NKV, D)] * L)  # float32 rows into a bf16 cache
     for c in (a, b):
         getattr(c, "close", lambda: None)()
+
+
+def test_exact_decode_reads_the_next_layers_disk_chunks_ahead_and_each_once(tmp_path, monkeypatch):
+    """A decode step queues the next layer's disk chunks behind its own (exact attention reads them all), so
+    the ring reads them while this layer computes: outputs equal the dense reference, a step without a new
+    chunk reads every layer's disk chunks exactly once, a step whose writes spill (the queued batches no
+    longer the layer's) reads them again, and a step abandoned half-way leaves nothing queued behind."""
+    ref, kv = _pair(torch.float32, host_chunks=8, disk_root=tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    errs = [_step(ref, kv, 100, gen, torch.float32)]
+    reads = []
+    fill = kv._ring._fill  # the ring's reader calls it on its thread for every batch
+    monkeypatch.setattr(kv._ring, "_fill", lambda item, half: reads.append(item) or fill(item, half))
+    for _ in range(20):  # across the chunk boundary at 112 tokens
+        reads.clear()
+        new_chunk = kv.offset % 16 == 0
+        errs.append(_step(ref, kv, 1, gen, torch.float32))
+        on_disk = [(layer, tuple(c for c, (tier, _s) in enumerate(kv._table.chunks[layer]) if tier != "host"))
+                   for layer in range(L)]
+        assert all(chunks for _layer, chunks in on_disk)  # every layer has disk chunks: every layer read ahead
+        if not new_chunk:
+            assert sorted(reads) == on_disk, (reads, on_disk)
+    # an abandoned step: layer 0 attended (the ahead of layer 1 queued), then a rollback and on
+    q, k, v = (torch.randn(1, n, D, generator=gen) for n in (NH, NKV, NKV))
+    kv.attend(0, q, k, v)
+    assert kv._ahead is not None
+    assert ref.trim(40) == kv.trim(40) == 40
+    assert kv._ahead is None
+    errs += [_step(ref, kv, T, gen, torch.float32) for T in (3, 1, 1)]
+    assert max(errs) < 1e-5, errs
+    kv.close()

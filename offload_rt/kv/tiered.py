@@ -17,7 +17,9 @@ pure policy :class:`~offload_rt.memory.kv_plan.ChunkTable`; bytes move here:
   (``kernels_cpu.attention.attend_decode``);
 * a decode step over a layer with chunks on disk queues the disk chunks it reads, computes the RAM
   chunks (one kernel call) while they are read, then each batch as it arrives; exact attention reads
-  them all. With selection (``attention="select"``) only those that may matter: each chunk written
+  them all, so it also queues the next layer's disk chunks behind its own, read while this layer and
+  the next one's projections compute; a batch's chunk files are read in parallel (small files: one
+  after the other each would wait out the disk's latency). With selection (``attention="select"``) only those that may matter: each chunk written
   to disk leaves its keys' per-channel min/max in RAM (:mod:`offload_rt.memory.kv_select`, Quest's
   bound on ``q . k``), and the step reads the chunks whose bound comes near the log-sum-exp of its
   scores with the sink tokens and its own key, the highest first, at most ``select_share`` of them,
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -126,7 +129,11 @@ class TieredKV:
         self._halves = [list(range(host_chunks + h * STAGING_BATCH, host_chunks + (h + 1) * STAGING_BATCH))
                         for h in range(2)]
         self._ring = Prefetcher(2, self._fill_staging, name="kv-read") if disk_root else None
+        # a batch's chunks are small files (a q4 chunk of the default model is ~28 KiB): read one after the
+        # other each waits out the disk's latency, so a batch's reads are in flight together
+        self._io = ThreadPoolExecutor(STAGING_BATCH, thread_name_prefix="kv-io") if disk_root else None
         self._seq = 0  # the next batch the compute side takes from the ring
+        self._ahead = None  # (layer, batches, first seq): the next layer's disk batches, queued by read_ahead
         self.attention = attention
         self.lsh_k, self.lsh_l, self.magicpig_from = lsh_k, lsh_l, magicpig_from
         self._index: list = [None] * n_layers  # MagicPIG tables per layer (kernels_cpu.magicpig.LSHIndex)
@@ -349,6 +356,7 @@ class TieredKV:
         self.disk_chunks_seen += len(disk)
         self.disk_chunks_read += len(read)
         passes = self._disk_passes(layer, _batches(read, packed=True))
+        self._read_ahead(layer + 1, -(-end // C))
         try:
             n_keys = (len(ram) - 1) * C + end - ram_chunks[-1] * C
             acc = kern.attend(q, self.kpool, self.vpool, torch.tensor(ram, dtype=torch.int32), n_keys,
@@ -376,6 +384,7 @@ class TieredKV:
         self.disk_chunks_seen += len(disk)
         self.disk_chunks_read += len(read)
         passes = self._disk_passes(layer, _batches(read, packed=True))
+        self._read_ahead(layer + 1, closed)
         acc = None
         try:
             if end > closed * C:
@@ -465,7 +474,7 @@ class TieredKV:
         layer, chunks = item
         items = [(layer, c, self.kpool[s], self.vpool[s]) for c, s in zip(chunks, self._halves[half])]
         with self.tracer.span("kv_disk", f"kv read layer.{layer}", layer=layer, chunks=len(chunks)):
-            return self._store().read_many(items)
+            return self._store().read_many(items, executor=self._io)
 
     def _disk_passes(self, layer: int, batches: list[tuple[int, ...]]):
         """An iterator of (staging slots, chunks) per batch of disk chunks (chunk i of the batch in slot i), each
@@ -477,11 +486,14 @@ class TieredKV:
         return passes
 
     def _passes(self, layer: int, batches: list[tuple[int, ...]]):
-        """:meth:`_disk_passes`' generator: queues the batches, yields None once (primed), then the batches."""
-        first = self._seq
-        for chunks in batches:
-            self._ring.submit((layer, chunks))
-        self._seq += len(batches)
+        """:meth:`_disk_passes`' generator: queues the batches (or takes those :meth:`_read_ahead` queued, when
+        they are the same), yields None once (primed), then the batches."""
+        if self._ahead is not None and self._ahead[:2] == (layer, batches):
+            first = self._ahead[2]
+            self._ahead = None
+        else:
+            self._drop_ahead()
+            first = self._queue(layer, batches)
         done = 0
         try:
             yield None
@@ -498,6 +510,35 @@ class TieredKV:
         finally:  # abandoned half-way (an exception in compute): let the ring finish what was queued
             for i in range(done, len(batches)):
                 self._ring.release(self._ring.take(first + i)[0])
+
+    def _queue(self, layer: int, batches: list[tuple[int, ...]]) -> int:
+        """Hand a layer's disk batches to the ring; returns the first one's sequence number."""
+        first = self._seq
+        for chunks in batches:
+            self._ring.submit((layer, chunks))
+        self._seq += len(batches)
+        return first
+
+    def _read_ahead(self, layer: int, n_chunks: int) -> None:
+        """Exact decode: queue the disk chunks among ``layer``'s first ``n_chunks`` now, behind the current
+        layer's, so that the ring reads them while this layer and the next one's projections compute (every
+        disk chunk is read by exact attention: which ones does not depend on the query). The next layer's
+        :meth:`_passes` takes them if its batches are these (its token's write may spill a chunk: then they
+        are dropped and its own are queued)."""
+        if self.attention != "exact" or layer >= self.n_layers or self._ahead is not None:
+            return
+        disk = [c for c, (tier, _slot) in enumerate(self._table.chunks[layer][:n_chunks]) if tier != "host"]
+        if disk:
+            batches = _batches(disk, packed=True)
+            self._ahead = (layer, batches, self._queue(layer, batches))
+
+    def _drop_ahead(self) -> None:
+        """Take and release the batches queued ahead when nobody will use them: the ring's halves are then free
+        and no read is under way (before the staging slots are used directly, or chunks are discarded)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            for i in range(len(ahead[1])):
+                self._ring.release(self._ring.take(ahead[2] + i)[0])
 
     def _sampled_stop(self, end: int) -> int:
         """MagicPIG at ``end`` tokens samples [SINKS, stop) and attends [stop, end) exactly: whole chunks
@@ -538,6 +579,7 @@ class TieredKV:
         self.offset += n
 
     def trim(self, n: int) -> int:
+        self._drop_ahead()
         n = min(n, self.offset)
         self.offset -= n
         for layer, chunk, tier in self._table.truncate(self.offset, self.C):
@@ -561,6 +603,7 @@ class TieredKV:
         """Tokens lo + idx of a layer as [n, kv_heads, d] copies (disk chunks read into staging)."""
         C = self.C
         ks, vs = [], []
+        self._drop_ahead()  # the staging slots are used here directly: nothing may still be read into them
         staging = iter(range(self.host_chunks, self.host_chunks + self.staging_chunks))
         for c in range(lo // C, -(-hi // C)):
             tier, slot = self._table.chunks[layer][c]
@@ -638,6 +681,7 @@ class TieredKV:
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
+            self._io.shutdown(wait=True)
         if self._disk is not None:
             self._disk.close()
             self._disk = None
