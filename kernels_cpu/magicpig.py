@@ -43,10 +43,12 @@ import torch
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.typed import List as NbList
 
 from kernels_cpu import hugepages
+from kernels_cpu import magicpig_q
+from kernels_cpu.kv_quant import KVQuant
 from kernels_cpu.matvec import _bits_to_f32
 
 SEG_MAX = 65535  # tokens a segment may span: ids and bucket offsets fit uint16
@@ -151,6 +153,52 @@ def _axpy_row(w, a, acc, kind):  # pragma: no cover - compiled
             acc[2 * j + 1] += a * _h2f(x >> np.uint32(16))
 
 
+def _key_dot(kw, slot, g, r, qh, kind):
+    """q . key of row r of chunk slot ``slot``, KV head g: a float pool's row as uint32 words (``kind``: its
+    float type), or a quantized record pool's (uint8, ``kind``: the bits; kernels_cpu.magicpig_q). Chosen
+    by the pool's element type when the kernel is compiled (the overload below)."""
+
+
+def _value_axpy(vw, slot, g, r, a, acc, kind):
+    """acc += a * value row r of chunk slot ``slot``, KV head g (pools as in _key_dot)."""
+
+
+def _prefetch_key(kw, slot, g, r, d, kind):
+    """Ask for key row r ahead of its _key_dot."""
+
+
+def _prefetch_value(vw, slot, g, r, d, kind):
+    """Ask for value row r ahead of its _value_axpy."""
+
+
+@overload(_key_dot, inline="always")
+def _key_dot_impl(kw, slot, g, r, qh, kind):
+    if kw.dtype == types.uint8:
+        return lambda kw, slot, g, r, qh, kind: magicpig_q.key_dot(kw, slot, g, r, qh, kind)
+    return lambda kw, slot, g, r, qh, kind: _dot_row(kw[slot, g, r], qh, kind)
+
+
+@overload(_value_axpy, inline="always")
+def _value_axpy_impl(vw, slot, g, r, a, acc, kind):
+    if vw.dtype == types.uint8:
+        return lambda vw, slot, g, r, a, acc, kind: magicpig_q.value_axpy(vw, slot, g, r, a, acc, kind)
+    return lambda vw, slot, g, r, a, acc, kind: _axpy_row(vw[slot, g, r], a, acc, kind)
+
+
+@overload(_prefetch_key, inline="always")
+def _prefetch_key_impl(kw, slot, g, r, d, kind):
+    if kw.dtype == types.uint8:
+        return lambda kw, slot, g, r, d, kind: magicpig_q.prefetch_key(kw, slot, g, r, d, kind)
+    return lambda kw, slot, g, r, d, kind: _prefetch_row(kw[slot, g, r])
+
+
+@overload(_prefetch_value, inline="always")
+def _prefetch_value_impl(vw, slot, g, r, d, kind):
+    if vw.dtype == types.uint8:
+        return lambda vw, slot, g, r, d, kind: magicpig_q.prefetch_value(vw, slot, g, r, d, kind)
+    return lambda vw, slot, g, r, d, kind: _prefetch_row(vw[slot, g, r])
+
+
 @lru_cache(maxsize=16)
 def _log_u_table(K: int, L: int, eps: float) -> np.ndarray:
     """-log(u + eps) on TABLE_SIZE evenly spaced cosines in [-1, 1] (float32). The kernel interpolates
@@ -247,10 +295,10 @@ def _attend_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l, offs_
             for i in range(npk):
                 if i + PREFETCH < npk:
                     b = picked[i + PREFETCH]
-                    _prefetch_row(kw[slots[b // C], g, b % C])
+                    _prefetch_key(kw, slots[b // C], g, b % C, d, kind)
                     _prefetch_row(norms[g, b - base:b - base + 1])
                 a = picked[i]
-                dot = _dot_row(kw[slots[a // C], g, a % C], qh, kind)
+                dot = _key_dot(kw, slots[a // C], g, a % C, qh, kind)
                 den = qn * norms[g, a - base]
                 cos = (dot - qmu[h]) / den if den > 0 else np.float32(0.0)
                 lg = np.float32(scale * dot) + _neg_log_u(cos, log_u)
@@ -267,11 +315,11 @@ def _attend_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l, offs_
             for i in range(npk):
                 if i + PREFETCH < npk:
                     b = picked[i + PREFETCH]
-                    _prefetch_row(vw[slots[b // C], g, b % C])
+                    _prefetch_value(vw, slots[b // C], g, b % C, d, kind)
                 a = picked[i]
                 wgt = np.float32(math.exp(logits[i] - m))
                 ssum += wgt
-                _axpy_row(vw[slots[a // C], g, a % C], wgt, acc, kind)
+                _value_axpy(vw, slots[a // C], g, a % C, wgt, acc, kind)
             taken += npk
         nsampled[h] = taken
         if taken > 0:
@@ -400,18 +448,18 @@ def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l,
             for i in range(nu):
                 if i + PREFETCH < nu:
                     b = base + union[i + PREFETCH]
-                    _prefetch_row(kw[slots[b // C], g, b % C])
+                    _prefetch_key(kw, slots[b // C], g, b % C, d, kind)
                     if s >= 0:
                         _prefetch_row(norms[g, union[i + PREFETCH]:union[i + PREFETCH] + 1])
                 t = union[i]
                 a = base + t
-                row = kw[slots[a // C], g, a % C]
+                slot, r = slots[a // C], a % C
                 nrm = norms[g, t] if s >= 0 else np.float32(0.0)
                 w = masks[i]
                 for j in range(gs):
                     if (w >> np.uint32(2 * j + 1)) & np.uint32(1):
                         h = h0 + j
-                        dot = _dot_row(row, q[h], kind)
+                        dot = _key_dot(kw, slot, g, r, q[h], kind)
                         lg = np.float32(scale * dot)
                         if s >= 0:
                             den = qn[j] * nrm
@@ -437,15 +485,15 @@ def _attend_group_kernel(q, proj, qmu, kw, vw, kind, slots, bases, spans, ids_l,
             for i in range(nu):
                 if i + PREFETCH < nu:
                     b = base + union[i + PREFETCH]
-                    _prefetch_row(vw[slots[b // C], g, b % C])
+                    _prefetch_value(vw, slots[b // C], g, b % C, d, kind)
                 a = base + union[i]
-                row = vw[slots[a // C], g, a % C]
+                slot, r = slots[a // C], a % C
                 w = masks[i]
                 for j in range(gs):
                     if (w >> np.uint32(2 * j + 1)) & np.uint32(1):
                         wgt = np.float32(math.exp(logits[i, j] - m[j]))
                         ssum[j] += wgt
-                        _axpy_row(row, wgt, acc[j], kind)
+                        _value_axpy(vw, slot, g, r, wgt, acc[j], kind)
         for j in range(gs):
             h = h0 + j
             nsampled[h] = nsamp[j]
@@ -592,15 +640,23 @@ class LSHIndex:
     indexed keys per KV head, fixed by the first non-empty range indexed), SimHash with a Gaussian
     matrix d x (K*L) (fixed seed), K bits per table (K <= 15), CSR bucket tables in segments of at
     most SEG_MAX tokens. ``build`` at prefill over [start, stop); ``extend`` adds tokens as they
-    age out of the exact window (a new small segment, merged LSM-style: see the module notes)."""
+    age out of the exact window (a new small segment, merged LSM-style: see the module notes).
+
+    ``quant`` (``--kv-dtype q8|q4``): the key pool holds kernels_cpu.kv_quant records and the index hashes
+    the keys *dequantized*, the very keys attention dots with: the sampling probability u and the centred
+    norm of a key are then those of the vector attended (hashing the floats before quantization would
+    weigh a sample by the angle of a key the estimator never sees), and an index over records equals one
+    built over a float pool of the dequantized keys, table for table."""
 
     def __init__(self, nkv: int, d: int, K: int = 10, L: int = 150, seed: int = 0, *,
-                 max_segment: int = SEG_MAX):
+                 max_segment: int = SEG_MAX, quant: KVQuant | None = None):
         if not 0 <= K <= 15 or L < 1:
             raise ValueError(f"LSH needs 0 <= K <= 15 and L >= 1 (got K={K}, L={L})")
         if not 1 <= max_segment <= SEG_MAX:
             raise ValueError(f"max_segment must be in [1, {SEG_MAX}]")
-        self.nkv, self.d, self.K, self.L, self.seed = nkv, d, K, L, seed
+        if quant is not None and quant.head_dim != d:
+            raise ValueError(f"{quant} for head dim {d}")
+        self.nkv, self.d, self.K, self.L, self.seed, self.quant = nkv, d, K, L, seed, quant
         self.max_segment = max_segment
         self.R = _hash_matrix(d, K, L, seed)  # [d, K*L]; read-only
         self.mean: np.ndarray | None = None  # [nkv, d] float32
@@ -659,13 +715,24 @@ class LSHIndex:
         self._refresh()
 
     def _check_pool(self, kpool: torch.Tensor) -> None:
-        if kpool.dim() != 4 or kpool.shape[1] != self.nkv or kpool.shape[3] != self.d:
-            raise ValueError(f"key pool {tuple(kpool.shape)} is not [P, {self.nkv}, C, {self.d}]")
+        if self.quant is not None:
+            want = self.quant.record_shape(self.nkv)
+            if kpool.dim() != 4 or tuple(kpool.shape[1:]) != want or kpool.dtype != torch.uint8:
+                raise ValueError(f"key records {tuple(kpool.shape)} {kpool.dtype} are not {self.quant.name}'s: uint8 "
+                                 f"[P, {', '.join(map(str, want))}]")
+        elif kpool.dim() != 4 or kpool.shape[1] != self.nkv or kpool.shape[3] != self.d or kpool.dtype == torch.uint8:
+            raise ValueError(f"key pool {tuple(kpool.shape)} {kpool.dtype} is not float [P, {self.nkv}, C, {self.d}]")
+
+    def _keys(self, kpool: torch.Tensor, slot: int, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of chunk slot ``slot`` as float keys [nkv, r1 - r0, d] (records: dequantized)."""
+        if self.quant is None:
+            return kpool[slot, :, r0:r1].float()
+        return self.quant.dequantize_keys(kpool[slot])[:, r0:r1]
 
     def _mean(self, kpool, slots, start, stop) -> np.ndarray:
         total = torch.zeros(self.nkv, self.d, dtype=torch.float64)
         for slot, r0, r1, _ in _token_blocks(slots, kpool.shape[2], start, stop):
-            total += kpool[slot, :, r0:r1].double().sum(1)
+            total += self._keys(kpool, slot, r0, r1).double().sum(1)
         return (total / (stop - start)).float().numpy()
 
     def _hash_segment(self, kpool, slots, start, stop) -> _Segment:
@@ -681,7 +748,7 @@ class LSHIndex:
             while j < len(blocks) and (rows == 0 or rows + blocks[j][2] - blocks[j][1] <= HASH_ROWS):
                 rows += blocks[j][2] - blocks[j][1]
                 j += 1
-            keys = torch.cat([kpool[s, :, r0:r1] for s, r0, r1, _ in blocks[i:j]], dim=1).float() - mean
+            keys = torch.cat([self._keys(kpool, s, r0, r1) for s, r0, r1, _ in blocks[i:j]], dim=1) - mean
             t0 = blocks[i][3] - start
             norms[:, t0:t0 + rows] = torch.linalg.vector_norm(keys, dim=-1)
             if K > 0:
@@ -760,6 +827,10 @@ def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, sl
     log(u + eps) (0 in tests, where u == 1 must reproduce exact attention); ``nsampled`` ([nh]
     int64), when given, receives the number of keys each head sampled. ``shared``: one gather per
     KV head over its query heads' sampled rows (False: one per query head, the old path).
+
+    With ``index.quant`` the pools are that format's records (uint8 [P, nkv, C, w], kernels_cpu.kv_quant):
+    every row read, sampled or exact, is dequantized in registers (kernels_cpu.magicpig_q); the ranges in
+    ``exact`` must then lie in closed (quantized) chunks -- the open chunk's floats are the caller's to merge.
     """
     nh, d = q.shape
     if d != index.d or nh % index.nkv:
@@ -767,9 +838,14 @@ def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, sl
     if kpool.shape != vpool.shape or kpool.dtype != vpool.dtype:
         raise ValueError("key and value pools differ in shape or dtype")
     index._check_pool(kpool)
-    kind = _kind(kpool.dtype)
-    if kind != _KIND_F32 and d % 2:
-        raise ValueError("16-bit KV needs an even head dim")
+    if index.quant is not None:
+        kind = index.quant.bits  # the record kernels' "kind": the bits per code
+        kw, vw = kpool.contiguous().numpy(), vpool.contiguous().numpy()
+    else:
+        kind = _kind(kpool.dtype)
+        if kind != _KIND_F32 and d % 2:
+            raise ValueError("16-bit KV needs an even head dim")
+        kw, vw = _words(kpool), _words(vpool)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qf = q.detach().to(torch.float32).contiguous()
     out = torch.empty(nh, d, dtype=torch.float32)
@@ -789,7 +865,7 @@ def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, sl
     slots = np.asarray(slots.numpy() if isinstance(slots, torch.Tensor) else slots, dtype=np.int32)
     ids, offs, norms = index._lists
     log_u = _log_u_table(index.K, index.L, float(eps))
-    args = (qf.numpy(), index.project(qf), qmu, _words(kpool), _words(vpool), kind, slots, index._bases, index._spans,
+    args = (qf.numpy(), index.project(qf), qmu, kw, vw, kind, slots, index._bases, index._spans,
             ids, offs, norms, index.K, index.L, scale, log_u)
     if shared:
         _attend_group_kernel(*args, ranges, out.numpy(), lse.numpy(), counts)
@@ -801,9 +877,10 @@ def attend_sampled(q: torch.Tensor, kpool: torch.Tensor, vpool: torch.Tensor, sl
     return out, lse
 
 
-def warm_up() -> None:
+def warm_up(records: bool = False) -> None:
     """Compile (or load from Numba's cache) every kernel and dtype path now, so no compilation
-    happens mid-run; cheap once cached."""
+    happens mid-run; cheap once cached. ``records``: also the quantized KV's (``--kv-dtype q8|q4``: one
+    specialisation serves both formats)."""
     kp = torch.randn(2, 1, 4, 2).to(torch.bfloat16)  # one specialisation serves every dtype (uint32 words)
     slots = np.arange(2, dtype=np.int32)
     idx = LSHIndex(1, 2, K=1, L=2, max_segment=8)
@@ -812,3 +889,12 @@ def warm_up() -> None:
     attend_sampled(torch.randn(1, 2), kp, kp, slots, idx, exact=[(0, 1)])
     attend_sampled(torch.randn(1, 2), kp, kp, slots, idx, shared=False)
     idx.retrieve(torch.randn(1, 2))
+    if records:
+        from kernels_cpu.kv_quant import GROUP
+
+        fmt = KVQuant("q8", GROUP, GROUP)
+        rec = torch.zeros(2, *fmt.record_shape(1), dtype=torch.uint8)
+        idx = LSHIndex(1, GROUP, K=1, L=2, quant=fmt)
+        idx.build(rec, slots, 0, 2 * GROUP)
+        attend_sampled(torch.randn(1, GROUP), rec, rec, slots, idx, exact=[(0, 1)])
+        attend_sampled(torch.randn(1, GROUP), rec, rec, slots, idx, shared=False)

@@ -139,7 +139,7 @@ def build(cfg: RunConfig, *, plan_only: bool = False, serving: bool = False) -> 
     if runtime.may_use_magicpig(cfg, model.args):
         from kernels_cpu import magicpig
 
-        magicpig.warm_up()
+        magicpig.warm_up(records=cfg.kv_dtype in ("q8", "q4"))
     gpu_used_before = None
     if device == "cuda":
         from offload_rt.memory.gpu import gpu_used_bytes

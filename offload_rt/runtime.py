@@ -127,9 +127,10 @@ def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0,
     a speculation tree's), and the attention it runs; ``sequences`` caches share ``--kv-cpu-mem``.
 
     ``--attention auto`` turns MagicPIG on past :data:`AUTO_MAGICPIG_TOKENS` of context when
-    the KV (and its hash tables) fit in RAM; otherwise, when the KV spills to disk, selection (decode
-    steps read only the disk chunks whose key bounds say they may matter, ``--attention select``
-    too); otherwise decode attention is exact (``--attention exact`` reads every disk chunk).
+    the KV (and its hash tables) fit in RAM, whatever ``--kv-dtype`` (over q8/q4 records it samples rows of
+    the records and keeps its gain over the quantized exact kernel: A2 in docs/BENCHMARKS.md); otherwise,
+    when the KV spills to disk, selection (decode steps read only the disk chunks whose key bounds say they
+    may matter, ``--attention select`` too); otherwise decode attention is exact (``--attention exact`` reads every disk chunk).
     """
     tokens = context_tokens(args, cfg.ctx_size) + extra_tokens
     shape = kv_shape(args, dtype, cfg)
@@ -137,11 +138,7 @@ def plan_kv(cfg: RunConfig, args, dtype: torch.dtype, extra_tokens: int = 0,
     kv_cpu_mem = None if cfg.kv_cpu_mem is None else cfg.kv_cpu_mem // sequences
     free = None if free is None else free // sequences
     kw = dict(kv_cpu_mem=kv_cpu_mem, disk_free=free, model_tokens=args.max_position_embeddings)
-    quantized = bool(shape.quant_row)
-    if cfg.attention == "magicpig" and quantized:
-        raise UsageError(f"--attention magicpig runs over float KV only: use --kv-dtype f16/bf16, or --attention "
-                         f"exact/select with --kv-dtype {cfg.kv_dtype}")
-    if cfg.attention == "magicpig" or (cfg.attention == "auto" and tokens >= AUTO_MAGICPIG_TOKENS and not quantized):
+    if cfg.attention == "magicpig" or (cfg.attention == "auto" and tokens >= AUTO_MAGICPIG_TOKENS):
         from kernels_cpu.magicpig import LSHIndex
 
         nkv, k, l = args.num_key_value_heads, cfg.lsh_k, cfg.lsh_l

@@ -1,5 +1,6 @@
 """--kv-dtype from the command line: the same text with the quantized KV in RAM and spilled, the quantized
-bytes in --stats and --plan, the one-line refusal of MagicPIG over quantized KV."""
+bytes in --stats and --plan, MagicPIG over quantized KV (its plan and stats; refused, as over float KV, once
+the KV would spill to disk)."""
 
 from __future__ import annotations
 
@@ -40,11 +41,39 @@ def test_plan_counts_quantized_bytes_and_fits_a_longer_context(store_dir):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("--kv-dtype", "q4", "--attention", "magicpig"), "--kv-dtype"),
+    (("--kv-dtype", "q8", "--attention", "magicpig", "--kv-cpu-mem", "64M"), "MagicPIG"),
     (("--kv-dtype", "q3"), "--kv-dtype"),
 ])
 def test_kv_dtype_errors_are_one_line(store_dir, args, needle):
     assert_user_error(run_cli("--plan", "--offload-dir", store_dir, "--ctx-size", "4096", *args), needle)
+
+
+def test_magicpig_over_q8_kv_plans_and_reports_the_quantized_bytes_and_its_tables(store_dir):
+    """--kv-dtype q8 --attention magicpig: the plan's KV line names q8, the newest chunks' floats and the
+    tables; a run over ~1000 tokens samples (attention magicpig in --stats) with the q8 bytes per token, and
+    the RAM it reports (chunks, tables, floats) within what the plan reserved for the window."""
+    opts = ("--kv-dtype", "q8", "--attention", "magicpig")
+    proc = run_cli("--plan", "--offload-dir", store_dir, "--ctx-size", "2048", *opts)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("kv cache: "))
+    assert "as q8" in line and "newest chunks in floats" in line and "MagicPIG tables" in line, line
+    assert "attention magicpig" in line
+    rec = _stats(run_cli(*ARGS, "--offload-dir", store_dir, *opts, input=STORY))
+    assert rec["attention"] == "magicpig" and rec["kv_dtype"] == "q8" and rec["kv_bytes_by_tier"]["disk"] == 0
+    layers, kv_heads, d = 30, 3, 64  # the default model
+    assert rec["kv_bytes_per_token"] == 2 * layers * kv_heads * KVQuant("q8", d, 256).row_bytes()
+    plan_host = _plan_kv_host_bytes(line)
+    assert 0 < rec["kv_bytes_by_tier"]["host"] <= plan_host, (rec["kv_bytes_by_tier"], plan_host)
+
+
+def _plan_kv_host_bytes(line: str) -> int:
+    """The host bytes a --plan KV line adds up: chunks, the floats, the tables (as printed: rounded)."""
+    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
+    total = 0
+    for pat in (r"host ([\d.]+) ?(\w+) \(", r"floats ([\d.]+) ?(\w+)", r"MagicPIG tables ([\d.]+) ?(\w+)"):
+        m = re.search(pat, line)
+        total += float(m.group(1)) * units[m.group(2)]
+    return int(total * 1.01)  # the printed figures are rounded
 
 
 def test_speculation_over_quantized_kv_gives_the_autoregressive_text(store_dir):

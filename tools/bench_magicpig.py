@@ -28,6 +28,13 @@ Reported per (keys, length): µs per layer-step for each, the speed ratio, the o
 error vs exact (mean over heads of |o - o_exact| / |o_exact|, averaged over ``--queries`` query
 draws), the share of indexed keys a head attends, the rows the shared gather reads against the per-head
 gathers, the tables' build time per token and bytes per token.
+
+``--kv-dtype q8|q4``: the same keys and values (needles included) quantized into kernels_cpu.kv_quant
+records, every chunk closed (the cache's open chunk of floats is not modelled: its rows are the window's
+last ones). MagicPIG then hashes the dequantized keys and gathers record rows (shared gather only), the
+exact step is the quantized kernel (kernels_cpu.attention_q) over the same records, and the bf16 exact
+kernel is timed beside them: the table gives both ratios. The error is against exact attention over the
+bf16 keys (the quantization's error included); the quantized exact kernel's own is printed too.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import torch
 from kernels_cpu import hugepages
 from kernels_cpu import magicpig as mp
 from kernels_cpu import matvec
+from kernels_cpu.kv_quant import KVQuant
 from tools.bench_moe import cpu_model
 
 NH, NKV, D, C = 32, 8, 128, 256
@@ -110,6 +118,16 @@ def magicpig_step(attn, q, kpool, vpool, slots, n, index, nsampled=None, shared=
     return attn.merge(o, lse, o3, l3)
 
 
+def make_records(kpool, vpool, fmt: KVQuant, huge: bool):
+    """The bf16 pools as quantized records (K, V [P, NKV, C, w] uint8), slot for slot."""
+    kr, vr = (torch.empty(kpool.shape[0], *fmt.record_shape(NKV), dtype=torch.uint8) for _ in range(2))
+    for pool in (kr, vr) if huge else ():
+        hugepages.advise(pool)
+    for p in range(kpool.shape[0]):
+        fmt.quantize(kpool[p], vpool[p], kr[p], vr[p])
+    return kr, vr
+
+
 def rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((o - ref).norm(dim=-1) / ref.norm(dim=-1)).mean())
 
@@ -134,44 +152,64 @@ def union_share(index, q) -> float:
 
 
 def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int, seed: int, beta: float,
-             gathers: list[str], huge: bool) -> dict:
+             gathers: list[str], huge: bool, fmt: KVQuant | None = None) -> dict:
     g = torch.Generator().manual_seed(seed + n)
     kpool, vpool, slots, centres = make_kv(n, keys, g, huge)
     qs = [make_queries(n, centres, kpool, slots, g, beta) for _ in range(queries)]
     eff = statistics.mean(effective_keys(q, kpool, slots, n) for q in qs)
-    index = mp.LSHIndex(NKV, D, K=K, L=L, seed=seed)
+    kq, vq = (kpool, vpool) if fmt is None else make_records(kpool, vpool, fmt, huge)  # what MagicPIG reads
+    index = mp.LSHIndex(NKV, D, K=K, L=L, seed=seed, quant=fmt)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    index.build(kpool, slots, SINKS, n - WINDOW)
+    index.build(kq, slots, SINKS, n - WINDOW)
     build_s = time.perf_counter() - t0
-    errs, frac = {w: [] for w in gathers}, []
+    if fmt is None:
+        def exact(q):
+            return exact_step(attn, q, kpool, vpool, slots, n)
+    else:
+        from kernels_cpu import attention_q
+
+        snp = slots.numpy()
+
+        def exact(q):  # the quantized kernel over the same records, every chunk closed
+            return attention_q.attend(q[None], kq, vq, snp, n // C, fmt)
+    errs, frac, exact_q_err = {w: [] for w in gathers}, [], []
     ns = np.zeros(NH, dtype=np.int64)
     with matvec.decode_scope():
         for q in qs:
             ref, _ = exact_step(attn, q, kpool, vpool, slots, n)
+            if fmt is not None:
+                exact_q_err.append(rel_err(exact(q)[0][0], ref[0]))
             for w in gathers:
-                o, _ = magicpig_step(attn, q, kpool, vpool, slots, n, index, ns, shared=w == "shared")
+                o, _ = magicpig_step(attn, q, kq, vq, slots, n, index, ns, shared=w == "shared")
                 errs[w].append(rel_err(o, ref[0]))
             frac.append(float(ns.mean()) / index.n_tokens)
-        te, tm = [], {w: [] for w in gathers}
+        te, tb, tm = [], [], {w: [] for w in gathers}
         for _ in range(repeats):  # interleaved: all see the same machine
             t0 = time.perf_counter()
-            exact_step(attn, qs[0], kpool, vpool, slots, n)
+            exact(qs[0])
             te.append(time.perf_counter() - t0)
+            if fmt is not None:  # the bf16 exact kernel beside the quantized one
+                t0 = time.perf_counter()
+                exact_step(attn, qs[0], kpool, vpool, slots, n)
+                tb.append(time.perf_counter() - t0)
             for w in gathers:
                 t0 = time.perf_counter()
-                magicpig_step(attn, qs[0], kpool, vpool, slots, n, index, shared=w == "shared")
+                magicpig_step(attn, qs[0], kq, vq, slots, n, index, shared=w == "shared")
                 tm[w].append(time.perf_counter() - t0)
     # shared machines: the best of each and the median of back-to-back ratios are what survive
     # other processes; medians of the times are kept in the JSON
     per = {w: dict(magicpig_us=min(tm[w]) * 1e6, magicpig_median_us=statistics.median(tm[w]) * 1e6,
-                   speedup=statistics.median(e / m for e, m in zip(te, tm[w])), rel_err=statistics.mean(errs[w]))
+                   speedup=statistics.median(e / m for e, m in zip(te, tm[w])), rel_err=statistics.mean(errs[w]),
+                   speedup_vs_bf16=statistics.median(b / m for b, m in zip(tb, tm[w])) if tb else None)
            for w in gathers}
-    return dict(keys=keys, tokens=n, K=K, L=L, huge_pages=huge, exact_us=min(te) * 1e6,
-                exact_median_us=statistics.median(te) * 1e6, gathers=per, union_share=union_share(index, qs[0]),
-                effective_keys=eff, sampled_frac=statistics.mean(frac),
+    return dict(keys=keys, tokens=n, K=K, L=L, huge_pages=huge, kv_dtype=fmt.name if fmt else "bf16",
+                exact_us=min(te) * 1e6, exact_median_us=statistics.median(te) * 1e6,
+                exact_bf16_us=min(tb) * 1e6 if tb else None,
+                exact_rel_err=statistics.mean(exact_q_err) if exact_q_err else 0.0, gathers=per,
+                union_share=union_share(index, qs[0]), effective_keys=eff, sampled_frac=statistics.mean(frac),
                 build_us_per_token=build_s / index.n_tokens * 1e6, table_bytes_per_token=index.nbytes / index.n_tokens,
-                kv_bytes_per_token=2 * NKV * D * 2)
+                kv_bytes_per_token=2 * NKV * (D * 2 if fmt is None else fmt.row_bytes()))
 
 
 def a2(argv) -> int:
@@ -187,6 +225,9 @@ def a2(argv) -> int:
                     help="MagicPIG kernels timed side by side: per-head (a gather per query head, the old path), "
                          "shared (one per KV head's query group)")
     ap.add_argument("--no-huge-pages", action="store_true", help="leave the pools on 4 KiB pages (the old path)")
+    ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "q8", "q4"),
+                    help="q8/q4: MagicPIG and the exact kernel over quantized records (shared gather only), "
+                         "the bf16 exact kernel timed beside them")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_path", help="also write the rows here")
@@ -195,25 +236,42 @@ def a2(argv) -> int:
     if not gathers or any(w not in ("per-head", "shared") for w in gathers):
         print(f"bench_magicpig: --gather takes per-head and/or shared, not {a.gather!r}", file=sys.stderr)
         return 2
+    fmt = None if a.kv_dtype == "bf16" else KVQuant(a.kv_dtype, D, C)
+    lengths = [parse_tokens(s) for s in a.lengths.split(",")]
+    if fmt is not None and ("per-head" in gathers or any(n % C for n in lengths)):
+        print(f"bench_magicpig: --kv-dtype {a.kv_dtype} runs the shared gather (--gather shared) over whole "
+              f"chunks (lengths multiples of {C})", file=sys.stderr)
+        return 2
     from kernels_cpu import attention as attn
     matvec.set_threads(a.threads)
     attn.warm_up()
-    mp.warm_up()
+    mp.warm_up(records=fmt is not None)
+    if fmt is not None:
+        from kernels_cpu import attention_q
+
+        attention_q.warm_up()
     rows = []
-    print(f"A2: one layer's decode step, {NH} query / {NKV} KV heads, d {D}, bf16 KV, C {C}, K {a.K}, L {a.L}, "
+    print(f"A2: one layer's decode step, {NH} query / {NKV} KV heads, d {D}, {a.kv_dtype} KV, C {C}, K {a.K}, L {a.L}, "
           f"{a.threads} threads; exact part {SINKS} sinks + {WINDOW} window; best of {a.repeats}, speed-up: median "
           f"of back-to-back ratios; pools on {'4 KiB' if a.no_huge_pages else 'huge'} pages; "
           f"CPU {cpu_model()}, load {os.getloadavg()[0]:.2f}\n")
     cols = "".join(f" {w} µs (best) | {w} speed-up | {w} rel. error |" for w in gathers)
-    print(f"| keys | tokens | exact µs (best) |{cols} effective keys | keys attended | rows read shared "
-          "| build µs/token | table B/token (KV B/token) |")
-    print("|---|---|---|" + "---|---|---|" * len(gathers) + "---|---|---|---|---|")
+    qcols = ("", "") if fmt is None else (f" exact bf16 µs | exact {fmt.name} rel. error |",
+                                           " shared speed-up vs exact bf16 |")
+    print(f"| keys | tokens | exact{'' if fmt is None else ' ' + fmt.name} µs (best) |{qcols[0]}{cols}{qcols[1]} "
+          "effective keys | keys attended | rows read shared | build µs/token | table B/token (KV B/token) |")
+    print("|---|---|---|" + "---|---|" * (fmt is not None) + "---|---|---|" * len(gathers) + "---|" * (fmt is not None)
+          + "---|---|---|---|---|")
     for keys in a.keys.split(","):
-        for n in (parse_tokens(s) for s in a.lengths.split(",")):
-            r = run_case(attn, n, keys, a.K, a.L, a.repeats, a.queries, a.seed, a.beta, gathers, not a.no_huge_pages)
+        for n in lengths:
+            r = run_case(attn, n, keys, a.K, a.L, a.repeats, a.queries, a.seed, a.beta, gathers, not a.no_huge_pages,
+                         fmt)
             rows.append(r)
             cells = "".join(f" {p['magicpig_us']:.0f} | {p['speedup']:.2f}x | {p['rel_err']:.3f} |"
                             for p in r["gathers"].values())
+            if fmt is not None:
+                cells = (f" {r['exact_bf16_us']:.0f} | {r['exact_rel_err']:.4f} |{cells}"
+                         f" {r['gathers']['shared']['speedup_vs_bf16']:.2f}x |")
             print(f"| {keys} | {n} | {r['exact_us']:.0f} |{cells} {r['effective_keys']:.0f} "
                   f"| {100 * r['sampled_frac']:.2f}% | {100 * r['union_share']:.0f}% "
                   f"| {r['build_us_per_token']:.1f} | {r['table_bytes_per_token']:.0f} ({r['kv_bytes_per_token']}) |",

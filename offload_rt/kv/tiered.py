@@ -38,6 +38,9 @@ before, so that a rollback into it re-closes it from the same floats) and quanti
 fills; closed chunks are what attention reads wherever they are (RAM, disk, re-closed after a rollback),
 through :mod:`kernels_cpu.attention_q` for decode (merged with the open chunk's float result) and
 dequantized a few at a time for prefill and trees; the selection's bounds come from the stored keys.
+MagicPIG's tables hash the closed chunks' keys as stored (dequantized), and its kernel reads the sampled
+rows, the sinks and the window's closed chunks from the records (dequantized in registers); the open
+chunk's floats go through the float kernel and are merged.
 
 Beside a GPU only q and the new k/v come down and only the output goes up.
 Pool memory is reserved once at its planned size and touched as tokens arrive; nothing
@@ -81,8 +84,6 @@ class TieredKV:
                  quant: KVQuant | None = None, float_chunks: int = 2):
         if attention not in ("exact", "magicpig", "select"):
             raise ValueError(f"attention {attention!r}")
-        if quant is not None and attention == "magicpig":
-            raise ValueError("MagicPIG runs over float KV chunks only")
         if quant is not None and (quant.head_dim != head_dim or quant.chunk_tokens != chunk_tokens):
             raise ValueError(f"{quant} for head dim {head_dim}, chunks of {chunk_tokens}")
         self.quant = quant  # closed chunks as quantized records (kernels_cpu.kv_quant); None: floats
@@ -241,17 +242,34 @@ class TieredKV:
             elif sampled is None:
                 o, lse = (self._exact if self.quant is None else self._exact_quant)(layer, qf, 0, end, call)
             else:
-                from kernels_cpu import magicpig
-
-                # the sinks and the window exact, in the kernel's own softmax
-                o, lse = magicpig.attend_sampled(qf[0], self.kpool, self.vpool, self._slots(layer, end), sampled,
-                                                 exact=[(0, SINKS), (self._index_stop[layer], end)])
-                o, lse = o[None], lse[None]
+                o, lse = self._sampled(layer, qf, end, sampled, call)
             if T > 1 and tree_mask is None and not window and end >= self._prompt_end:
                 self._magicpig(layer, end + 1)  # a prompt's (last) pass: the tables the next decode step needs
         out = o.reshape(T, nh * d).to(device=out_device, dtype=out_dtype)
         self.attention_s += time.perf_counter() - t0
         return out
+
+    def _sampled(self, layer: int, q: torch.Tensor, end: int, index, call: dict):
+        """MagicPIG's decode step (q [1, nh, d]): the sinks and the window exact, in the sampling kernel's own
+        softmax, the rest sampled through ``index``. Quantized: the kernel reads the closed chunks' records (the
+        sampled rows, the sinks, the window's closed part), the open chunk's floats go through the float kernel,
+        merged."""
+        from kernels_cpu import magicpig
+
+        hi = end if self.quant is None else end // self.C * self.C
+        o, lse = magicpig.attend_sampled(q[0], self.kpool, self.vpool, self._slots(layer, hi), index,
+                                         exact=[(0, SINKS), (self._index_stop[layer], hi)])
+        acc = (o[None], lse[None])
+        if hi < end:
+            acc = _merged(acc, self._open_chunk(layer, q, end, kern.attend, call))
+        return acc
+
+    def _open_chunk(self, layer: int, q: torch.Tensor, end: int, fn, call: dict):
+        """Quantized: attention (``fn``: a float kernel) over the open chunk's floats, the rows of [0, end) past
+        the last closed chunk (there must be some)."""
+        closed = end // self.C
+        f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
+        return fn(q, self._fk, self._fv, f, end - closed * self.C, k_base=closed * self.C, **call)
 
     def _attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """The common decode step in one kernel call (kernels_cpu.attention.attend_decode): one CPU token,
@@ -388,8 +406,7 @@ class TieredKV:
         acc = None
         try:
             if end > closed * C:
-                f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
-                acc = kern.attend(q, self._fk, self._fv, f, end - closed * C, k_base=closed * C, **call)
+                acc = self._open_chunk(layer, q, end, kern.attend, call)
             batches = ((slots.numpy(), len(chunks)) for slots, chunks in passes)
             for slots, n in itertools.chain([(ram, len(ram))] if ram else [], batches):  # the RAM chunks while the first disk batch is read, then each batch
                 acc = _merged(acc, attention_q.attend(q, self.kpool, self.vpool, slots, n, self.quant))
@@ -433,8 +450,7 @@ class TieredKV:
             for slots, chunks in self._disk_passes(layer, _batches(disk, packed=False)):
                 dequantized(list(chunks), slots.tolist())
         if hi > closed * C and hi > lo:
-            f = torch.tensor([self._nf * layer + closed % self._nf], dtype=torch.int32)
-            add(fn(q, self._fk, self._fv, f, hi - closed * C, k_base=closed * C, **call))
+            add(self._open_chunk(layer, q, hi, fn, call))
         return _no_keys(q) if acc is None else acc
 
     def _stored(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,7 +575,7 @@ class TieredKV:
         slots = self._slots(layer, stop)
         if index is None:
             index = self._index[layer] = magicpig.LSHIndex(self.kv_heads, self.head_dim, self.lsh_k, self.lsh_l,
-                                                           seed=layer)
+                                                           seed=layer, quant=self.quant)
             index.build(self.kpool, slots, SINKS, stop)
         elif stop > self._index_stop[layer]:
             index.extend(self.kpool, slots, self._index_stop[layer], stop)
