@@ -33,7 +33,8 @@ gathers, the tables' build time per token and bytes per token.
 records, every chunk closed (the cache's open chunk of floats is not modelled: its rows are the window's
 last ones). MagicPIG then hashes the dequantized keys and gathers record rows (shared gather only), the
 exact step is the quantized kernel (kernels_cpu.attention_q) over the same records, and the bf16 exact
-kernel is timed beside them: the table gives both ratios. The error is against exact attention over the
+kernel and MagicPIG over the bf16 pools (its own tables) are timed beside them: the table gives the ratios
+to each. The error is against exact attention over the
 bf16 keys (the quantization's error included); the quantized exact kernel's own is printed too.
 """
 
@@ -163,6 +164,10 @@ def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int
     t0 = time.perf_counter()
     index.build(kq, slots, SINKS, n - WINDOW)
     build_s = time.perf_counter() - t0
+    index_f = None
+    if fmt is not None:  # MagicPIG over the bf16 pools beside it: the same step's rows at two widths
+        index_f = mp.LSHIndex(NKV, D, K=K, L=L, seed=seed)
+        index_f.build(kpool, slots, SINKS, n - WINDOW)
     if fmt is None:
         def exact(q):
             return exact_step(attn, q, kpool, vpool, slots, n)
@@ -184,7 +189,7 @@ def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int
                 o, _ = magicpig_step(attn, q, kq, vq, slots, n, index, ns, shared=w == "shared")
                 errs[w].append(rel_err(o, ref[0]))
             frac.append(float(ns.mean()) / index.n_tokens)
-        te, tb, tm = [], [], {w: [] for w in gathers}
+        te, tb, tf, tm = [], [], [], {w: [] for w in gathers}
         for _ in range(repeats):  # interleaved: all see the same machine
             t0 = time.perf_counter()
             exact(qs[0])
@@ -193,6 +198,9 @@ def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int
                 t0 = time.perf_counter()
                 exact_step(attn, qs[0], kpool, vpool, slots, n)
                 tb.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                magicpig_step(attn, qs[0], kpool, vpool, slots, n, index_f)
+                tf.append(time.perf_counter() - t0)
             for w in gathers:
                 t0 = time.perf_counter()
                 magicpig_step(attn, qs[0], kq, vq, slots, n, index, shared=w == "shared")
@@ -201,11 +209,12 @@ def run_case(attn, n: int, keys: str, K: int, L: int, repeats: int, queries: int
     # other processes; medians of the times are kept in the JSON
     per = {w: dict(magicpig_us=min(tm[w]) * 1e6, magicpig_median_us=statistics.median(tm[w]) * 1e6,
                    speedup=statistics.median(e / m for e, m in zip(te, tm[w])), rel_err=statistics.mean(errs[w]),
-                   speedup_vs_bf16=statistics.median(b / m for b, m in zip(tb, tm[w])) if tb else None)
+                   speedup_vs_bf16=statistics.median(b / m for b, m in zip(tb, tm[w])) if tb else None,
+                   speedup_vs_bf16_magicpig=statistics.median(f / m for f, m in zip(tf, tm[w])) if tf else None)
            for w in gathers}
     return dict(keys=keys, tokens=n, K=K, L=L, huge_pages=huge, kv_dtype=fmt.name if fmt else "bf16",
                 exact_us=min(te) * 1e6, exact_median_us=statistics.median(te) * 1e6,
-                exact_bf16_us=min(tb) * 1e6 if tb else None,
+                exact_bf16_us=min(tb) * 1e6 if tb else None, magicpig_bf16_us=min(tf) * 1e6 if tf else None,
                 exact_rel_err=statistics.mean(exact_q_err) if exact_q_err else 0.0, gathers=per,
                 union_share=union_share(index, qs[0]), effective_keys=eff, sampled_frac=statistics.mean(frac),
                 build_us_per_token=build_s / index.n_tokens * 1e6, table_bytes_per_token=index.nbytes / index.n_tokens,
@@ -257,10 +266,11 @@ def a2(argv) -> int:
           f"CPU {cpu_model()}, load {os.getloadavg()[0]:.2f}\n")
     cols = "".join(f" {w} µs (best) | {w} speed-up | {w} rel. error |" for w in gathers)
     qcols = ("", "") if fmt is None else (f" exact bf16 µs | exact {fmt.name} rel. error |",
-                                           " shared speed-up vs exact bf16 |")
+                                           " shared speed-up vs exact bf16 | MagicPIG bf16 µs | shared speed-up "
+                                           "vs MagicPIG bf16 |")
     print(f"| keys | tokens | exact{'' if fmt is None else ' ' + fmt.name} µs (best) |{qcols[0]}{cols}{qcols[1]} "
           "effective keys | keys attended | rows read shared | build µs/token | table B/token (KV B/token) |")
-    print("|---|---|---|" + "---|---|" * (fmt is not None) + "---|---|---|" * len(gathers) + "---|" * (fmt is not None)
+    print("|---|---|---|" + "---|---|" * (fmt is not None) + "---|---|---|" * len(gathers) + "---|---|---|" * (fmt is not None)
           + "---|---|---|---|---|")
     for keys in a.keys.split(","):
         for n in lengths:
@@ -271,7 +281,8 @@ def a2(argv) -> int:
                             for p in r["gathers"].values())
             if fmt is not None:
                 cells = (f" {r['exact_bf16_us']:.0f} | {r['exact_rel_err']:.4f} |{cells}"
-                         f" {r['gathers']['shared']['speedup_vs_bf16']:.2f}x |")
+                         f" {r['gathers']['shared']['speedup_vs_bf16']:.2f}x | {r['magicpig_bf16_us']:.0f} |"
+                         f" {r['gathers']['shared']['speedup_vs_bf16_magicpig']:.2f}x |")
             print(f"| {keys} | {n} | {r['exact_us']:.0f} |{cells} {r['effective_keys']:.0f} "
                   f"| {100 * r['sampled_frac']:.2f}% | {100 * r['union_share']:.0f}% "
                   f"| {r['build_us_per_token']:.1f} | {r['table_bytes_per_token']:.0f} ({r['kv_bytes_per_token']}) |",
