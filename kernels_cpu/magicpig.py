@@ -48,7 +48,7 @@ from numba.typed import List as NbList
 
 from kernels_cpu import hugepages
 from kernels_cpu import magicpig_q
-from kernels_cpu.kv_quant import KVQuant
+from kernels_cpu.kv_quant import GROUP, KVQuant
 from kernels_cpu.matvec import _bits_to_f32
 
 SEG_MAX = 65535  # tokens a segment may span: ids and bucket offsets fit uint16
@@ -720,7 +720,8 @@ class LSHIndex:
             if kpool.dim() != 4 or tuple(kpool.shape[1:]) != want or kpool.dtype != torch.uint8:
                 raise ValueError(f"key records {tuple(kpool.shape)} {kpool.dtype} are not {self.quant.name}'s: uint8 "
                                  f"[P, {', '.join(map(str, want))}]")
-        elif kpool.dim() != 4 or kpool.shape[1] != self.nkv or kpool.shape[3] != self.d or kpool.dtype == torch.uint8:
+        elif (kpool.dim() != 4 or kpool.shape[1] != self.nkv or kpool.shape[3] != self.d
+              or not kpool.is_floating_point()):
             raise ValueError(f"key pool {tuple(kpool.shape)} {kpool.dtype} is not float [P, {self.nkv}, C, {self.d}]")
 
     def _keys(self, kpool: torch.Tensor, slot: int, r0: int, r1: int) -> torch.Tensor:
@@ -890,8 +891,6 @@ def warm_up(records: bool = False) -> None:
     attend_sampled(torch.randn(1, 2), kp, kp, slots, idx, shared=False)
     idx.retrieve(torch.randn(1, 2))
     if records:
-        from kernels_cpu.kv_quant import GROUP
-
         fmt = KVQuant("q8", GROUP, GROUP)
         rec = torch.zeros(2, *fmt.record_shape(1), dtype=torch.uint8)
         idx = LSHIndex(1, GROUP, K=1, L=2, quant=fmt)

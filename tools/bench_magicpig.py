@@ -270,8 +270,8 @@ def a2(argv) -> int:
                                            "vs MagicPIG bf16 |")
     print(f"| keys | tokens | exact{'' if fmt is None else ' ' + fmt.name} µs (best) |{qcols[0]}{cols}{qcols[1]} "
           "effective keys | keys attended | rows read shared | build µs/token | table B/token (KV B/token) |")
-    print("|---|---|---|" + "---|---|" * (fmt is not None) + "---|---|---|" * len(gathers) + "---|---|---|" * (fmt is not None)
-          + "---|---|---|---|---|")
+    quant_cells = 5 if fmt is not None else 0
+    print("|---|---|---|" + "---|" * quant_cells + "---|---|---|" * len(gathers) + "---|---|---|---|---|")
     for keys in a.keys.split(","):
         for n in lengths:
             r = run_case(attn, n, keys, a.K, a.L, a.repeats, a.queries, a.seed, a.beta, gathers, not a.no_huge_pages,
