@@ -2,15 +2,23 @@
 
 The records are :mod:`kernels_cpu.kv_quant`'s: per chunk and KV head, the codes then the float16
 scales (and q4's minimums); keys per channel over groups of 32 tokens, values per token over the head
-dim. The products and the online softmax are :mod:`kernels_cpu.attention`'s (register-blocked 4 query
-rows x 4 keys), over one group of 32 keys at a time:
+dim. Both formats run straight over the codes, widened in registers (:mod:`kernels_cpu.simd`: int8
+sign-extended, q4's byte holding channels i and i + 16 split by mask and shift), never through a
+dequantized float copy:
 
-* q8 runs them over the int8 codes themselves, widened in registers like bf16: a key group's
-  per-channel scales fold into the query once per group (``q . k_j = (q * s) . c_j``, KIVI's trick), a
-  value's per-token scale into its softmax weight (``p_j s_j``). Same instructions per element as bf16,
-  half the bytes.
-* q4 first widens a group's nibbles (two per byte) into a float32 block in L1 (``m + s * c``), then the
-  same products over it: a few more instructions per element than bf16 (A1q in docs/BENCHMARKS.md).
+* keys, per group of 32 tokens: ``q . k_t = (q * s) . c_t + q . m`` (KIVI's trick): the group's
+  per-channel scales s fold into the query once, the scores are simd.qk4x4's (4 query rows x 4 keys
+  in registers, one transposing reduction) over the codes c_t, and q4's minimums m add one number
+  per row and group;
+* the online softmax runs once per chunk (every key of a closed chunk is visible: no mask);
+* values: ``sum_t p_t (m_t + s_t c_t) = sum_t (p_t s_t) c_t + (sum_t p_t m_t) * 1``: a token's scale
+  folds into its weight, q4's minimums into one number per row added to every channel, and simd.pv4
+  adds the weighted codes, the 4 rows' accumulators for 32 channels in registers across the chunk.
+
+So q4 costs the same FMAs as bf16 (per token and KV head 2 * d per query row) and a few integer
+instructions per 16 codes: on a core that computes slower than memory delivers (AMD EPYC, Zen 4:
+512-bit FMAs double-pumped) its gain over bf16 is bounded by the FMA rate, not by its 3.2x fewer
+bytes (A1q in docs/BENCHMARKS.md).
 
 Parallel over (KV head x split of chunks), the splits merged by log-sum-exp. Only closed (whole) chunks
 are quantized and every key of a closed chunk is visible to a decode query, so there is no mask here:
@@ -25,10 +33,11 @@ import torch
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
-from kernels_cpu.attention import _NEG, _half_bits_to_f32, _ptr, _scores, _softmax, _splits, _to_f32, _values
+from kernels_cpu.attention import _NEG, _exp_le0, _half_bits_to_f32, _ptr, _splits
 from kernels_cpu.kv_quant import GROUP, KVQuant
+from kernels_cpu.simd import pv4, qk4x4
 
 
 @intrinsic
@@ -53,52 +62,86 @@ def _prefetch_span(addr, n):  # pragma: no cover - compiled
         _prefetch_at(addr + off)
 
 
-@overload(_to_f32, inline="always")
-def _code_to_f32(x):
-    """kernels_cpu.attention's element widening, extended to q8 codes (int8): its register-blocked
-    products then run over a record's codes as they run over bf16 keys."""
-    if x == types.int8:
-        return lambda x: np.float32(x)
-    return None
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _softmax_all(s, qm, grp, vs, vm, affine, m, lsum, acc, pw):  # pragma: no cover - compiled
+    """The online softmax step of one chunk (kernels_cpu.attention._softmax without its mask: every key
+    is visible), the value half's folds in the same pass.
+
+    Scores s [R, n] (each run of ``grp`` keys offset by qm[run, r], q4's ``q . min`` term) become weights
+    p = exp(s + qm - m) under each row's new running max m (acc and lsum rescaled when it grows);
+    pw = p * vs (the values' per-token scales folded into the weights) and, for q4 (``affine``),
+    acc[r] += sum_j p_j vm_j on every channel (the per-token minimums' rank-1 term). Not inlined on
+    purpose: inlined, the run length is the constant GROUP, LLVM unrolls these loops whole and leaves
+    every max, exponential and sum scalar (measured: a third of the q4 kernel's time)."""
+    R, n = s.shape
+    d = acc.shape[1]
+    for r in range(R):
+        m0 = m[r]
+        bm = m0
+        for t0 in range(0, n, grp):
+            a = qm[t0 // grp, r]
+            for j in range(t0, t0 + grp):
+                v = s[r, j] + a
+                s[r, j] = v
+                bm = v if v > bm else bm
+        alpha = np.float32(1.0)
+        if bm > m0:
+            alpha = _exp_le0(m0 - bm)
+            lsum[r] *= alpha
+            m[r] = bm
+        tot = np.float32(0.0)
+        b = np.float32(0.0)
+        for j in range(n):
+            p = _exp_le0(s[r, j] - bm)
+            tot += p
+            pw[r, j] = p * vs[j]
+            b += p * vm[j]
+        lsum[r] += tot
+        if not affine:
+            b = np.float32(0.0)
+        if alpha != np.float32(1.0) or b != np.float32(0.0):
+            for x in range(d):
+                acc[r, x] = acc[r, x] * alpha + b
 
 
-@nb.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def _widen_q4(codes, t0, ks, km, vs, vm, out, g):  # pragma: no cover - compiled
-    """out[0, g, j, x] = km[x] + ks[x] * vs[t0 + j] * code + vm[t0 + j] for the GROUP tokens from t0 (packed
-    nibbles: per 32 channels, byte i = channels i, i + 16). Keys: ks, km per channel, vs = 1, vm = 0;
-    values: vs, vm per token, ks = 1, km = 0."""
-    d = ks.shape[0]
-    H = GROUP // 2
-    for j in range(GROUP):
-        sv = vs[t0 + j]
-        mv = vm[t0 + j]
-        for xg in range(d // GROUP):
-            for i in range(H):
-                b = np.uint8(codes[t0 + j, xg * H + i])
-                x = xg * GROUP + i
-                out[0, g, j, x] = km[x] + ks[x] * (mv + sv * np.float32(b & np.uint8(15)))
-                out[0, g, j, x + H] = km[x + H] + ks[x + H] * (mv + sv * np.float32(b >> np.uint8(4)))
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _fold_keys(qg, g, ksc, kmn, affine, ks, km, qs, qm):  # pragma: no cover - compiled
+    """A key group's per-channel scales ksc (and minimums kmn, float16 bits) into its queries:
+    qs[0, r] = qg[g, r] * ks and, for q4 (``affine``), qm[r] = qg[g, r] . km, so that
+    ``q . k = qs . code + qm``."""
+    R, d = qg.shape[1], qg.shape[2]
+    for x in range(d):
+        ks[x] = _half_bits_to_f32(ksc[x])
+    for r in range(R):
+        for x in range(d):
+            qs[0, r, x] = qg[g, r, x] * ks[x]
+    if affine:
+        for x in range(d):
+            km[x] = _half_bits_to_f32(kmn[x])
+        for r in range(R):
+            a = np.float32(0.0)
+            for x in range(d):
+                a += qg[g, r, x] * km[x]
+            qm[r] = a
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True)
 def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pragma: no cover - compiled
-    """One task: KV head g over the closed chunks slots[c0:c1] (every key visible), GROUP keys at a time,
-    through kernels_cpu.attention's register-blocked products and online softmax; state acc [R, d], m,
-    lsum [R] (qg pre-scaled).
+    """One task: KV head g over the closed chunks slots[c0:c1] (every key visible), a chunk at a time;
+    state acc [R, d], m, lsum [R] (qg pre-scaled, R a multiple of 4, d of GROUP).
 
-    q8: the products run over the codes themselves, widened in registers: a key group's per-channel
-    scales are folded into the query (``q . k = (q * s) . c``), a value's per-token scale into its softmax
-    weight. q4: a group's nibbles are first widened to float32 in a small L1-resident block."""
+    Per key group the scales fold into the query (_fold_keys) and simd.qk4x4 scores the codes; per
+    chunk one softmax step (_softmax_all, the value scales folded into the weights) and simd.pv4 over
+    the value codes (the module docstring has the algebra)."""
     nkv, R, d = qg.shape
     _P, _nkv, C, w = kbuf.shape
     cb = d * bits // 8
-    s = np.empty((R, GROUP), dtype=np.float32)
-    sw = np.empty((R, GROUP), dtype=np.float32)
+    s = np.empty((R, C), dtype=np.float32)
+    sw = np.empty((R, C), dtype=np.float32)
     qs = np.empty((1, R, d), dtype=np.float32)
-    kf = np.empty((1, nkv, GROUP, d), dtype=np.float32)  # q4: only [0, g] is used (the float kernel's indexing)
     ks = np.empty(d, dtype=np.float32)
     km = np.zeros(d, dtype=np.float32)
-    ones, zeros = np.ones(max(C, d), dtype=np.float32), np.zeros(max(C, d), dtype=np.float32)
+    qm = np.zeros((C // GROUP, R), dtype=np.float32)
     vs = np.empty(C, dtype=np.float32)
     vm = np.zeros(C, dtype=np.float32)
     for r in range(R):
@@ -120,34 +163,32 @@ def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pra
         kmn = nb.carray(_ptr(ka + C * cb + 2 * nparam, np.int16), (C // GROUP, d))
         vsc = nb.carray(_ptr(va + C * cb, np.int16), C)
         vmn = nb.carray(_ptr(va + C * cb + 2 * C, np.int16), C)
-        kc = nb.carray(_ptr(ka, np.int8), (1, 1, C, cb))
-        vc = nb.carray(_ptr(va, np.int8), (1, 1, C, cb))
+        if bits == 8:
+            kc8 = nb.carray(_ptr(ka, np.int8), (1, 1, C, cb))
+            vc8 = nb.carray(_ptr(va, np.int8), (C, cb))
+        else:
+            kc4 = nb.carray(_ptr(ka, np.uint8), (1, 1, C, cb))
+            vc4 = nb.carray(_ptr(va, np.uint8), (C, cb))
         for t in range(C):
             vs[t] = _half_bits_to_f32(vsc[t])
-            if bits == 4:
+        if bits == 4:
+            for t in range(C):
                 vm[t] = _half_bits_to_f32(vmn[t])
         for gr in range(C // GROUP):
             t0 = gr * GROUP
-            for x in range(d):
-                ks[x] = _half_bits_to_f32(ksc[gr, x])
-                if bits == 4:
-                    km[x] = _half_bits_to_f32(kmn[gr, x])
+            _fold_keys(qg, g, ksc[gr], kmn[gr], bits == 4, ks, km, qs, qm[gr])
+            for r in range(0, R, 4):
+                for j in range(0, GROUP, 4):
+                    if bits == 8:
+                        qk4x4(qs, 0, r, kc8, 0, t0 + j, s, t0 + j)
+                    else:
+                        qk4x4(qs, 0, r, kc4, 0, t0 + j, s, t0 + j)
+        _softmax_all(s, qm, GROUP, vs, vm, bits == 4, m, lsum, acc, sw)
+        for r in range(0, R, 4):
             if bits == 8:
-                for r in range(R):
-                    for x in range(d):
-                        qs[0, r, x] = qg[g, r, x] * ks[x]
-                _scores(qs, 0, kc, 0, t0, GROUP, s)
-                _softmax(s, GROUP, m, lsum, acc)
-                for r in range(R):
-                    for j in range(GROUP):
-                        sw[r, j] = s[r, j] * vs[t0 + j]
-                _values(vc, 0, 0, t0, GROUP, sw, acc)
+                pv4(vc8, 0, C, sw, r, acc)
             else:
-                _widen_q4(kc[0, 0], t0, ks, km, ones, zeros, kf, g)
-                _scores(qg, g, kf, 0, 0, GROUP, s)
-                _softmax(s, GROUP, m, lsum, acc)
-                _widen_q4(vc[0, 0], t0, ones[:d], zeros[:d], vs, vm, kf, g)
-                _values(kf, g, 0, 0, GROUP, s, acc)
+                pv4(vc4, 0, C, sw, r, acc)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)

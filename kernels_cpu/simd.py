@@ -79,8 +79,33 @@ def _widen(builder, ptr, kind: str):
     return builder.bitcast(wide, ir.VectorType(_F32, LANES))
 
 
+def _nibbles(builder, ptr):
+    """The 2 * LANES channels packed in the LANES bytes at byte pointer ``ptr`` (q4 KV: byte i holds
+    channel i in its low nibble, channel i + LANES in its high one) as two float32 vectors: one
+    16-byte load, zero-extended to int32 lanes, masked / shifted, converted."""
+    vi = ir.VectorType(_I32, LANES)
+    vp = builder.bitcast(ptr, ir.VectorType(ir.IntType(8), LANES).as_pointer())
+    wide = builder.zext(builder.load(vp, align=1), vi)
+    lo = builder.and_(wide, ir.Constant(vi, [15] * LANES))
+    hi = builder.lshr(wide, ir.Constant(vi, [4] * LANES))
+    vf = ir.VectorType(_F32, LANES)
+    return builder.uitofp(lo, vf), builder.uitofp(hi, vf)
+
+
+def _row_vectors(builder, row, x, kind: str):
+    """[(channel offset from x, float32 vector)] of one stored row (element pointer ``row``) at channel x:
+    one vector, or for q4 (``row`` a byte pointer, x a multiple of 2 * LANES) the two of a byte run."""
+    if kind == "q4":
+        half = builder.lshr(x, ir.Constant(x.type, 1))
+        lo, hi = _nibbles(builder, builder.gep(row, [half]))
+        return [(0, lo), (LANES, hi)]
+    return [(0, _widen(builder, builder.gep(row, [x]), kind))]
+
+
 def _kind(dtype) -> str | None:
-    return {types.uint16: "bf16", types.int16: "f16", types.float32: "f32", types.int8: "i8"}.get(dtype)
+    """The stored element kind of a pool / record dtype: uint8 is q4's packed nibbles."""
+    return {types.uint16: "bf16", types.int16: "f16", types.float32: "f32", types.int8: "i8",
+            types.uint8: "q4"}.get(dtype)
 
 
 @intrinsic
@@ -88,7 +113,9 @@ def qk4x4(typingctx, qg, g, r, kp, slot, row, s, j):
     """s[r + i, j + t] = qg[g, r + i, :] . widen(kp[slot, g, row + t, :]) for i, t in 0..3.
 
     qg [nkv, R, d] float32 (C-contiguous rows), kp [P, nkv, C, d] of float32 / bfloat16 bits (uint16) /
-    float16 bits (int16) / int8 codes, s [R, B] float32; d % LANES == 0 (unchecked: the caller's guard)."""
+    float16 bits (int16) / int8 codes, or [P, nkv, C, d / 2] of q4's packed nibbles (uint8: the widened
+    codes, ``widen(c) = c``); s [R, B] float32; d % LANES == 0 (q4: d % (2 * LANES)), unchecked: the
+    caller's guard."""
     kind = _kind(kp.dtype)
     if kind is None or qg.dtype != types.float32 or s.dtype != types.float32:
         return None
@@ -113,13 +140,16 @@ def qk4x4(typingctx, qg, g, r, kp, slot, row, s, j):
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(16)]
         for a in accs:
             builder.store(ir.Constant(vec, [0.0] * LANES), a)
-        with cgutils.for_range_slice(builder, zero, d, ir.Constant(intp, LANES), intp=intp) as (x, _):
-            ks = [_widen(builder, builder.gep(p, [x]), kind) for p in krows]
-            for i in range(4):
-                qv = builder.load(builder.bitcast(builder.gep(qrows[i], [x]), vec.as_pointer()), align=4)
-                for t in range(4):
-                    a = accs[i * 4 + t]
-                    builder.store(builder.call(fma, [qv, ks[t], builder.load(a)]), a)
+        step = ir.Constant(intp, 2 * LANES if kind == "q4" else LANES)
+        with cgutils.for_range_slice(builder, zero, d, step, intp=intp) as (x, _):
+            ks = [_row_vectors(builder, p, x, kind) for p in krows]
+            for o in range(len(ks[0])):
+                xo = builder.add(x, ir.Constant(intp, ks[0][o][0]))
+                for i in range(4):
+                    qv = builder.load(builder.bitcast(builder.gep(qrows[i], [xo]), vec.as_pointer()), align=4)
+                    for t in range(4):
+                        a = accs[i * 4 + t]
+                        builder.store(builder.call(fma, [qv, ks[t][o][1], builder.load(a)]), a)
         live = [builder.load(a) for a in accs]
         for lo, hi, x, y in _STEPS:
             mlo = ir.Constant(ir.VectorType(_I32, LANES), lo)
@@ -137,3 +167,65 @@ def qk4x4(typingctx, qg, g, r, kp, slot, row, s, j):
 
     return sig, codegen
 
+
+
+@intrinsic
+def pv4(typingctx, vp, row, nbk, p, r, acc):
+    """acc[r + i, :] += sum_j p[r + i, j] * widen(vp[row + j, :]) over j < nbk, for i in 0..3.
+
+    The value half of a quantized KV group (kernels_cpu/attention_q.py): vp [C, d] int8 codes (q8) or
+    [C, d / 2] packed nibbles (q4, uint8), p [R, B] float32 weights (the per-token scale already folded
+    in), acc [R, d] float32; d % (2 * LANES) == 0 (unchecked: the caller's guard). Per 2 * LANES
+    channels the 8 accumulators (4 rows x 2 vectors) stay in registers across all nbk tokens: each
+    token costs one row load and its widening, 4 broadcast weights and 8 FMAs, where a scalar loop
+    LLVM vectorises reads and writes the accumulators once per few tokens."""
+    kind = _kind(vp.dtype)
+    if kind not in ("i8", "q4") or p.dtype != types.float32 or acc.dtype != types.float32:
+        return None
+    sig = types.void(vp, types.intp, types.intp, p, types.intp, acc)
+
+    def codegen(context, builder, signature, args):
+        vty, _, _, pty, _, aty = signature.args
+        v_ary = context.make_array(vty)(context, builder, args[0])
+        p_ary = context.make_array(pty)(context, builder, args[3])
+        a_ary = context.make_array(aty)(context, builder, args[5])
+        row, nbk, r = args[1], args[2], args[4]
+        intp = context.get_value_type(types.intp)
+        zero = ir.Constant(intp, 0)
+        d = cgutils.unpack_tuple(builder, a_ary.shape, 2)[1]
+        vec = ir.VectorType(_F32, LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                             f"llvm.fma.v{LANES}f32")
+        arows = [cgutils.get_item_pointer(context, builder, aty, a_ary, [builder.add(r, ir.Constant(intp, i)), zero])
+                 for i in range(4)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(8)]
+        with cgutils.for_range_slice(builder, zero, d, ir.Constant(intp, 2 * LANES), intp=intp) as (x, _):
+            offs = [0, LANES]
+            ptrs = [[builder.bitcast(builder.gep(arows[i], [builder.add(x, ir.Constant(intp, o))]), vec.as_pointer())
+                     for o in offs] for i in range(4)]
+            for i in range(4):
+                for h in range(2):
+                    builder.store(builder.load(ptrs[i][h], align=4), accs[i * 2 + h])
+            with cgutils.for_range(builder, nbk, intp=intp) as loop:
+                j = loop.index
+                vrow = cgutils.get_item_pointer(context, builder, vty, v_ary, [builder.add(row, j), zero])
+                if kind == "q4":
+                    vs = [v for _o, v in _row_vectors(builder, vrow, x, kind)]
+                else:
+                    vs = [_widen(builder, builder.gep(vrow, [builder.add(x, ir.Constant(intp, o))]), kind)
+                          for o in offs]
+                for i in range(4):
+                    pi = builder.load(cgutils.get_item_pointer(context, builder, pty, p_ary,
+                                                               [builder.add(r, ir.Constant(intp, i)), j]))
+                    pv = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, None), pi, _I32(0)),
+                                                ir.Constant(vec, None), ir.Constant(ir.VectorType(_I32, LANES),
+                                                                                    [0] * LANES))
+                    for h in range(2):
+                        a = accs[i * 2 + h]
+                        builder.store(builder.call(fma, [pv, vs[h], builder.load(a)]), a)
+            for i in range(4):
+                for h in range(2):
+                    builder.store(builder.load(accs[i * 2 + h]), ptrs[i][h], align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

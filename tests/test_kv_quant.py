@@ -2,9 +2,10 @@
 
 The reference is exact attention (float64) over what the cache holds: each closed chunk's K/V
 quantized and dequantized (kernels_cpu.kv_quant), the open chunk's floats. Against it: the quantized
-kernel for head dims 64/128 and GQA ratios 1/3/4, and the cache through prefill, decode steps across
-chunk boundaries (partial, exactly full, several chunks), in RAM and spilled to disk (the same bits),
-and after a speculation's rollback (keep) as if the rejected rows had never been written.
+kernel for head dims 64/96/128, GQA ratios 1/3/4 and 1 or 3 queries (several 4-row register blocks),
+and the cache through prefill, decode steps across chunk boundaries (partial, exactly full, several
+chunks), in RAM and spilled to disk (the same bits), and after a speculation's rollback (keep) as if
+the rejected rows had never been written.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def test_round_trip_within_half_a_step_and_requantizing_gives_the_same_bytes(nam
 
 
 @pytest.mark.parametrize("name", FORMATS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d, T", [(64, 1), (128, 1), (96, 3)])  # T = 3: several 4-row register blocks
 @pytest.mark.parametrize("nkv, group", [(2, 1), (2, 3), (1, 4)])
 @pytest.mark.parametrize("n_chunks", [1, 3])
-def test_kernel_equals_exact_attention_over_the_dequantized_chunks(name, d, nkv, group, n_chunks):
+def test_kernel_equals_exact_attention_over_the_dequantized_chunks(name, d, T, nkv, group, n_chunks):
     C = 64
     fmt = KVQuant(name, d, C)
     gen = torch.Generator().manual_seed(d + nkv + group + n_chunks)
@@ -73,7 +74,7 @@ def test_kernel_equals_exact_attention_over_the_dequantized_chunks(name, d, nkv,
         pool_k[slot], pool_v[slot] = _records(fmt, k, v)
         Ks.append(fmt.dequantize_keys(pool_k[slot]))
         Vs.append(fmt.dequantize_values(pool_v[slot]))
-    q = torch.randn(1, nkv * group, d, generator=gen) * 2
+    q = torch.randn(T, nkv * group, d, generator=gen) * 2
     out, lse = attention_q.attend(q, pool_k, pool_v, slots, n_chunks, fmt)
     ref, ref_lse = _reference(q, torch.cat(Ks, 1), torch.cat(Vs, 1))
     assert (out.double() - ref).abs().max() < 2e-5 and (lse.double() - ref_lse).abs().max() < 2e-5
