@@ -184,11 +184,12 @@ def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pra
                     else:
                         qk4x4(qs, 0, r, kc4, 0, t0 + j, s, t0 + j)
         _softmax_all(s, qm, GROUP, vs, vm, bits == 4, m, lsum, acc, sw)
-        for r in range(0, R, 4):
-            if bits == 8:
-                pv4(vc8, 0, C, sw, r, acc)
-            else:
-                pv4(vc4, 0, C, sw, r, acc)
+        for t0 in range(0, C, GROUP):  # a group's value rows stay in L1 across pv4's channel blocks
+            for r in range(0, R, 4):
+                if bits == 8:
+                    pv4(vc8, t0, GROUP, sw, r, acc)
+                else:
+                    pv4(vc4, t0, GROUP, sw, r, acc)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)

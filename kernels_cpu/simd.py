@@ -13,7 +13,10 @@ the 16 scores as four 4-wide rows.
 Vectors are ``LANES`` float32 wide; the head dim must be a multiple of LANES (the caller falls back to
 the scalar loops otherwise). Pool elements are read as they are stored and widened in registers:
 bfloat16 bits (uint16) shifted into the top half of a float32, float16 bits (int16) through
-``fpext half``, float32 as is, int8 codes (q8 KV, kernels_cpu/attention_q.py) converted as integers.
+``fpext half``, float32 as is, int8 codes (q8 KV, kernels_cpu/attention_q.py) converted as integers,
+q4 KV's packed nibbles (uint8: byte i of 32 channels holds channels i and i + 16) as one 16-byte load
+split by mask and shift into two vectors. :func:`pv4` is the value side for the quantized kernel:
+4 rows' weighted sums of q8 / q4 value rows, the accumulators kept in registers across the rows.
 """
 
 from __future__ import annotations
@@ -171,14 +174,16 @@ def qk4x4(typingctx, qg, g, r, kp, slot, row, s, j):
 
 @intrinsic
 def pv4(typingctx, vp, row, nbk, p, r, acc):
-    """acc[r + i, :] += sum_j p[r + i, j] * widen(vp[row + j, :]) over j < nbk, for i in 0..3.
+    """acc[r + i, :] += sum_j p[r + i, row + j] * widen(vp[row + j, :]) over j < nbk, for i in 0..3.
 
     The value half of a quantized KV group (kernels_cpu/attention_q.py): vp [C, d] int8 codes (q8) or
-    [C, d / 2] packed nibbles (q4, uint8), p [R, B] float32 weights (the per-token scale already folded
-    in), acc [R, d] float32; d % (2 * LANES) == 0 (unchecked: the caller's guard). Per 2 * LANES
-    channels the 8 accumulators (4 rows x 2 vectors) stay in registers across all nbk tokens: each
-    token costs one row load and its widening, 4 broadcast weights and 8 FMAs, where a scalar loop
-    LLVM vectorises reads and writes the accumulators once per few tokens."""
+    [C, d / 2] packed nibbles (q4, uint8), p [R, C] float32 weights (the per-token scale already folded
+    in, one column per token), acc [R, d] float32; d % (2 * LANES) == 0 (unchecked: the caller's
+    guard). Per 2 * LANES channels the 8 accumulators (4 rows x 2 vectors) stay in registers across
+    the nbk tokens: each token costs one row load and its widening, 4 broadcast weights and 8 FMAs,
+    where a scalar loop LLVM vectorises reads and writes the accumulators once per few tokens. The
+    rows are walked once per 2 * LANES channels, so nbk should keep them in L1 (a group of 32 tokens,
+    not a whole 256-token chunk: 32 KiB of q8 rows, an L1's size)."""
     kind = _kind(vp.dtype)
     if kind not in ("i8", "q4") or p.dtype != types.float32 or acc.dtype != types.float32:
         return None
@@ -216,7 +221,8 @@ def pv4(typingctx, vp, row, nbk, p, r, acc):
                           for o in offs]
                 for i in range(4):
                     pi = builder.load(cgutils.get_item_pointer(context, builder, pty, p_ary,
-                                                               [builder.add(r, ir.Constant(intp, i)), j]))
+                                                               [builder.add(r, ir.Constant(intp, i)),
+                                                                builder.add(row, j)]))
                     pv = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, None), pi, _I32(0)),
                                                 ir.Constant(vec, None), ir.Constant(ir.VectorType(_I32, LANES),
                                                                                     [0] * LANES))
