@@ -3,19 +3,22 @@
 The records are :mod:`kernels_cpu.kv_quant`'s: per chunk and KV head, the codes then the float16
 scales (and q4's minimums); keys per channel over groups of 32 tokens, values per token over the head
 dim. Both formats run straight over the codes, widened in registers (:mod:`kernels_cpu.simd`: int8
-sign-extended, q4's byte holding channels i and i + 16 split by mask and shift), never through a
-dequantized float copy:
+converted as integers, q4's byte holding channels i and i + 16 split by mask and shift), never
+through a dequantized float copy:
 
 * keys, per group of 32 tokens: ``q . k_t = (q * s) . c_t + q . m`` (KIVI's trick): the group's
   per-channel scales s fold into the query once, the scores are simd.qk4x4's (4 query rows x 4 keys
   in registers, one transposing reduction) over the codes c_t, and q4's minimums m add one number
   per row and group;
-* the online softmax runs once per chunk (every key of a closed chunk is visible: no mask);
 * values: ``sum_t p_t (m_t + s_t c_t) = sum_t (p_t s_t) c_t + (sum_t p_t m_t) * 1``: a token's scale
-  folds into its weight, q4's minimums into one number per row added to every channel, and simd.pv4
-  adds the weighted codes, the 4 rows' accumulators for 32 channels in registers across the chunk.
+  folds into its softmax weight, q4's minimums into one number per row added to every channel.
+* q8 runs kernels_cpu.attention's online softmax and value product per group of 32 keys, as bf16
+  does (the same instructions per element, half the bytes). q4 runs one softmax step per chunk
+  (_softmax_all: vectorised, no mask) and simd.pv4 over the value nibbles, the 4 rows' accumulators
+  for 32 channels in registers across a group. (q8 through the q4 scheme measured 7-25 % slower out
+  of cache at 16k-64k tokens, while equal in cache: kept as it was.)
 
-So q4 costs the same FMAs as bf16 (per token and KV head 2 * d per query row) and a few integer
+So q4 costs the same FMAs as bf16 (per token and KV head 2 * d per query row) plus a few integer
 instructions per 16 codes: on a core that computes slower than memory delivers (AMD EPYC, Zen 4:
 512-bit FMAs double-pumped) its gain over bf16 is bounded by the FMA rate, not by its 3.2x fewer
 bytes (A1q in docs/BENCHMARKS.md).
@@ -33,9 +36,10 @@ import torch
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from kernels_cpu.attention import _NEG, _exp_le0, _half_bits_to_f32, _ptr, _splits
+from kernels_cpu.attention import (_NEG, PF_KEYS, _exp_le0, _half_bits_to_f32, _ptr, _scores, _softmax, _splits, _to_f32,
+                                   _values)
 from kernels_cpu.kv_quant import GROUP, KVQuant
 from kernels_cpu.simd import pv4, qk4x4
 
@@ -62,17 +66,26 @@ def _prefetch_span(addr, n):  # pragma: no cover - compiled
         _prefetch_at(addr + off)
 
 
-@nb.njit(fastmath=True, cache=True, nogil=True)
-def _softmax_all(s, qm, grp, vs, vm, affine, m, lsum, acc, pw):  # pragma: no cover - compiled
-    """The online softmax step of one chunk (kernels_cpu.attention._softmax without its mask: every key
-    is visible), the value half's folds in the same pass.
+@overload(_to_f32, inline="always")
+def _code_to_f32(x):
+    """kernels_cpu.attention's element widening, extended to q8 codes (int8): its register-blocked
+    products then run over a record's codes as they run over bf16 keys."""
+    if x == types.int8:
+        return lambda x: np.float32(x)
+    return None
 
-    Scores s [R, n] (each run of ``grp`` keys offset by qm[run, r], q4's ``q . min`` term) become weights
-    p = exp(s + qm - m) under each row's new running max m (acc and lsum rescaled when it grows);
-    pw = p * vs (the values' per-token scales folded into the weights) and, for q4 (``affine``),
-    acc[r] += sum_j p_j vm_j on every channel (the per-token minimums' rank-1 term). Not inlined on
-    purpose: inlined, the run length is the constant GROUP, LLVM unrolls these loops whole and leaves
-    every max, exponential and sum scalar (measured: a third of the q4 kernel's time)."""
+
+@nb.njit(fastmath=True, cache=True, nogil=True)
+def _softmax_all(s, qm, grp, vs, vm, m, lsum, acc, pw):  # pragma: no cover - compiled
+    """q4's online softmax step over one chunk (kernels_cpu.attention._softmax without its mask: every
+    key is visible), the values' folds in the same pass.
+
+    Scores s [R, n] (each run of ``grp`` keys offset by qm[run, r], the keys' ``q . min`` term) become
+    weights p = exp(s + qm - m) under each row's new running max m (acc and lsum rescaled when it
+    grows); pw = p * vs (the values' per-token scales folded into the weights) and acc[r] += sum_j p_j
+    vm_j on every channel (the per-token minimums' rank-1 term). Not inlined on purpose: inlined, the
+    run length is the constant GROUP, LLVM unrolls these loops whole and leaves every max, exponential
+    and sum scalar (measured: a third of the q4 kernel's time); here each row's loops are vectorised."""
     R, n = s.shape
     d = acc.shape[1]
     for r in range(R):
@@ -97,32 +110,24 @@ def _softmax_all(s, qm, grp, vs, vm, affine, m, lsum, acc, pw):  # pragma: no co
             pw[r, j] = p * vs[j]
             b += p * vm[j]
         lsum[r] += tot
-        if not affine:
-            b = np.float32(0.0)
-        if alpha != np.float32(1.0) or b != np.float32(0.0):
-            for x in range(d):
-                acc[r, x] = acc[r, x] * alpha + b
+        for x in range(d):
+            acc[r, x] = acc[r, x] * alpha + b
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True)
-def _fold_keys(qg, g, ksc, kmn, affine, ks, km, qs, qm):  # pragma: no cover - compiled
-    """A key group's per-channel scales ksc (and minimums kmn, float16 bits) into its queries:
-    qs[0, r] = qg[g, r] * ks and, for q4 (``affine``), qm[r] = qg[g, r] . km, so that
-    ``q . k = qs . code + qm``."""
+def _fold_keys(qg, g, ksc, kmn, ks, km, qs, qm):  # pragma: no cover - compiled
+    """A q4 key group's per-channel scales ksc and minimums kmn (float16 bits) into its queries:
+    qs[0, r] = qg[g, r] * ks and qm[r] = qg[g, r] . km, so that ``q . k = qs . code + qm``."""
     R, d = qg.shape[1], qg.shape[2]
     for x in range(d):
         ks[x] = _half_bits_to_f32(ksc[x])
+        km[x] = _half_bits_to_f32(kmn[x])
     for r in range(R):
+        a = np.float32(0.0)
         for x in range(d):
             qs[0, r, x] = qg[g, r, x] * ks[x]
-    if affine:
-        for x in range(d):
-            km[x] = _half_bits_to_f32(kmn[x])
-        for r in range(R):
-            a = np.float32(0.0)
-            for x in range(d):
-                a += qg[g, r, x] * km[x]
-            qm[r] = a
+            a += qg[g, r, x] * km[x]
+        qm[r] = a
 
 
 @nb.njit(fastmath=True, cache=True, nogil=True)
@@ -130,14 +135,17 @@ def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pra
     """One task: KV head g over the closed chunks slots[c0:c1] (every key visible), a chunk at a time;
     state acc [R, d], m, lsum [R] (qg pre-scaled, R a multiple of 4, d of GROUP).
 
-    Per key group the scales fold into the query (_fold_keys) and simd.qk4x4 scores the codes; per
-    chunk one softmax step (_softmax_all, the value scales folded into the weights) and simd.pv4 over
-    the value codes (the module docstring has the algebra)."""
+    Per key group the scales fold into the query and simd.qk4x4 scores the codes. q8 then runs
+    kernels_cpu.attention's softmax and value product per group (over the int8 codes, the value scales
+    folded into the weights); q4 one softmax step per chunk (_softmax_all) and simd.pv4 over the value
+    nibbles (the module docstring has the algebra and why the two differ)."""
     nkv, R, d = qg.shape
     _P, _nkv, C, w = kbuf.shape
     cb = d * bits // 8
-    s = np.empty((R, C), dtype=np.float32)
+    s = np.empty((R, C), dtype=np.float32)  # q4's scores and weights over a chunk
     sw = np.empty((R, C), dtype=np.float32)
+    s8 = np.empty((R, GROUP), dtype=np.float32)  # q8's over a group
+    sw8 = np.empty((R, GROUP), dtype=np.float32)
     qs = np.empty((1, R, d), dtype=np.float32)
     ks = np.empty(d, dtype=np.float32)
     km = np.zeros(d, dtype=np.float32)
@@ -163,33 +171,40 @@ def _attend_chunks(qg, g, kbuf, vbuf, slots, c0, c1, bits, acc, m, lsum):  # pra
         kmn = nb.carray(_ptr(ka + C * cb + 2 * nparam, np.int16), (C // GROUP, d))
         vsc = nb.carray(_ptr(va + C * cb, np.int16), C)
         vmn = nb.carray(_ptr(va + C * cb + 2 * C, np.int16), C)
-        if bits == 8:
-            kc8 = nb.carray(_ptr(ka, np.int8), (1, 1, C, cb))
-            vc8 = nb.carray(_ptr(va, np.int8), (C, cb))
-        else:
-            kc4 = nb.carray(_ptr(ka, np.uint8), (1, 1, C, cb))
-            vc4 = nb.carray(_ptr(va, np.uint8), (C, cb))
         for t in range(C):
             vs[t] = _half_bits_to_f32(vsc[t])
-        if bits == 4:
-            for t in range(C):
-                vm[t] = _half_bits_to_f32(vmn[t])
-        for gr in range(C // GROUP):
-            t0 = gr * GROUP
-            _fold_keys(qg, g, ksc[gr], kmn[gr], bits == 4, ks, km, qs, qm[gr])
+        if bits == 8:
+            kc8 = nb.carray(_ptr(ka, np.int8), (1, 1, C, cb))
+            vc8 = nb.carray(_ptr(va, np.int8), (1, 1, C, cb))
+            for gr in range(C // GROUP):
+                t0 = gr * GROUP
+                for x in range(d):
+                    ks[x] = _half_bits_to_f32(ksc[gr, x])
+                for r in range(R):
+                    for x in range(d):
+                        qs[0, r, x] = qg[g, r, x] * ks[x]
+                _scores(qs, 0, kc8, 0, t0, GROUP, s8)
+                _softmax(s8, GROUP, m, lsum, acc)
+                for r in range(R):
+                    for j in range(GROUP):
+                        sw8[r, j] = s8[r, j] * vs[t0 + j]
+                _values(vc8, 0, 0, t0, GROUP, sw8, acc)
+            continue
+        kc4 = nb.carray(_ptr(ka, np.uint8), (1, 1, C, cb))
+        vc4 = nb.carray(_ptr(va, np.uint8), (C, cb))
+        for t in range(C):
+            vm[t] = _half_bits_to_f32(vmn[t])
+        for t0 in range(0, C, GROUP):
+            _fold_keys(qg, g, ksc[t0 // GROUP], kmn[t0 // GROUP], ks, km, qs, qm[t0 // GROUP])
             for r in range(0, R, 4):
                 for j in range(0, GROUP, 4):
-                    if bits == 8:
-                        qk4x4(qs, 0, r, kc8, 0, t0 + j, s, t0 + j)
-                    else:
-                        qk4x4(qs, 0, r, kc4, 0, t0 + j, s, t0 + j)
-        _softmax_all(s, qm, GROUP, vs, vm, bits == 4, m, lsum, acc, sw)
+                    if r == 0 and t0 + j + PF_KEYS + 4 <= C:  # kernels_cpu.attention's software prefetch
+                        _prefetch_span(ka + (t0 + j + PF_KEYS) * cb, 4 * cb)
+                    qk4x4(qs, 0, r, kc4, 0, t0 + j, s, t0 + j)
+        _softmax_all(s, qm, GROUP, vs, vm, m, lsum, acc, sw)
         for t0 in range(0, C, GROUP):  # a group's value rows stay in L1 across pv4's channel blocks
             for r in range(0, R, 4):
-                if bits == 8:
-                    pv4(vc8, t0, GROUP, sw, r, acc)
-                else:
-                    pv4(vc4, t0, GROUP, sw, r, acc)
+                pv4(vc4, t0, GROUP, sw, r, acc)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)

@@ -29,6 +29,7 @@ from numba.extending import intrinsic
 LANES = 16  # float32 lanes per vector (one 512-bit register; two 256-bit ones where that is the width)
 
 _I32 = ir.IntType(32)
+PF_ROWS = 16  # pv4 prefetches the row this far ahead, at the channels it is reading
 _F32 = ir.FloatType()
 
 
@@ -105,6 +106,14 @@ def _row_vectors(builder, row, x, kind: str):
     return [(0, _widen(builder, builder.gep(row, [x]), kind))]
 
 
+def _prefetch(builder, ptr) -> None:
+    """llvm.prefetch of the line at ``ptr`` into L1 (a hint: never faults, even past an array's end)."""
+    i8p = ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, i8p), _I32(0), _I32(3), _I32(1)])
+
+
 def _kind(dtype) -> str | None:
     """The stored element kind of a pool / record dtype: uint8 is q4's packed nibbles."""
     return {types.uint16: "bf16", types.int16: "f16", types.float32: "f32", types.int8: "i8",
@@ -174,18 +183,18 @@ def qk4x4(typingctx, qg, g, r, kp, slot, row, s, j):
 
 @intrinsic
 def pv4(typingctx, vp, row, nbk, p, r, acc):
-    """acc[r + i, :] += sum_j p[r + i, row + j] * widen(vp[row + j, :]) over j < nbk, for i in 0..3.
+    """acc[r + i, :] += sum_j p[r + i, row + j] * vp[row + j, :] over j < nbk, for i in 0..3.
 
-    The value half of a quantized KV group (kernels_cpu/attention_q.py): vp [C, d] int8 codes (q8) or
-    [C, d / 2] packed nibbles (q4, uint8), p [R, C] float32 weights (the per-token scale already folded
-    in, one column per token), acc [R, d] float32; d % (2 * LANES) == 0 (unchecked: the caller's
-    guard). Per 2 * LANES channels the 8 accumulators (4 rows x 2 vectors) stay in registers across
-    the nbk tokens: each token costs one row load and its widening, 4 broadcast weights and 8 FMAs,
-    where a scalar loop LLVM vectorises reads and writes the accumulators once per few tokens. The
-    rows are walked once per 2 * LANES channels, so nbk should keep them in L1 (a group of 32 tokens,
-    not a whole 256-token chunk: 32 KiB of q8 rows, an L1's size)."""
+    The value half of q4 KV (kernels_cpu/attention_q.py): vp [C, d / 2] packed nibbles (uint8, the
+    codes), p [R, C] float32 weights (the per-token scale already folded in, one column per token),
+    acc [R, d] float32; d % (2 * LANES) == 0 (unchecked: the caller's guard). Per 2 * LANES channels
+    the 8 accumulators (4 rows x 2 vectors) stay in registers across the nbk tokens: each token costs
+    one 16-byte load split into two vectors, 4 broadcast weights and 8 FMAs, where a scalar loop LLVM
+    vectorises reads and writes the accumulators once per few tokens. The rows are walked once per
+    2 * LANES channels, so nbk should keep them in L1 (a group of 32 tokens); each pass prefetches
+    the row PF_ROWS ahead at the channels it reads."""
     kind = _kind(vp.dtype)
-    if kind not in ("i8", "q4") or p.dtype != types.float32 or acc.dtype != types.float32:
+    if kind != "q4" or p.dtype != types.float32 or acc.dtype != types.float32:
         return None
     sig = types.void(vp, types.intp, types.intp, p, types.intp, acc)
 
@@ -214,11 +223,10 @@ def pv4(typingctx, vp, row, nbk, p, r, acc):
             with cgutils.for_range(builder, nbk, intp=intp) as loop:
                 j = loop.index
                 vrow = cgutils.get_item_pointer(context, builder, vty, v_ary, [builder.add(row, j), zero])
-                if kind == "q4":
-                    vs = [v for _o, v in _row_vectors(builder, vrow, x, kind)]
-                else:
-                    vs = [_widen(builder, builder.gep(vrow, [builder.add(x, ir.Constant(intp, o))]), kind)
-                          for o in offs]
+                ahead = cgutils.get_item_pointer(context, builder, vty, v_ary,
+                                                 [builder.add(builder.add(row, j), ir.Constant(intp, PF_ROWS)), zero])
+                _prefetch(builder, builder.gep(ahead, [builder.lshr(x, ir.Constant(intp, 1))]))
+                vs = [v for _o, v in _row_vectors(builder, vrow, x, kind)]
                 for i in range(4):
                     pi = builder.load(cgutils.get_item_pointer(context, builder, pty, p_ary,
                                                                [builder.add(r, ir.Constant(intp, i)),
