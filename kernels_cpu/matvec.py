@@ -159,16 +159,6 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def linears(x: torch.Tensor, ws, bs=None) -> list[torch.Tensor]:
-    """``[linear(x, w, b) for w, b in zip(ws, bs)]`` for weights that read the same x: quantized weights on
-    the CPU share one mat-vec call for a decode row (kernels_cpu.quant.linears: one parallel region for a
-    layer's q, k and v), the same bits as one at a time."""
-    bs = (None,) * len(ws) if bs is None else bs
-    if all(type(w) is QTensor and not w.data.is_cuda for w in ws):
-        return _quant().linears(x, ws, bs)
-    return [linear(x, w, b) for w, b in zip(ws, bs)]
-
-
 _QUANT = None
 
 

@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from kernels_cpu import matvec as fmv
 from kernels_cpu.attention import _f32_bits, _ptr
 from kernels_cpu.matvec import ROWS_PER_TASK, _bits_to_f32
-from kernels_cpu.quant import _qdot_rows, _tokens_tile
+from kernels_cpu.quant import _tokens_tile
 from kernels_cpu.quant_ir import (  # module globals, so that the kernels here can be cached (see quant_ir)
+    _dot_q4_0, _dot_q4_1, _dot_q4_k, _dot_q5_k, _dot_q6_k, _dot_q8_0,
     _tile_q4_0, _tile_q4_1, _tile_q4_k, _tile_q5_k, _tile_q6_k, _tile_q8_0, MM_ROWS)
 from storage.formats import QTensor
 
@@ -107,7 +108,24 @@ def _dot_rows(fid, addr, n, k, r0, r1, x, xs, out):  # pragma: no cover - compil
             out[i] = acc
         return
     w = nb.carray(_ptr(addr, np.uint8), (n, k // _BLOCK[fid] * _BLOCK_BYTES[fid]))
-    _qdot_rows(fid, w, r0, r1, x, xs, out)
+    if fid == 0:
+        for i in range(r0, r1):
+            out[i] = _dot_q4_0(w, i, x, xs)
+    elif fid == 1:
+        for i in range(r0, r1):
+            out[i] = _dot_q4_1(w, i, x, xs)
+    elif fid == 2:
+        for i in range(r0, r1):
+            out[i] = _dot_q8_0(w, i, x, xs)
+    elif fid == 3:
+        for i in range(r0, r1):
+            out[i] = _dot_q4_k(w, i, x, xs)
+    elif fid == 4:
+        for i in range(r0, r1):
+            out[i] = _dot_q5_k(w, i, x, xs)
+    else:
+        for i in range(r0, r1):
+            out[i] = _dot_q6_k(w, i, x, xs)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)

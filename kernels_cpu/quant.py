@@ -20,11 +20,6 @@ kernels_cpu/quant_ir.py, and quantization (:func:`quantize`, q4_0/q4_1/q8_0, byt
   Weights are prefetched in software (quant_ir.PREFETCH_BYTES). Tried and dropped: two rows per
   call sharing the x loads (+10 % from cache, but two interleaved streams defeat the hardware
   prefetcher: -60 % from RAM for k >= 1536), int->float conversion through the 2^23 bit trick (no gain).
-* :func:`linears`: the mat-vecs of 2-3 matrices that read the same decode row (a layer's q, k and v;
-  gate and up) in one parallel region (``_mv_group_addr``, any mix of formats), each row computed by
-  the code :func:`matvec` runs, so every output has the bits it has alone. A region's fork, join and
-  Python call cost ~2 µs on 2 cores, a small matrix's whole time (192x576 q4_1: 8.5 µs): q, k, v
-  grouped take 28.6 instead of 33.1 µs (2 threads, AMD EPYC Zen 4).
 * :func:`matmul`, the fused small-batch product (x [T, k] times w.T): what the speculation draft runs
   on its batches of tree leaves (T = 2..128), and prefill on AVX-512. Dequantizing rows to float32 for
   torch.mm moved 4 bytes per weight per call through memory (~540 MB per forward of the default model)
@@ -165,82 +160,6 @@ def _mv_addr(fid, w_addr, n, nbytes, x_addr, k, out_addr):  # pragma: no cover -
         _mv_q5_k(w, x, out)
     else:
         _mv_q6_k(w, x, out)
-
-
-# ---- grouped mat-vec: the matrices that read the same x (a layer's q, k and v; gate and up) in one region ----
-# A decode step is ~200 mat-vecs of 0.07-0.6 MB, each a parallel region whose fork, join and Python call cost
-# a good part of what the smallest ones compute: grouped, a layer makes 4 regions instead of 7.
-
-MV_JOBS = 3  # matrices one grouped call takes at most (:func:`linears`)
-_NO_JOB = (0, 0, 0, 0, 0)  # the unused third job of _mv_group_addr
-
-
-@nb.njit(fastmath=True, cache=True, nogil=True)
-def _affine(fid):  # pragma: no cover - compiled
-    """Whether format ``fid`` has an offset term (q4_1, q4_k, q5_k: its dot reads the sums of x)."""
-    return fid == 1 or fid == 3 or fid == 4
-
-
-@nb.njit(fastmath=True, cache=True, nogil=True)
-def _qdot_rows(fid, w, r0, r1, x, xs, out):  # pragma: no cover - compiled
-    """out[i] = row i of quantized ``w`` (format id ``fid``) times x, for i in [r0, r1); ``xs``: the sums
-    of x per 32 for the affine formats (:func:`_sums32`), else anything."""
-    if fid == 0:
-        for i in range(r0, r1):
-            out[i] = _dot_q4_0(w, i, x, xs)
-    elif fid == 1:
-        for i in range(r0, r1):
-            out[i] = _dot_q4_1(w, i, x, xs)
-    elif fid == 2:
-        for i in range(r0, r1):
-            out[i] = _dot_q8_0(w, i, x, xs)
-    elif fid == 3:
-        for i in range(r0, r1):
-            out[i] = _dot_q4_k(w, i, x, xs)
-    elif fid == 4:
-        for i in range(r0, r1):
-            out[i] = _dot_q5_k(w, i, x, xs)
-    else:
-        for i in range(r0, r1):
-            out[i] = _dot_q6_k(w, i, x, xs)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _mv_jobs(jobs, x):  # pragma: no cover - compiled
-    """out_j = w_j @ x for every job j, one parallel region over all their blocks of ROWS_PER_TASK rows.
-
-    jobs: int64 [m, 5], a row per matrix: (format id, address of w [n, row bytes], n, row bytes, address
-    of out [n] float32), checked by the caller. Each row is computed by the same code whatever the other
-    jobs are (the same bits alone and grouped)."""
-    m = jobs.shape[0]
-    first = np.zeros(m + 1, dtype=np.int64)  # the first task of each job
-    affine = False
-    for j in range(m):
-        first[j + 1] = first[j] + (jobs[j, 2] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-        affine = affine or _affine(jobs[j, 0])
-    xs = _sums32(x) if affine else x
-    for t in nb.prange(first[m]):
-        j = 0
-        while t >= first[j + 1]:
-            j += 1
-        n = jobs[j, 2]
-        r0 = (t - first[j]) * ROWS_PER_TASK
-        w = nb.carray(_ptr(jobs[j, 1], np.uint8), (n, jobs[j, 3]))
-        _qdot_rows(jobs[j, 0], w, r0, min(n, r0 + ROWS_PER_TASK), x, xs, nb.carray(_ptr(jobs[j, 4], np.float32), n))
-
-
-@nb.njit(cache=True, nogil=True)
-def _mv_group_addr(x_addr, k, f0, w0, n0, b0, o0, f1, w1, n1, b1, o1, f2, w2, n2, b2, o2):  # pragma: no cover - compiled
-    """Two or three mat-vecs of x (k float32 at ``x_addr``) in one parallel region, by address (see
-    :func:`linears`): job j is (format id, weight address, rows, row bytes, output address); a third job
-    with 0 rows is left out."""
-    m = 2 if n2 == 0 else 3
-    jobs = np.empty((m, 5), dtype=np.int64)
-    jobs[0, 0], jobs[0, 1], jobs[0, 2], jobs[0, 3], jobs[0, 4] = f0, w0, n0, b0, o0
-    jobs[1, 0], jobs[1, 1], jobs[1, 2], jobs[1, 3], jobs[1, 4] = f1, w1, n1, b1, o1
-    if m > 2:
-        jobs[2, 0], jobs[2, 1], jobs[2, 2], jobs[2, 3], jobs[2, 4] = f2, w2, n2, b2, o2
-    _mv_jobs(jobs, nb.carray(_ptr(x_addr, np.float32), k))
 
 
 # ---- small-batch kernels: out[T, n] = x[T, k] @ w.T, parallel over blocks of ROWS_PER_TASK rows ----
@@ -532,32 +451,6 @@ def matvec_t(w_bytes: torch.Tensor, fmt: str, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linears(x: torch.Tensor, ws, bs=None) -> list[torch.Tensor]:
-    """``[linear(x, w, b) for w, b in zip(ws, bs)]`` for quantized weights that read the same x (a layer's
-    q, k, v; gate and up). One row (decode) and 2..MV_JOBS contiguous weights of x's width on the CPU: one
-    mat-vec call over all of them, so one parallel region instead of one each, and every output has the
-    bits :func:`linear` gives it alone. Anything else: :func:`linear` one weight at a time."""
-    bs = (None,) * len(ws) if bs is None else bs
-    k = x.shape[-1]
-    if not (x.numel() == k and 2 <= len(ws) <= MV_JOBS and not x.is_cuda
-            and all(w.shape[1] == k and not w.data.is_cuda and w.data.is_contiguous() for w in ws)):
-        return [linear(x, w, b) for w, b in zip(ws, bs)]
-    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    shape, ys, args = x.shape[:-1], [], []
-    for w in ws:
-        data, n = w.data, w.shape[0]
-        y = torch.empty(*shape, n, dtype=torch.float32)
-        ys.append(y)
-        args += (_FORMAT_IDS[w.fmt.name], data.data_ptr(), n, data.shape[1], y.data_ptr())
-    if len(ws) < MV_JOBS:
-        args += _NO_JOB
-    _mv_group_addr(xf.data_ptr(), k, *args)
-    for y, b in zip(ys, bs):
-        if b is not None:
-            y += b
-    return ys if x.dtype == torch.float32 else [y.to(x.dtype) for y in ys]
-
-
 def linear(x: torch.Tensor, w: QTensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, dequantized w, b)`` for a quantized weight on the CPU; x [..., k] -> [..., n] in x.dtype.
 
@@ -628,6 +521,4 @@ def warm_up() -> None:
         gather_rows(fmt, w, np.zeros(2, dtype=np.int64), out)
         x2, y2 = np.zeros((2, f.block), dtype=np.float32), np.empty((2, 2), dtype=np.float32)
         _mm_addr(_FORMAT_IDS[fmt], w.ctypes.data, 2, f.block_bytes, x2.ctypes.data, 2, f.block, y2.ctypes.data)
-        _mv_group_addr(x.ctypes.data, f.block, _FORMAT_IDS[fmt], w.ctypes.data, 2, f.block_bytes, y.ctypes.data,
-                       _FORMAT_IDS[fmt], w.ctypes.data, 2, f.block_bytes, y.ctypes.data, *_NO_JOB)
     quant_encode.warm_up()

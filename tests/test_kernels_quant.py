@@ -9,7 +9,7 @@
   (|Y - ref| / (|x| @ |W|.T) <= MV_TOL); measured <= 9e-8 for T = 2..21 (every token tile).
 * linear / embedding: torch's F.linear / row lookup on the dequantized matrix; linear's decode row is
   the mat-vec bit for bit, its small batches (2..SMALL_BATCH_TOKENS rows) the fused kernel, its larger
-  ones the prefill path; linears (weights sharing x, one mat-vec call): linear's bits for each.
+  ones the prefill path.
 """
 
 from __future__ import annotations
@@ -192,39 +192,6 @@ def test_linear_decode_and_prefill(fmt, monkeypatch):
     torch.testing.assert_close(y, F.linear(x3d.float(), wf, b).to(torch.bfloat16))
 
 
-def test_linears_share_one_call_with_the_bits_of_linear(monkeypatch):
-    """Weights reading the same x (q, k, v): one mat-vec call for a decode row, each output the bits of
-    linear() alone, whatever formats and row counts are grouped; the float64 product within MV_TOL."""
-    k = 512
-    g = torch.Generator().manual_seed(12)
-    groups = [[("q4_1", 70), ("q4_1", 33), ("q4_1", 1)],  # rows not multiples of the task, one of a single row
-              [("q4_k", 96), ("q6_k", 40), ("q8_0", 64)],  # formats mixed in one region (Q4_K_M files)
-              [("q4_0", 300), ("q5_k", 31)]]
-    calls = []
-    real = quant._mv_group_addr
-    monkeypatch.setattr(quant, "_mv_group_addr", lambda *a: (calls.append(a), real(*a))[1])
-    for seed, group in enumerate(groups):
-        ws = [qtensor(fmt, n, k, seed=20 + 3 * seed + j) for j, (fmt, n) in enumerate(group)]
-        bs = [torch.randn(n, generator=g) if j != 1 else None for j, (_, n) in enumerate(group)]
-        for dtype in (torch.float32, torch.bfloat16):
-            x = (torch.randn(1, k, generator=g) * 2).to(dtype)
-            calls.clear()
-            ys = quant.linears(x, [w for w, _ in ws], bs)
-            assert len(calls) == 1  # one call, one parallel region, for the whole group
-            for y, (w, wf), b in zip(ys, ws, bs):
-                assert y.shape == (1, w.shape[0]) and y.dtype == dtype
-                assert torch.equal(y, quant.linear(x, w, b))
-                if dtype == torch.float32:
-                    ref = F.linear(x.double(), wf.double(), None if b is None else b.double())
-                    scale = F.linear(x.double().abs(), wf.double().abs(), None if b is None else b.double().abs())
-                    assert ((y - ref).abs() / scale).max() <= MV_TOL
-    w, _ = qtensor("q4_1", 40, k, seed=30)
-    x2 = torch.randn(2, k, generator=g)  # two rows, one weight, more than one call takes: one linear() each
-    for x, n_w in ((x2, 2), (x2[:1], 1), (x2[:1], quant.MV_JOBS + 1)):
-        ys = quant.linears(x, [w] * n_w)
-        assert len(ys) == n_w and all(torch.equal(y, quant.linear(x, w)) for y in ys)
-
-
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_k"])
 def test_linear_small_batch_is_fused(fmt, monkeypatch):
     n, k = 70, 512
@@ -261,6 +228,5 @@ def test_embedding_and_matvec_t():
 
 def test_warm_up_compiles_every_kernel():
     quant.warm_up()
-    assert quant._mv_group_addr.signatures
     for kernels in (quant._MATVEC, quant._MM, quant._DEQUANT, quant_encode._QUANTIZE):
         assert all(k.signatures for k in kernels.values())

@@ -6,7 +6,7 @@
 A decode step is the mat-vecs over the weights plus everything else: RMSNorm, RoPE, the KV write
 and attention, residual adds, silu*mul, dtype casts, and the Python between them. To see the
 "everything else" alone, the default model's decode runs with its linears replaced by zero rows
-(``models.ops.linear`` and ``linears`` return cached zero tensors for one-row inputs, as /tmp/prof2.py
+(``models.ops.linear`` returns a cached zero tensor for one-row inputs, as /tmp/prof2.py
 did), and the step time is measured in two modes, alternating, in one process:
 
 - ``torch``: the fused paths off (``kernels_cpu.rowops.usable`` answers False, so the model runs its
@@ -42,7 +42,7 @@ def linears_zeroed():
     """One-row linears return zeros (cached per output width): only the work around them remains."""
     from offload_rt.models import ops
 
-    real, real_many, zeros = ops.linear, ops.linears, {}
+    real, zeros = ops.linear, {}
 
     def fake(x, w, b=None):
         if x.shape[0] != 1:
@@ -52,14 +52,11 @@ def linears_zeroed():
             zeros[n, x.dtype] = torch.zeros(1, n, dtype=x.dtype)
         return zeros[n, x.dtype]
 
-    def fake_many(x, ws, bs):
-        return [fake(x, w, b) for w, b in zip(ws, bs)] if x.shape[0] == 1 else real_many(x, ws, bs)
-
-    ops.linear, ops.linears = fake, fake_many
+    ops.linear = fake
     try:
         yield
     finally:
-        ops.linear, ops.linears = real, real_many
+        ops.linear = real
 
 
 MODES = {"torch": (False, False), "rowops": (True, False), "attention": (False, True), "fused": (True, True)}

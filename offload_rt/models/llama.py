@@ -280,11 +280,6 @@ def _linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.
     return ops.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
-def _linears(x: torch.Tensor, w: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor]:
-    """The projections ``names`` of the same input x (ops.linears: one parallel region in decode)."""
-    return ops.linears(x, [w[n + ".weight"] for n in names], [w.get(n + ".bias") for n in names])
-
-
 def embed(args: LlamaArgs, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """ids: [T] int64 -> [T, hidden]."""
     return F.embedding(ids, table)
@@ -298,8 +293,9 @@ def attention_block(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Ten
     nh, nkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
     eps = args.rms_norm_eps
     h = rms_norm(x, w["input_layernorm.weight"], eps)
-    q, k, v = _linears(h, w, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-    v = v.view(T, nkv, d)
+    q = _linear(h, w, "self_attn.q_proj")
+    k = _linear(h, w, "self_attn.k_proj")
+    v = _linear(h, w, "self_attn.v_proj").view(T, nkv, d)
     if args.qk_norm:
         q = rms_norm(q.view(T, nh, d), w["self_attn.q_norm.weight"], eps)
         k = rms_norm(k.view(T, nkv, d), w["self_attn.k_norm.weight"], eps)
@@ -317,7 +313,7 @@ def attention_block(args: LlamaArgs, w: Mapping[str, torch.Tensor], x: torch.Ten
 
 def mlp(w: Mapping[str, torch.Tensor], h: torch.Tensor, prefix: str = "mlp", fast: bool = True) -> torch.Tensor:
     """down(silu(gate(h)) * up(h)) with the projections under ``prefix`` (also a MoE's shared expert)."""
-    gate, up = _linears(h, w, (prefix + ".gate_proj", prefix + ".up_proj"))
+    gate, up = _linear(h, w, prefix + ".gate_proj"), _linear(h, w, prefix + ".up_proj")
     return _linear(ops.silu_mul(gate, up, fast), w, prefix + ".down_proj")
 
 

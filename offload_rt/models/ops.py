@@ -5,8 +5,7 @@ kernel module, so a new kernel or a new family edits one place:
 
 - :func:`linear` — float weights: the Numba decode mat-vec for one CPU row, else ``F.linear``;
   a quantized :class:`~storage.formats.QTensor`: ``kernels_cpu.quant`` on the CPU, ``kernels_gpu.quant``
-  on a GPU (``kernels_cpu.matvec.linear`` does the dispatch); :func:`linears`: several weights that read
-  the same input (one parallel region for a decode row's quantized mat-vecs);
+  on a GPU (``kernels_cpu.matvec.linear`` does the dispatch);
 - :func:`rms_norm`, :func:`add_rms_norm`, :func:`rope_qk`, :func:`silu_mul` — the fused single-row
   kernels of ``kernels_cpu.rowops`` for one CPU token (:func:`fast_row`), torch otherwise;
 - :func:`row_invariant` — a scope in which every row of an activation is computed with the same
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 
 from kernels_cpu import rowops
 from kernels_cpu.matvec import linear as _linear
-from kernels_cpu.matvec import linears as _linears
 from kernels_cpu.matvec import rows_linear as _rows_linear
 
 _ROW_INVARIANT = False  # inside row_invariant(): see there
@@ -35,15 +33,6 @@ _ROW_INVARIANT = False  # inside row_invariant(): see there
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """(x [T, in], w [out, in] float or QTensor, bias or None) -> [T, out]."""
     return (_rows_linear if _ROW_INVARIANT else _linear)(x, w, b)
-
-
-def linears(x: torch.Tensor, ws, bs) -> list[torch.Tensor]:
-    """``[linear(x, w, b) for w, b in zip(ws, bs)]`` for weights that read the same x (q, k, v; gate, up):
-    one CPU decode row's quantized mat-vecs run in one parallel region (``kernels_cpu.matvec.linears``),
-    with the bits each gets alone."""
-    if _ROW_INVARIANT:
-        return [_rows_linear(x, w, b) for w, b in zip(ws, bs)]
-    return _linears(x, ws, bs)
 
 
 @contextmanager
