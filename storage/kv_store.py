@@ -2,21 +2,30 @@
 
 Once ``--kv-cpu-mem`` is full, sealed chunks (K and V of ``chunk_tokens`` tokens of one layer)
 spill here and are read back into preallocated host buffers when attention needs them, the way
-the weights' hot path reads them (storage/store.py): one raw chunk file per zarr chunk, read with
-``os.preadv`` straight into the caller's views, O_DIRECT when they are 4 KiB aligned.
+the weights' hot path reads them (storage/store.py): raw ``os.preadv`` straight into the caller's
+views, O_DIRECT when they are 4 KiB aligned.
 
-zarr describes the layout only: the array [n_layers, max_chunks, 2, nkv, C, d] is created through
-zarr's API (``zarr.open_array(store.path)[layer, chunk]`` reads a chunk back for debugging and tests),
-uncompressed, so each chunk file is K's then V's little-endian bytes. bfloat16 is stored as uint16,
-its logical dtype in the array's attributes, as the weight store does.
+One file per layer. zarr describes the layout only: the array [n_layers, max_chunks, 2, nkv, C, d] is
+created through zarr's API with one zarr chunk per layer (``zarr.open_array(store.path)[layer, chunk]``
+reads a chunk back for debugging and tests), uncompressed, so a layer's file is its chunk slots one
+after the other, each K's then V's little-endian bytes, and chunk c of a layer starts at byte
+``c * chunk_bytes``. A layer's file is made at its first spill, at its full size (sparse: blocks are
+allocated as chunks are written) and kept open. Why not a file per chunk: a decode step reads a
+layer's spilled chunks, which are consecutive (the oldest spill first), and small (a q4 chunk of a
+small model is ~55 KiB); one file each cost an open, a read and a close per chunk, ~600 per token at
+6k tokens on the default model, and the disk's per-request latency. Here consecutive chunks of a
+layer are one ``preadv`` (measured on this project's machine, 30 layers x 13 chunks: q4 52 -> 23-29 ms,
+q8 64-66 -> 39-40 ms). bfloat16 is stored as uint16, its logical dtype in the array's attributes, as
+the weight store does.
 
 The page cache must not keep what was spilled: the point of spilling is that host RAM is full, and
 reading back must really read the disk. A write therefore goes straight to the disk with O_DIRECT
-when both source views are aligned, and otherwise is written buffered, written back with
-``sync_file_range`` (``fdatasync`` where that is missing) and dropped with POSIX_FADV_DONTNEED:
-DONTNEED alone skips pages still under writeback, and on this machine it left every page of a
-freshly written 1 MiB chunk cached. Writeback also surfaces a full disk at write time (ext4 allocates
-blocks lazily). Buffered reads are dropped as storage/store.py drops them.
+when both source views and the chunk's place in the file are aligned, and otherwise is written
+buffered, written back with ``sync_file_range`` (``fdatasync`` where that is missing) and dropped
+with POSIX_FADV_DONTNEED: DONTNEED alone skips pages still under writeback, and on this machine it
+left every page of a freshly written 1 MiB chunk cached. Writeback also surfaces a full disk at write
+time (ext4 allocates blocks lazily). Buffered reads are dropped as well (whole pages, so the range is
+widened to page edges: a neighbour's clean pages dropped with it cost nothing).
 
 Every directory is ``<root>/kv-<pid>-<random>``, held by an flock on a file inside it for the store's
 life. ``close()`` removes it (so does interpreter exit, or the store being garbage collected); a store
@@ -29,9 +38,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
@@ -39,7 +50,7 @@ import torch
 
 from storage.errors import NoSpaceError, StorageError
 from storage.formats import FLOAT_FORMATS
-from storage.store import _FADV, _O_DIRECT, DIRECT_ALIGN, _torch_buffer
+from storage.store import _FADV, _O_DIRECT, DIRECT_ALIGN, _torch_buffer, aligned_buffer
 
 LOCK_FILE = ".owner.lock"  # flock'ed by the owning process for the store's whole life
 DIR_PREFIX = "kv-"
@@ -49,6 +60,7 @@ _DTYPE_NAMES = {f.dtype: name for name, f in FLOAT_FORMATS.items()}
 _DTYPE_NAMES[torch.uint8] = "uint8"  # quantized KV records (kernels_cpu/kv_quant.py): the last dimension is bytes
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _SFR_FLAGS = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER: write the range back and wait
+_MAX_RUN = 256  # chunks in one preadv at most (two views each; IOV_MAX is 1024)
 
 
 class MissingChunkError(LookupError):
@@ -68,15 +80,16 @@ def _sync_file_range():
 _SYNC_FILE_RANGE = _sync_file_range()
 
 
-def _write_back(fd: int) -> None:
-    """Write ``fd``'s dirty pages to the disk and wait, so that DONTNEED can drop them.
+def _write_back(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Write ``fd``'s dirty pages in [offset, offset + nbytes) (nbytes 0: to the file's end) to the disk
+    and wait, so that DONTNEED can drop them.
 
     sync_file_range, unlike fdatasync, neither commits the journal nor flushes the disk's write cache:
     durability is not wanted (the store dies with the process), only clean pages (measured: 1.4-1.8 GB/s
     against 1.3 GB/s for fdatasync, 1 MiB chunks, this machine's disk).
     """
     if _SYNC_FILE_RANGE is not None:
-        if _SYNC_FILE_RANGE(fd, 0, 0, _SFR_FLAGS) == 0:
+        if _SYNC_FILE_RANGE(fd, offset, nbytes, _SFR_FLAGS) == 0:
             return
         err = ctypes.get_errno()
         if err != errno.ENOSYS:
@@ -84,11 +97,10 @@ def _write_back(fd: int) -> None:
     os.fdatasync(fd)
 
 
-def _transfer(op, fd: int, views: list, what: str) -> None:
-    """``op`` (os.preadv or os.pwritev) from file offset 0 until every byte of ``views`` has moved;
+def _transfer(op, fd: int, views: list, what: str, offset: int = 0) -> None:
+    """``op`` (os.preadv or os.pwritev) from file ``offset`` on until every byte of ``views`` has moved;
     a short count resumes where it stopped. EOFError when a read finds the file ends early."""
     views = [v for v in views if len(v)]
-    offset = 0
     while views:
         got = op(fd, views, offset)
         if got <= 0:
@@ -105,10 +117,24 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % DIRECT_ALIGN == 0 and t.numel() * t.element_size() % DIRECT_ALIGN == 0
 
 
-def _remove_store(path: str, lock_fd: int, owner_pid: int) -> None:
-    """The finalizer: remove the directory, then let go of its lock (a forked child owns neither)."""
+def _drop(fd: int, offset: int, nbytes: int) -> None:
+    """Drop [offset, offset + nbytes) of ``fd`` from the page cache, widened to whole pages (DONTNEED keeps
+    a page the range covers only in part)."""
+    if _FADV:
+        lo = offset - offset % mmap.PAGESIZE
+        os.posix_fadvise(fd, lo, -(-(offset + nbytes - lo) // mmap.PAGESIZE) * mmap.PAGESIZE,
+                         os.POSIX_FADV_DONTNEED)
+
+
+def _remove_store(path: str, lock_fd: int, fds: dict, owner_pid: int) -> None:
+    """The finalizer: close the layer files, remove the directory, then let go of its lock (a forked child
+    owns none of them)."""
     if os.getpid() != owner_pid:
         return
+    for fd in fds.values():
+        if fd >= 0:
+            os.close(fd)
+    fds.clear()
     shutil.rmtree(path, ignore_errors=True)
     os.close(lock_fd)
 
@@ -157,7 +183,8 @@ def remove_stale(root: Path) -> list[Path]:
 
 class KVChunkStore:
     """A zarr v3 array [n_layers, max_chunks, 2, nkv, C, d] in a fresh directory under ``root``
-    (``--offload-dir``): K ([.., 0]) and V ([.., 1]) of one chunk of one layer per zarr chunk.
+    (``--offload-dir``), one zarr chunk (file) per layer: K ([.., 0]) and V ([.., 1]) of a chunk of
+    tokens at ``chunk * chunk_bytes`` in its layer's file.
 
     ``max_chunks`` is the number of chunk slots per layer the disk tier may hold (what the plan
     spills); the whole array's bytes are checked against the free space up front, so a disk that
@@ -178,6 +205,9 @@ class KVChunkStore:
         self._root = Path(root).expanduser()
         self._written = bytearray(self._shape[0] * self._shape[1])  # 1: chunk file holds a written chunk
         self._direct = bool(_O_DIRECT)  # cleared when the filesystem refuses O_DIRECT (tmpfs)
+        self._fds: dict = {}  # (layer, direct) -> an open fd of the layer's file (-1: O_DIRECT refused)
+        self._open_lock = threading.Lock()
+        self._bounce = threading.local()  # per reading thread: an aligned buffer for O_DIRECT reads of odd ranges
         self._path = self._create_dir()
         try:
             self._encode_key = self._create_array()
@@ -204,7 +234,7 @@ class KVChunkStore:
                 os.close(lock_fd)
             shutil.rmtree(path, ignore_errors=True)
             raise self._dir_error(e) from None
-        self._finalizer = weakref.finalize(self, _remove_store, str(path), lock_fd, os.getpid())
+        self._finalizer = weakref.finalize(self, _remove_store, str(path), lock_fd, self._fds, os.getpid())
         return path
 
     def _create_array(self):
@@ -213,10 +243,10 @@ class KVChunkStore:
         name = _DTYPE_NAMES[self._dtype]
         try:
             arr = zarr.create_array(
-                store=str(self._path), shape=self._shape, chunks=(1, 1, *self._shape[2:]),
+                store=str(self._path), shape=self._shape, chunks=(1, *self._shape[1:]),
                 dtype=FLOAT_FORMATS[name].storage_dtype if name in FLOAT_FORMATS else name, compressors=None, filters=None, fill_value=0,
                 serializer={"name": "bytes", "configuration": {"endian": "little"}},
-                chunk_key_encoding={"name": "default", "separator": "."},  # one flat directory of chunk files
+                chunk_key_encoding={"name": "default", "separator": "."},  # one flat directory of layer files
                 dimension_names=DIMENSIONS, attributes={"logical_dtype": name})
         except OSError as e:
             raise self._dir_error(e) from None
@@ -277,8 +307,35 @@ class KVChunkStore:
                              f"{self._shape[0]} layers x {self._shape[1]} chunks")
         return layer * self._shape[1] + chunk
 
-    def _chunk_path(self, layer: int, chunk: int) -> str:
-        return str(self._path / self._encode_key((layer, chunk, 0, 0, 0, 0)))
+    def _layer_path(self, layer: int) -> str:
+        return str(self._path / self._encode_key((layer, 0, 0, 0, 0, 0)))
+
+    def _fd(self, layer: int, direct: bool) -> int:
+        """The layer's file open for reading and writing (``direct``: with O_DIRECT; -1 where the filesystem
+        refuses it), made at its full size (sparse) by the first call for that layer."""
+        fd = self._fds.get((layer, direct))
+        if fd is not None:
+            return fd
+        with self._open_lock:
+            if (layer, direct) not in self._fds:
+                path = self._layer_path(layer)
+                if (layer, False) not in self._fds:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                    try:
+                        os.ftruncate(fd, self._shape[1] * self.chunk_bytes)
+                    except OSError:
+                        os.close(fd)
+                        raise
+                    self._fds[layer, False] = fd
+                if direct:
+                    try:
+                        self._fds[layer, True] = os.open(path, os.O_RDWR | _O_DIRECT)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        self._direct = False
+                        self._fds[layer, True] = -1
+            return self._fds[layer, direct]
 
     def _bytes(self, what: str, t: torch.Tensor) -> memoryview:
         """A byte view of ``t`` (contiguous CPU tensor of exactly K's bytes, any dtype: raw slots may be uint8)."""
@@ -292,47 +349,41 @@ class KVChunkStore:
         return _torch_buffer(t)
 
     def write(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one chunk's K and V ([nkv, C, d] CPU views, aligned or not) to its chunk file, then make
-        sure none of it stays in the page cache (O_DIRECT if both are aligned, else write back + DONTNEED).
-        The chunk is readable once this returns; a failed write leaves it unreadable, never stale."""
+        """Write one chunk's K and V ([nkv, C, d] CPU views, aligned or not) to its place in the layer's file,
+        then make sure none of it stays in the page cache (O_DIRECT if both views and the place are aligned,
+        else write back + DONTNEED). The chunk is readable once this returns; a failed write leaves it
+        unreadable, never stale."""
         i = self._index(layer, chunk)
         views = [self._bytes("k", k), self._bytes("v", v)]
-        path = self._chunk_path(layer, chunk)
+        offset = chunk * self.chunk_bytes
         self._written[i] = 0
         try:
-            if not (self._direct and _aligned(k) and _aligned(v) and self._write_direct(path, views)):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-                try:
-                    _transfer(os.pwritev, fd, views, path)
-                    _write_back(fd)
-                    if _FADV:
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+            if not (self._direct_ok(offset) and _aligned(k) and _aligned(v) and self._write_direct(layer, views, offset)):
+                fd = self._fd(layer, False)
+                _transfer(os.pwritev, fd, views, self._layer_path(layer), offset)
+                _write_back(fd, offset, self.chunk_bytes)
+                _drop(fd, offset, self.chunk_bytes)
         except OSError as e:
             if e.errno in _FULL:
                 raise self._full_error() from None
-            raise StorageError(f"cannot write the KV cache chunk file {path}: {e.strerror or e}; "
+            raise StorageError(f"cannot write the KV cache file {self._layer_path(layer)}: {e.strerror or e}; "
                                "check --offload-dir") from None
         self._written[i] = 1
 
-    def _write_direct(self, path: str, views: list) -> bool:
-        """O_DIRECT write; False (nothing to undo: the buffered write rewrites the file) where refused."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_DIRECT, 0o600)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._direct = False
+    def _direct_ok(self, offset: int) -> bool:
+        return self._direct and offset % DIRECT_ALIGN == 0 and self.chunk_bytes % DIRECT_ALIGN == 0
+
+    def _write_direct(self, layer: int, views: list, offset: int) -> bool:
+        """O_DIRECT write; False (nothing to undo: the buffered write rewrites the range) where refused."""
+        fd = self._fd(layer, True)
+        if fd < 0:
             return False
         try:
-            _transfer(os.pwritev, fd, views, path)
+            _transfer(os.pwritev, fd, views, self._layer_path(layer), offset)
         except OSError as e:
             if e.errno != errno.EINVAL:  # EINVAL: alignment refused at write time
                 raise
             return False
-        finally:
-            os.close(fd)
         return True
 
     def _prepare(self, layer: int, chunk: int, k_out: torch.Tensor, v_out: torch.Tensor):
@@ -341,57 +392,93 @@ class KVChunkStore:
         if not self._written[i]:
             raise MissingChunkError(f"KV chunk (layer {layer}, chunk {chunk}) is not in {self._path}: "
                                     "it was never written, or was discarded")
-        return self._chunk_path(layer, chunk), views, _aligned(k_out) and _aligned(v_out)
+        return layer, chunk, views, _aligned(k_out) and _aligned(v_out)
 
     def read_into(self, layer: int, chunk: int, k_out: torch.Tensor, v_out: torch.Tensor) -> int:
-        """Fill ``k_out``, ``v_out`` (preallocated contiguous CPU views of K's bytes each) from one chunk file:
+        """Fill ``k_out``, ``v_out`` (preallocated contiguous CPU views of K's bytes each) from one chunk:
         O_DIRECT when both are 4 KiB aligned in address and size, else buffered and dropped from the page
         cache. Returns the bytes read; MissingChunkError if the chunk is not in the store."""
-        self._read(*self._prepare(layer, chunk, k_out, v_out))
+        layer, chunk, views, aligned = self._prepare(layer, chunk, k_out, v_out)
+        self._read(layer, chunk, views, aligned)
         return self.chunk_bytes
 
     def read_many(self, items, executor=None) -> int:
-        """``read_into`` for every (layer, chunk, k_out, v_out) of ``items``, in parallel on ``executor``
-        (a concurrent.futures executor; None: one after the other). Every item is checked before any
-        read starts. Returns the bytes read."""
+        """``read_into`` for every (layer, chunk, k_out, v_out) of ``items``: each run of consecutive chunks of
+        a layer (in the order given) is one read of their range of the layer's file, the runs in parallel
+        on ``executor`` (a concurrent.futures executor; None: one after the other). Every item is checked
+        before any read starts. Returns the bytes read."""
         jobs = [self._prepare(*item) for item in items]
-        if executor is None:
-            for job in jobs:
-                self._read(*job)
+        runs: list = []
+        for layer, chunk, views, aligned in jobs:
+            last = runs[-1] if runs else None
+            if last and last[0] == layer and last[1] + last[2] == chunk and last[2] < _MAX_RUN:
+                last[2] += 1
+                last[3] += views
+                last[4] = last[4] and aligned
+            else:
+                runs.append([layer, chunk, 1, list(views), aligned])
+        if executor is None or len(runs) == 1:
+            for layer, chunk, _n, views, aligned in runs:
+                self._read(layer, chunk, views, aligned)
         else:
-            for f in [executor.submit(self._read, *job) for job in jobs]:
+            for f in [executor.submit(self._read, layer, chunk, views, aligned)
+                      for layer, chunk, _n, views, aligned in runs]:
                 f.result()
         return len(jobs) * self.chunk_bytes
 
-    def _read(self, path: str, views: list, direct: bool) -> None:
+    def _read(self, layer: int, chunk: int, views: list, aligned: bool) -> None:
+        """Read the chunks from ``chunk`` on into ``views`` (K and V of each, in order): one preadv with
+        O_DIRECT, straight into the views when they and the range are 4 KiB aligned, else into this thread's
+        bounce buffer over the range widened to 4 KiB edges and copied out (measured, q4 chunks of the
+        default model, a layer's 20 at a time: 1.2-1.6 GB/s against 0.8-0.9 buffered, whose page cache
+        work and dropping cost more than the copy); buffered where the filesystem refuses O_DIRECT."""
+        offset = chunk * self.chunk_bytes
+        path = self._layer_path(layer)
         try:
-            if direct and self._direct:
-                try:
-                    fd = os.open(path, os.O_RDONLY | _O_DIRECT)
-                    try:
-                        _transfer(os.preadv, fd, views, path)
-                        return
-                    finally:
-                        os.close(fd)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:  # EINVAL: the filesystem or this alignment refused: buffered
-                        raise
-                    self._direct = False
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                _transfer(os.preadv, fd, views, path)
-                if _FADV:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            if self._direct and self._read_direct(layer, offset, views, aligned, path):
+                return
+            fd = self._fd(layer, False)
+            _transfer(os.preadv, fd, list(views), path, offset)
+            _drop(fd, offset, sum(len(v) for v in views))
         except FileNotFoundError:
-            raise StorageError(f"the KV cache chunk file {path} disappeared: was --offload-dir cleaned while "
+            raise StorageError(f"the KV cache file {path} disappeared: was --offload-dir cleaned while "
                                "offload-run was running? Run again") from None
         except EOFError:
-            raise StorageError(f"the KV cache chunk file {path} is shorter than a chunk: was it changed by "
+            raise StorageError(f"the KV cache file {path} is shorter than its chunks: was it changed by "
                                "another program? Run again") from None
         except OSError as e:
-            raise StorageError(f"cannot read the KV cache chunk file {path}: {e.strerror or e}") from None
+            raise StorageError(f"cannot read the KV cache file {path}: {e.strerror or e}") from None
+
+    def _read_direct(self, layer: int, offset: int, views: list, aligned: bool, path: str) -> bool:
+        """:meth:`_read` with O_DIRECT; False where refused (nothing read)."""
+        fd = self._fd(layer, True)
+        if fd < 0:
+            return False
+        try:
+            if aligned and self._direct_ok(offset):
+                _transfer(os.preadv, fd, list(views), path, offset)
+                return True
+            n = sum(len(v) for v in views)
+            lo = offset - offset % DIRECT_ALIGN
+            hi = -(-(offset + n) // DIRECT_ALIGN) * DIRECT_ALIGN
+            buf = getattr(self._bounce, "buf", None)
+            if buf is None or len(buf) < hi - lo:
+                buf = self._bounce.buf = _torch_buffer(aligned_buffer(hi - lo))
+            got = 0
+            while got < offset + n - lo:  # the widened range may run past the file's end: a short last read
+                step = os.preadv(fd, [buf[got:hi - lo]], lo + got)
+                if step <= 0:
+                    raise EOFError(path)
+                got += step
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this alignment refused: buffered
+                raise
+            return False
+        pos = offset - lo
+        for v in views:
+            v[:] = buf[pos:pos + len(v)]
+            pos += len(v)
+        return True
 
     def discard(self, layer: int, chunk: int) -> None:
         """Forget one chunk (trim, or moved back to RAM): its slot is free; its file stays, to be overwritten."""

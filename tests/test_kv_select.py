@@ -100,10 +100,10 @@ def test_budget_is_a_share_of_the_disk_chunks_at_least_one():
 
 def test_batches_are_runs_or_packed():
     chunks = [1, 2, 3, 7, 8, 20] + list(range(30, 30 + STAGING_BATCH + 5))
-    runs = _batches(chunks, packed=False)
+    runs = _batches(chunks, STAGING_BATCH, packed=False)
     assert runs[:3] == [(1, 2, 3), (7, 8), (20,)] and all(len(b) <= STAGING_BATCH for b in runs)
     assert [c for b in runs for c in b] == chunks and all(b == tuple(range(b[0], b[-1] + 1)) for b in runs)
-    packed = _batches(chunks, packed=True)
+    packed = _batches(chunks, STAGING_BATCH, packed=True)
     assert [len(b) for b in packed] == [STAGING_BATCH, STAGING_BATCH, len(chunks) - 2 * STAGING_BATCH] and \
         len(chunks) - 2 * STAGING_BATCH > 0
     assert [c for b in packed for c in b] == chunks

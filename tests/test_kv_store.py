@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import subprocess
@@ -72,9 +73,12 @@ def test_write_then_read_into_returns_the_same_bytes(tmp_path, monkeypatch, dtyp
     d = ODD_D if case == "odd_size" else ALIGNED_D
     aligned = case == "aligned"
     store = make(tmp_path, dtype, d)
-    opened = []
-    real_open = os.open
-    monkeypatch.setattr(os, "open", lambda p, flags, *a: opened.append(flags) or real_open(p, flags, *a))
+    direct = []  # per write or read: was its file descriptor opened with O_DIRECT
+    o_direct = getattr(os, "O_DIRECT", 0)
+    for name in ("pwritev", "preadv"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, bufs, off, real=real: direct.append(
+            bool(fcntl.fcntl(fd, fcntl.F_GETFL) & o_direct)) or real(fd, bufs, off))
     k, v = filled_views(d, dtype, aligned, seed=1)
     store.write(1, 2, k, v)
     k_out, v_out = views(d, dtype, aligned)
@@ -82,13 +86,12 @@ def test_write_then_read_into_returns_the_same_bytes(tmp_path, monkeypatch, dtyp
     np.testing.assert_array_equal(bits(k_out), bits(k))
     np.testing.assert_array_equal(bits(v_out), bits(v))
     monkeypatch.undo()
-    # O_DIRECT is tried exactly when both views are 4 KiB aligned in address and size (write, then read);
-    # a filesystem that refuses it gets the buffered write and buffered reads from then on
-    direct = [bool(f & getattr(os, "O_DIRECT", 0)) for f in opened]
-    if aligned and hasattr(os, "O_DIRECT"):
-        assert direct == ([True, True] if store._direct else [True, False, False])
+    # a write is O_DIRECT exactly when both views are 4 KiB aligned in address and size; a read always is
+    # (odd views or ranges through a bounce buffer); a filesystem that refuses it gets buffered I/O
+    if o_direct and store._direct:
+        assert direct == [aligned, True]
     else:
-        assert direct == [False, False]
+        assert direct[-1] is False
     store.close()
 
 
@@ -138,6 +141,28 @@ def test_read_many_in_parallel(tmp_path):
         for key, (k, v) in written.items():
             np.testing.assert_array_equal(bits(outs[key][0]), bits(k))
             np.testing.assert_array_equal(bits(outs[key][1]), bits(v))
+
+
+def test_consecutive_chunks_of_a_layer_are_one_read(tmp_path, monkeypatch):
+    """A layer's file holds its chunks one after the other: read_many reads each run of consecutive chunks
+    of a layer (in the order given) with one preadv, into views anywhere, aligned or not."""
+    with make(tmp_path, torch.float32, ODD_D, layers=2, chunks=5) as store:
+        written = {}
+        for i, key in enumerate([(0, c) for c in range(5)] + [(1, 1), (1, 2)]):
+            written[key] = kv_pair(ODD_D, torch.float32, seed=30 + i)
+            store.write(*key, *written[key])
+        order = [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (0, 0), (0, 4)]  # runs: 3 chunks, 2, 1, 1
+        outs = {key: views(ODD_D, torch.float32, aligned=False) for key in order}
+        calls = []
+        real = os.preadv
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(off) or real(fd, bufs, off))
+        assert store.read_many([(*key, *outs[key]) for key in order]) == len(order) * store.chunk_bytes
+        # O_DIRECT reads these odd-sized chunks' range widened to 4 KiB edges (a bounce buffer)
+        edge = 4096 if store._direct else 1
+        assert sorted(calls) == sorted(c * store.chunk_bytes // edge * edge for c in (1, 1, 0, 4))
+        for key in order:
+            np.testing.assert_array_equal(bits(outs[key][0]), bits(written[key][0]))
+            np.testing.assert_array_equal(bits(outs[key][1]), bits(written[key][1]))
 
 
 def test_unwritten_or_discarded_chunks_raise(tmp_path):
@@ -264,8 +289,8 @@ def test_page_cache_is_dropped_after_write_and_read(tmp_path, d, aligned):
     with make(tmp_path / "kv", torch.float32, d) as store:
         k, v = filled_views(d, torch.float32, aligned, seed=8)
         store.write(0, 1, k, v)
-        chunk_file = Path(store._chunk_path(0, 1))
-        assert chunk_file.stat().st_size == store.chunk_bytes
+        chunk_file = Path(store._layer_path(0))  # the layer's file: its chunk slots one after the other
+        assert chunk_file.stat().st_size == store.shape[1] * store.chunk_bytes
         assert resident_pages(chunk_file) == 0
         store.read_into(0, 1, *views(d, torch.float32, aligned))
         assert resident_pages(chunk_file) == 0

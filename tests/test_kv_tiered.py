@@ -13,7 +13,8 @@ import torch
 from offload_rt.errors import BudgetError
 from offload_rt.kv.dense import DenseKV
 from offload_rt.kv.tiered import TieredKV
-from offload_rt.memory.kv_plan import SINK_CHUNKS, STAGING_BATCH, ChunkTable, KVShape, min_host_chunks, split_kv
+from offload_rt.memory.kv_plan import (SINK_CHUNKS, STAGING_BATCH, ChunkTable, KVShape, min_host_chunks, split_kv,
+                                      staging_batch)
 
 L, NKV, D, NH = 3, 2, 16, 6
 
@@ -74,6 +75,22 @@ def test_split_kv_sizes_ram_and_disk():
     with pytest.raises(BudgetError, match="MagicPIG"):
         split_kv(shape, 4096, kv_cpu_mem=40 * cb, disk_free=10 ** 12, model_tokens=8192, table_bytes_per_token=10)
     assert min_host_chunks(shape, 4096) == 4 * (SINK_CHUNKS + 1)
+
+
+def test_small_chunks_are_read_in_larger_batches_where_the_budget_has_room():
+    """Staging (two read batches) of small chunks (q4 records): up to STAGING_BYTES a batch and a sixteenth of
+    --kv-cpu-mem, never below two batches of STAGING_BATCH, never pushing the working set out."""
+    shape = KVShape(n_layers=30, kv_heads=3, head_dim=64, itemsize=1, quant_row=36, name="q4")  # ~54 KiB chunks
+    cb = shape.chunk_bytes
+    roomy = split_kv(shape, 8192, kv_cpu_mem=40 << 20, disk_free=10 ** 12, model_tokens=8192)
+    assert roomy.spills and roomy.staging_chunks == 2 * staging_batch(cb, 40 << 20) == 2 * ((2 << 20) // cb)
+    assert 2 * STAGING_BATCH < roomy.staging_chunks and roomy.staging_chunks * cb <= (40 << 20) // 8
+    need = min_host_chunks(shape, 8192)
+    least = (need + 2 * STAGING_BATCH) * cb + roomy.bound_bytes + shape.float_bytes
+    tight = split_kv(shape, 8192, kv_cpu_mem=least + cb, disk_free=10 ** 12, model_tokens=8192)
+    assert tight.staging_chunks == 2 * STAGING_BATCH and tight.host_chunks >= need  # runs, as before
+    big = KVShape(n_layers=4, kv_heads=8, head_dim=128, itemsize=2)  # 1 MiB chunks: batches of 8
+    assert split_kv(big, 32768, kv_cpu_mem=96 << 20, disk_free=10 ** 12, model_tokens=32768).staging_chunks == 16
 
 
 # ---------------------------------------------------------------- the implementations against each other

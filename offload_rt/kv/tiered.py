@@ -64,7 +64,7 @@ from kernels_cpu import hugepages
 from kernels_cpu.kv_quant import KVQuant
 from offload_rt.kv import bytes_per_token, check_keep, check_load
 from offload_rt.memory import kv_select
-from offload_rt.memory.kv_plan import CHUNK_TOKENS, DEQUANT_CHUNKS, STAGING_BATCH, ChunkTable
+from offload_rt.memory.kv_plan import CHUNK_TOKENS, DEQUANT_CHUNKS, ChunkTable
 from offload_rt.prefetch import Prefetcher
 from offload_rt.trace import NullTracer
 from storage.store import aligned_buffer
@@ -126,13 +126,14 @@ class TieredKV:
         self._kmin, self._kmax = np.zeros(bounds, np.float32), np.zeros(bounds, np.float32)  # touched as chunks spill
         self.select_share = select_share
         # disk chunks are read by the runtime's one slot ring (offload_rt.prefetch), two halves of the staging
-        # slots: the next batch is read while the current one computes
-        self._halves = [list(range(host_chunks + h * STAGING_BATCH, host_chunks + (h + 1) * STAGING_BATCH))
+        # slots (kv_plan.staging_batch chunks each): the next batch is read while the current one computes
+        self._batch = max(1, staging_chunks // 2)
+        self._halves = [list(range(host_chunks + h * self._batch, host_chunks + (h + 1) * self._batch))
                         for h in range(2)]
         self._ring = Prefetcher(2, self._fill_staging, name="kv-read") if disk_root else None
-        # a batch's chunks are small files (a q4 chunk of the default model is ~28 KiB): read one after the
-        # other each waits out the disk's latency, so a batch's reads are in flight together
-        self._io = ThreadPoolExecutor(STAGING_BATCH, thread_name_prefix="kv-io") if disk_root else None
+        # a batch's runs of consecutive chunks are one read each (storage.kv_store: a file per layer); a selection's
+        # scattered chunks are many small reads, each waiting out the disk's latency: in flight together
+        self._io = ThreadPoolExecutor(8, thread_name_prefix="kv-io") if disk_root else None
         self._seq = 0  # the next batch the compute side takes from the ring
         self._ahead = None  # (layer, batches, first seq): the next layer's disk batches, queued by read_ahead
         self.attention = attention
@@ -347,7 +348,7 @@ class TieredKV:
         if disk:
             self.disk_chunks_seen += len(disk)
             self.disk_chunks_read += len(disk)
-            for slots, chunks in self._disk_passes(layer, _batches(disk, packed=False)):
+            for slots, chunks in self._disk_passes(layer, _batches(disk, self._batch, packed=False)):
                 base = chunks[0] * C
                 add(fn(q, self.kpool, self.vpool, slots, min(hi, (chunks[-1] + 1) * C) - base, k_base=base, **call))
         return acc
@@ -373,7 +374,7 @@ class TieredKV:
         read = self._select(layer, q, end, disk) if self.attention == "select" and disk else disk
         self.disk_chunks_seen += len(disk)
         self.disk_chunks_read += len(read)
-        passes = self._disk_passes(layer, _batches(read, packed=True))
+        passes = self._disk_passes(layer, _batches(read, self._batch, packed=True))
         self._read_ahead(layer + 1, -(-end // C))
         try:
             n_keys = (len(ram) - 1) * C + end - ram_chunks[-1] * C
@@ -401,7 +402,7 @@ class TieredKV:
         read = self._select(layer, q, end, disk) if self.attention == "select" and disk else disk
         self.disk_chunks_seen += len(disk)
         self.disk_chunks_read += len(read)
-        passes = self._disk_passes(layer, _batches(read, packed=True))
+        passes = self._disk_passes(layer, _batches(read, self._batch, packed=True))
         self._read_ahead(layer + 1, closed)
         acc = None
         try:
@@ -440,14 +441,14 @@ class TieredKV:
                     self._dk[j], self._dv[j] = self._stored(slot)
                 # packed: region key j is row j % C of float chunk j // C, absolute index c * C + j % C; every
                 # chunk gets its own call unless the chunks are consecutive (one key range)
-                for run in _batches(group, packed=False):
+                for run in _batches(group, DEQUANT_CHUNKS, packed=False):
                     j0 = group.index(run[0])
                     add(fn(q, self._dk, self._dv, torch.arange(j0, j0 + len(run), dtype=torch.int32), len(run) * C,
                            k_base=run[0] * C, **call))
 
         dequantized(ram, [row[c][1] for c in ram])
         if disk:
-            for slots, chunks in self._disk_passes(layer, _batches(disk, packed=False)):
+            for slots, chunks in self._disk_passes(layer, _batches(disk, self._batch, packed=False)):
                 dequantized(list(chunks), slots.tolist())
         if hi > closed * C and hi > lo:
             add(self._open_chunk(layer, q, hi, fn, call))
@@ -545,7 +546,7 @@ class TieredKV:
             return
         disk = [c for c, (tier, _slot) in enumerate(self._table.chunks[layer][:n_chunks]) if tier != "host"]
         if disk:
-            batches = _batches(disk, packed=True)
+            batches = _batches(disk, self._batch, packed=True)
             self._ahead = (layer, batches, self._queue(layer, batches))
 
     def _drop_ahead(self) -> None:
@@ -714,13 +715,13 @@ def _no_keys(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(T, nh, d), torch.full((T, nh), float("-inf"))
 
 
-def _batches(chunks: list[int], packed: bool) -> list[tuple[int, ...]]:
-    """Sorted disk chunks in read batches of at most STAGING_BATCH (the staging slots of a half): runs of
+def _batches(chunks: list[int], size: int, packed: bool) -> list[tuple[int, ...]]:
+    """Sorted disk chunks in read batches of at most ``size`` (the staging slots of a half): runs of
     consecutive chunks, so that a batch is one range of keys; ``packed`` (a decode step's selection, every
     key visible to the query) fills batches whatever the gaps, for fewer reads and kernel calls."""
     out: list[list[int]] = []
     for c in chunks:
-        if out and len(out[-1]) < STAGING_BATCH and (packed or c == out[-1][-1] + 1):
+        if out and len(out[-1]) < size and (packed or c == out[-1][-1] + 1):
             out[-1].append(c)
         else:
             out.append([c])
