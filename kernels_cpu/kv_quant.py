@@ -17,7 +17,7 @@ q8 is symmetric (``x = s * c``, c in [-127, 127]); q4 asymmetric (``x = m + s * 
 The scale is rounded *up* to float16 (the minimum *down*) before the codes are computed from it, so
 no code clips and the error is at most half a step. Quantizing what :func:`dequantize` returns gives the
 same record back (float16 scales: the largest code is always the top one), so a chunk re-opened by a
-rollback or restored from the prefix cache as floats is re-closed to the bytes it had.
+rollback is re-closed to the bytes it had (the prefix cache keeps and restores the records themselves).
 """
 
 from __future__ import annotations

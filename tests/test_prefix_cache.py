@@ -1,7 +1,8 @@
 """The prefix cache (offload_rt.kv.prefix): keys, granular lookups, restore, RAM LRU, disk, restart, corruption.
 
-Tiny random K/V (2 layers, 2 KV heads, d = 8, 4-token chunks) for the policy; one test with the default model
-checks that a restored prefix plus the prefill of the rest gives the logits of a full prefill, bit for bit.
+Tiny random K/V (2 layers, 2 KV heads, d = 8, 4-token chunks) for the policy; quantized KV (q8/q4) with d = 32
+and 32-token chunks (the quantization's group); tests with the default model check that a restored prefix plus
+the prefill of the rest gives the logits of a full prefill, bit for bit (float and quantized KV).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import os
 import pytest
 import torch
 
+from kernels_cpu.kv_quant import KVQuant
 from offload_rt.kv.dense import DenseKV
-from offload_rt.kv.prefix import IDENTITY_FILE, SUFFIX, PrefixCache, model_identity
+from offload_rt.kv.prefix import IDENTITY_FILE, MAGIC, SUFFIX, PrefixCache, model_identity
 from offload_rt.kv.tiered import TieredKV
 from offload_rt.memory.kv_plan import STAGING_BATCH
 
@@ -208,6 +210,137 @@ def test_model_identity_names_store_source_tokenizer_and_kv_shape(tmp_path):
     assert model_identity(Store, Args, torch.bfloat16)["tokenizer"] != ident["tokenizer"]
 
 
+# ---------------------------------------------------------------- quantized KV (--kv-dtype q8|q4)
+
+QD, QC = 32, 32  # head dim and chunk: the quantization's group divides both
+
+
+def q_ident(name: str) -> dict:
+    """A quantized KV's identity; its kv_dtype the compute dtype's (bf16 as on a GPU), not the float32 of the
+    quantized cache's floats: entries do not depend on it."""
+    return {**IDENT, "kv_dtype": "bfloat16", "head_dim": QD, "kv_quant": name}
+
+
+def q_cache(name: str, root=None, max_tokens: int = 8 * QC) -> TieredKV:
+    """An empty quantized cache: chunks in RAM, or 2 RAM chunks per layer and the rest spilled under ``root``."""
+    spill = dict(host_chunks=2 * L, staging_chunks=2 * STAGING_BATCH, disk_root=root) if root else \
+        dict(host_chunks=L * max_tokens // QC)
+    return TieredKV(L, NKV, QD, torch.float32, max_tokens, chunk_tokens=QC, quant=KVQuant(name, QD, QC), **spill)
+
+
+def q_filled(name: str, n: int, seed: int = 0, root=None) -> TieredKV:
+    """A quantized cache holding n tokens of random K/V (the newest two chunks of a layer keep their floats)."""
+    c = q_cache(name, root)
+    g = torch.Generator().manual_seed(seed)
+    c.load([torch.randn(n, NKV, QD, generator=g) for _ in range(L)],
+           [torch.randn(n, NKV, QD, generator=g) for _ in range(L)])
+    return c
+
+
+def pool_records(c: TieredKV, layer: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V records a quantized cache holds for a chunk in RAM, read from its pools."""
+    tier, slot = c._table.chunks[layer][chunk]
+    assert tier == "host"
+    return c.kpool[slot], c.vpool[slot]
+
+
+def holds_records_of(c: TieredKV, ref: TieredKV, chunks: int) -> bool:
+    """Whether ``c`` holds (RAM or disk) the records ``ref`` holds in RAM for its first chunks."""
+    return all(torch.equal(x, y) for layer in range(L) for i in range(chunks)
+               for x, y in zip(c.records(layer, i), pool_records(ref, layer, i)))
+
+
+@pytest.mark.parametrize("spill", [False, True])
+@pytest.mark.parametrize("name", ["q8", "q4"])
+def test_quantized_entries_are_the_kv_records_and_restore_to_the_same_bits(tmp_path, name, spill):
+    n = 3 * QC + 5  # chunks 0, 1, 2 closed (0: records only; 1, 2: floats kept too), 3 open
+    ref = q_filled(name, n)
+    src = q_filled(name, n, root=tmp_path / "src") if spill else ref  # spilled: chunk 0 on disk
+    ids = ids_of(n)
+    pc = PrefixCache(tmp_path / "pc", q_ident(name), QC, ram_bytes=1 << 20)
+    assert pc.save(ids, src) == 3 * QC
+    pc.flush()
+    for i, key in enumerate(pc.keys(ids, 3)):  # each entry holds what the KV holds: its chunk's records
+        e = pc._ram[key]
+        for layer in range(L):
+            assert torch.equal(e.k[layer], pool_records(ref, layer, i)[0])
+            assert torch.equal(e.v[layer], pool_records(ref, layer, i)[1])
+    if spill:
+        assert src.disk_read_bytes > 0
+
+    # bytes: the records' (the record shape's), RAM and disk; the float32 rows' would be ~3.6x (q8), ~6.4x (q4)
+    entry = 2 * L * int(torch.tensor(KVQuant(name, QD, QC).record_shape(NKV)).prod())
+    rows = 2 * L * QC * NKV * QD * 4
+    s = pc.stats()
+    assert s["ram_bytes"] == 3 * entry and entry < rows / (3 if name == "q8" else 6)
+    files = sorted((tmp_path / "pc").glob("*" + SUFFIX))
+    header = len(MAGIC) + 4 + int.from_bytes(files[0].read_bytes()[len(MAGIC):len(MAGIC) + 4], "little")
+    assert len(files) == 3 and {f.stat().st_size for f in files} == {header + entry}
+    assert s["disk_bytes"] == 3 * (header + entry)
+
+    # restored (from disk, after a restart) into a cache used before (its floats stale): the same records and
+    # their rows; then the same rows written after them close the open chunk to the same records, same rows
+    again = PrefixCache(tmp_path / "pc", q_ident(name), QC, ram_bytes=1 << 20)
+    dst = q_filled(name, n, seed=5, root=tmp_path / "dst" if spill else None)
+    dst.reset()
+    assert again.restore(ids, again.lookup(ids), dst) == 3 * QC and again.stats()["dropped"] == 0
+    assert holds_records_of(dst, ref, 3)
+    quant = KVQuant(name, QD, QC)
+    for layer in range(L):
+        k, v = dst.rows(layer, 0, 3 * QC)
+        recs = [pool_records(ref, layer, i) for i in range(3)]
+        assert torch.equal(k, torch.cat([quant.dequantize_keys(rk) for rk, _ in recs], dim=1).transpose(0, 1))
+        assert torch.equal(v, torch.cat([quant.dequantize_values(rv) for _, rv in recs], dim=1).transpose(0, 1))
+    g = torch.Generator().manual_seed(1)
+    tail = [(torch.randn(QC, NKV, QD, generator=g), torch.randn(QC, NKV, QD, generator=g)) for _ in range(L)]
+    for c in {id(x): x for x in (ref, src, dst)}.values():
+        c.trim(c.offset - 3 * QC)
+        c.load([k for k, _v in tail], [v for _k, v in tail])
+    assert holds_records_of(dst, ref, 4)
+    assert all(torch.equal(x, y) for layer in range(L)
+               for x, y in zip(ref.rows(layer, 3 * QC, 4 * QC), dst.rows(layer, 3 * QC, 4 * QC)))
+    dst.trim(1)  # chunk 3 open again
+    e = pc._ram[pc.keys(ids, 1)[0]]
+    with pytest.raises(ValueError, match="chunk boundary"):
+        dst.load_records([e.k[i][None] for i in range(L)], [e.v[i][None] for i in range(L)])
+    with pytest.raises(ValueError, match="closed chunks"):
+        dst.records(0, 3)
+    for c in (ref, src, dst):
+        c.close()
+
+
+@pytest.mark.parametrize("damage", ["old format", "flip"])
+def test_a_quantized_file_of_the_old_format_or_corrupt_is_a_miss_and_is_removed(tmp_path, damage):
+    ids = ids_of(2 * QC + 1)
+    if damage == "old format":  # a quantized KV's entries were its rows in the identity's kv_dtype, same keys
+        old = PrefixCache(None, q_ident("q4"), QC, ram_bytes=0)
+        old.quant, old.root = None, tmp_path
+        old._shape, old._dtype, old._encoding = (L, QC, NKV, QD), torch.bfloat16, "bfloat16"
+        old._open_root()
+        g = torch.Generator().manual_seed(0)
+        rows = TieredKV(L, NKV, QD, torch.float32, 4 * QC, host_chunks=4 * L, chunk_tokens=QC)
+        rows.load([torch.randn(2 * QC + 1, NKV, QD, generator=g) for _ in range(L)],
+                  [torch.randn(2 * QC + 1, NKV, QD, generator=g) for _ in range(L)])
+        assert old.save(ids, rows) == 2 * QC
+        old.close()
+    else:
+        pc = PrefixCache(tmp_path, q_ident("q4"), QC, ram_bytes=0)
+        pc.save(ids, q_filled("q4", 2 * QC + 1))
+        pc.close()
+        bad = tmp_path / (pc.keys(ids, 1)[0] + SUFFIX)
+        data = bytearray(bad.read_bytes())
+        data[-7] ^= 0x10
+        bad.write_bytes(data)
+    files = list(tmp_path.glob("*" + SUFFIX))
+    again = PrefixCache(tmp_path, q_ident("q4"), QC, ram_bytes=1 << 20)
+    assert again.lookup(ids) == 2 * QC  # names only: found, not yet validated
+    dst = q_cache("q4")
+    assert again.restore(ids, 2 * QC, dst) == 0 and dst.offset == 0
+    assert again.stats()["dropped"] == 1 and again.lookup(ids) == 0
+    first = tmp_path / (again.keys(ids, 1)[0] + SUFFIX)
+    assert first in files and not first.exists()
+
+
 # ---------------------------------------------------------------- the default model
 
 
@@ -247,6 +380,50 @@ def test_restored_prefix_then_prefill_gives_the_full_prefills_logits(tmp_path):
     restarted = PrefixCache(tmp_path / "prefix", ident, 64, ram_bytes=1 << 30, granule=128)
     from_disk, n = run(ids, restarted)
     assert n == 512 and torch.equal(from_disk, full) and restarted.stats()["ram_entries"] == 8
+
+
+@pytest.fixture(scope="module")
+def default_model(tmp_path_factory):
+    from offload_rt.config import RunConfig
+    from offload_rt.loader import load_model
+
+    torch.set_num_threads(2)
+    return load_model(RunConfig(offload_dir=tmp_path_factory.mktemp("stores"), progress=False))
+
+
+@pytest.mark.parametrize("name", ["q8", "q4"])
+def test_restored_quantized_prefix_gives_the_full_prefills_kv_and_logits(tmp_path, default_model, name):
+    """--kv-dtype q8|q4: a prefix restored from its records (RAM, then disk after a restart) plus the prefill of
+    the rest gives the records, rows and logits of a full prefill with the same KV, bit for bit."""
+    model = default_model
+    a, eng = model.args, model.engine
+    eng.prefill_chunk = 64
+    ids = model.tokenizer.encode(TEXT * 20)[:300]
+    quant = KVQuant(name, a.head_dim, 64)
+
+    def run(pc=None):
+        """(logits after ids in a new quantized cache, its first tokens restored from pc (if given), the cache)."""
+        eng.cache = TieredKV(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, model.dtype, 512,
+                             host_chunks=a.num_hidden_layers * 8, chunk_tokens=64, quant=quant)
+        n = pc.restore(ids, pc.lookup(ids), eng.cache) if pc is not None else 0
+        eng.tokens = list(ids[:n])
+        with torch.inference_mode():
+            return eng.prefill(ids), n, eng.cache
+
+    ident = model_identity(model.store, a, model.dtype, name)
+    pc = PrefixCache(tmp_path / "prefix", ident, 64, ram_bytes=1 << 30, granule=128)
+    full, _, ref = run()
+    assert pc.save(ids, ref) == 256
+    assert pc.stats()["ram_bytes"] == 4 * 2 * a.num_hidden_layers * ref.kpool[0].numel()  # 4 chunks of records
+    pc.close()
+    for cache in (pc, PrefixCache(tmp_path / "prefix", ident, 64, ram_bytes=1 << 30, granule=128)):
+        logits, n, got = run(cache)
+        assert n == 256 and torch.equal(logits, full)
+        for layer in range(a.num_hidden_layers):
+            for c in range(4):
+                assert torch.equal(got.kpool[got._table.chunks[layer][c][1]], ref.kpool[ref._table.chunks[layer][c][1]])
+                assert torch.equal(got.vpool[got._table.chunks[layer][c][1]], ref.vpool[ref._table.chunks[layer][c][1]])
+            assert all(torch.equal(x, y) for x, y in zip(got.rows(layer, 256, 300), ref.rows(layer, 256, 300)))
 
 
 def test_prefill_passes_start_at_multiples_of_the_prefill_chunk():

@@ -160,3 +160,29 @@ def test_streamed_weights_batched_equal_alone_within_the_memory_promise(store_di
         # the weights did stream: every step read layers from the store
         assert m["weight_disk_read_bytes_total"] > 20 * 100e6, m
         assert s.stop() == 0
+
+
+def test_prefix_cache_over_q4_kv_keeps_its_records(store_dir):
+    """--kv-dtype q4: a repeated long prompt reuses its prefix with the same answer, and each entry file holds a
+    chunk's q4 records (the bytes their record shape says), not rows. (Restoring records from disk after a
+    restart, bit for bit: tests/test_prefix_cache.py.)"""
+    from kernels_cpu.kv_quant import KVQuant
+    from offload_rt.kv.prefix import IDENTITY_FILE, MAGIC, SUFFIX
+
+    messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": QUESTIONS[1]}]
+    with Server("--offload-dir", store_dir, "--kv-dtype", "q4", "--parallel", "1") as s:
+        first, _ = chat(s.client(), messages, max_tokens=8)
+        second, u2 = chat(s.client(), messages, max_tokens=8)
+        assert second == first and u2.prompt_tokens_details.cached_tokens >= 1024
+        assert s.stop() == 0
+    roots = [p.parent for p in store_dir.glob(f"prefix-cache/*/{IDENTITY_FILE}")
+             if json.loads(p.read_text())["identity"].get("kv_quant") == "q4"]
+    assert len(roots) == 1
+    ident = json.loads((roots[0] / IDENTITY_FILE).read_text())["identity"]
+    shape = KVQuant("q4", ident["head_dim"], ident["chunk_tokens"]).record_shape(ident["kv_heads"])
+    entry = 2 * ident["layers"] * shape[0] * shape[1] * shape[2]
+    files = list(roots[0].glob("*" + SUFFIX))
+    assert len(files) >= 4
+    for f in files:
+        data = f.read_bytes()
+        assert len(data) == len(MAGIC) + 4 + int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little") + entry

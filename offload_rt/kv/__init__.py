@@ -30,7 +30,9 @@ Bookkeeping shared by every implementation:
   cache, :mod:`offload_rt.kv.prefix`, saves a prompt's chunks with it);
 * ``load(k_layers, v_layers)`` appends T tokens' K/V of every layer (``k_layers[i]`` [T, kv_heads, d] in
   the cache's dtype) at ``offset`` and commits them: the prefix cache restores a saved prefix with it,
-  through the same write path as attention's, so the rows land exactly as if computed here.
+  through the same write path as attention's, so the rows land exactly as if computed here. A quantized
+  TieredKV (``--kv-dtype q8|q4``) also has ``records(layer, chunk)`` and ``load_records(k, v)``: closed
+  chunks' records out and in, what the prefix cache saves and restores for it (the KV's own bytes).
 """
 
 from __future__ import annotations

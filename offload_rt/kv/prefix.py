@@ -15,13 +15,22 @@ engine's ``prefill_chunk``: a restored prefix then ends where a prefill pass sta
 are the bits a full prefill gives; see ``Engine.prefill``), never the whole prompt (its last token's
 logits must be computed).
 
-Tiers. Entries (one per chunk: K and V of every layer, ``[layers, chunk_tokens, kv_heads, d]``) live
-in RAM, least recently used evicted past ``ram_bytes``. With a ``root`` every entry is also written
+Entries. One per chunk: K and V of every layer as the KV holds them. Float KV: the rows,
+``[layers, chunk_tokens, kv_heads, d]`` in the KV dtype. Quantized KV (``--kv-dtype q8|q4``, the identity's
+``kv_quant``): the chunk's records, ``[layers, *KVQuant.record_shape(kv_heads)]`` uint8 (q4: ~1/6.4 of
+the float32 rows), the bytes the KV holds for the chunk. The entry chunk *is* the KV chunk (the server
+passes its ``chunk_tokens``) and entries are whole chunks below the cache's offset, so closed chunks:
+save copies their records (``TieredKV.records``), restore copies them into the new cache's slots
+(``TieredKV.load_records``); the bits are the KV's, with no quantizing at either end.
+
+Tiers. Entries live in RAM, least recently used evicted past ``ram_bytes``. With a ``root`` every entry is also written
 to ``<root>/<key>.kv`` by a background thread at save time (the batch loop never waits for a disk;
 :meth:`flush` does), so a server killed at any moment finds its prefixes after a restart; disk usage
 stays within ``disk_bytes``, least recently used files removed. A file is written to a temporary name
-and renamed, its header carries the identity's seed, the key, shape, dtype and a CRC-32 of the
-payload, and it is validated when read: a corrupt or foreign file is removed and counts as a miss.
+and renamed, its header carries the identity's seed, the key, the entry's shape and encoding (``dtype``:
+the float dtype's name, or ``q8``/``q4`` for records) and a CRC-32 of the payload, and it is validated
+when read: a corrupt or foreign file, or one of another encoding (a quantized KV's file written before
+entries held records: float32 rows), is removed and counts as a miss.
 A new cache indexes the files under ``root`` by name and size only (cheap); ``root/identity.json``
 says whose they are, and a root holding another identity's entries is emptied (they could never match).
 """
@@ -44,6 +53,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kernels_cpu.kv_quant import KVQuant
 from storage.formats import FLOAT_FORMATS, format_of
 from storage.kv_store import _write_back
 
@@ -59,9 +69,8 @@ _FADV = hasattr(os, "posix_fadvise")
 def model_identity(store, args, kv_dtype: torch.dtype, quant: str | None = None) -> dict:
     """The identity of a loaded model's K/V (``store``: its storage.WeightStore, ``args``: its family config):
     the store's directory name, its source's identity and weights format, the tokenizer file's hash,
-    the KV dtype (the rows' floats) and shape, and ``quant`` (``--kv-dtype`` q8/q4: entries hold the
-    dequantized rows, which quantize back to the same records). Two runs share prefix entries exactly when
-    these are equal."""
+    the KV dtype (the rows' floats) and shape, and ``quant`` (``--kv-dtype`` q8/q4: entries hold the KV's
+    quantized records). Two runs share prefix entries exactly when these are equal."""
     manifest = store.manifest
     identity = {"store": store.path.name, "source": manifest["source"]["identity"], "weights": manifest.get("weights"),
                 "tokenizer": hashlib.sha256(store.tokenizer_file.read_bytes()).hexdigest(),
@@ -72,7 +81,8 @@ def model_identity(store, args, kv_dtype: torch.dtype, quant: str | None = None)
 
 @dataclass
 class _Entry:
-    """One chunk's K and V of every layer, [layers, chunk_tokens, kv_heads, d] each, on the CPU."""
+    """One chunk's K and V of every layer on the CPU: rows [layers, chunk_tokens, kv_heads, d] each, or
+    quantized records [layers, kv_heads, chunk_tokens, row bytes] (uint8)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -97,8 +107,15 @@ class PrefixCache:
         self.C, self.granule = chunk_tokens, granule
         self.identity = dict(identity, chunk_tokens=chunk_tokens)
         self.seed = hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).digest()
-        self._shape = (int(identity["layers"]), chunk_tokens, int(identity["kv_heads"]), int(identity["head_dim"]))
-        self._dtype = FLOAT_FORMATS[identity["kv_dtype"]].dtype
+        layers, kv_heads, head_dim = int(identity["layers"]), int(identity["kv_heads"]), int(identity["head_dim"])
+        # an entry's K (and V): the float rows, or a quantized KV's records; the file header's dtype names which
+        self.quant = KVQuant(identity["kv_quant"], head_dim, chunk_tokens) if identity.get("kv_quant") else None
+        if self.quant is None:
+            self._shape = (layers, chunk_tokens, kv_heads, head_dim)
+            self._dtype, self._encoding = FLOAT_FORMATS[identity["kv_dtype"]].dtype, identity["kv_dtype"]
+        else:
+            self._shape = (layers, *self.quant.record_shape(kv_heads))
+            self._dtype, self._encoding = torch.uint8, self.quant.name
         self.ram_budget, self.disk_budget = ram_bytes, disk_bytes
         self.root = Path(root) if root is not None else None
         self._lock = threading.Lock()  # the indexes below, shared with the writer thread
@@ -158,8 +175,13 @@ class PrefixCache:
             entries = [self._get(key) for key in keys[g:g + per]]
             if any(e is None for e in entries):
                 break
-            cache.load([torch.cat([e.k[i] for e in entries]) for i in range(self._shape[0])],
-                       [torch.cat([e.v[i] for e in entries]) for i in range(self._shape[0])])
+            layers = range(self._shape[0])
+            if self.quant is None:
+                cache.load([torch.cat([e.k[i] for e in entries]) for i in layers],
+                           [torch.cat([e.v[i] for e in entries]) for i in layers])
+            else:  # the records themselves into their slots
+                cache.load_records([torch.stack([e.k[i] for e in entries]) for i in layers],
+                                   [torch.stack([e.v[i] for e in entries]) for i in layers])
             loaded += self.granule
         if loaded:
             self.hits += 1
@@ -183,6 +205,12 @@ class PrefixCache:
             entries = [_Entry(torch.empty(self._shape, dtype=self._dtype), torch.empty(self._shape, dtype=self._dtype))
                        for _ in run]
             for layer in range(self._shape[0]):
+                if self.quant is not None:  # the closed chunks' records, as the cache holds them
+                    for i, e in zip(run, entries):
+                        k, v = cache.records(layer, i)
+                        e.k[layer].copy_(k)
+                        e.v[layer].copy_(v)
+                    continue
                 k, v = cache.rows(layer, run[0] * self.C, (run[-1] + 1) * self.C)
                 for j, e in enumerate(entries):
                     e.k[layer].copy_(k[j * self.C:(j + 1) * self.C])
@@ -344,7 +372,7 @@ class PrefixCache:
         v = entry.v.contiguous().view(torch.uint8).numpy()
         crc = zlib.crc32(v, zlib.crc32(k))
         header = json.dumps({"seed": self.seed.hex(), "key": key, "shape": list(self._shape),
-                             "dtype": self.identity["kv_dtype"], "crc32": f"{crc:08x}"}).encode()
+                             "dtype": self._encoding, "crc32": f"{crc:08x}"}).encode()
         head = MAGIC + struct.pack("<I", len(header)) + header
         size = len(head) + k.nbytes + v.nbytes
         if self.disk_budget is not None and size > self.disk_budget:
@@ -356,7 +384,7 @@ class PrefixCache:
         self._trim_disk(keep=key)
 
     def _read(self, key: str) -> _Entry | None:
-        """An entry's file read and validated (magic, header, seed, key, shape, dtype, size, CRC); None if
+        """An entry's file read and validated (magic, header, seed, key, shape, encoding, size, CRC); None if
         missing or invalid."""
         try:
             with open(self._path(key), "rb") as f:
@@ -374,7 +402,7 @@ class PrefixCache:
             start = len(MAGIC) + 4 + hlen
             header = json.loads(bytes(data[len(MAGIC) + 4:start]))
             if (header.get("seed") != self.seed.hex() or header.get("key") != key
-                    or header.get("shape") != list(self._shape) or header.get("dtype") != self.identity["kv_dtype"]
+                    or header.get("shape") != list(self._shape) or header.get("dtype") != self._encoding
                     or len(data) != start + 2 * n):
                 return None
             payload = memoryview(data)[start:]

@@ -665,6 +665,50 @@ class TieredKV:
             self._write(layer, self.offset, k.to("cpu"), v.to("cpu"))
         self.commit(T)
 
+    def records(self, layer: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized: copies of a committed, closed chunk's K and V records [kv_heads, C, w] uint8, the bytes the
+        cache holds for it (a disk chunk read through a staging slot): what the prefix cache keeps."""
+        if self.quant is None or not 0 <= chunk < self.offset // self.C:
+            raise ValueError(f"records of chunk {chunk}: {self.offset // self.C} closed chunks of "
+                             f"{self.kv_dtype} KV")
+        tier, slot = self._table.chunks[layer][chunk]
+        if tier == "disk":
+            self._drop_ahead()  # the staging slots are used here directly (as _gather uses them)
+            slot = self.host_chunks
+            self.disk_read_bytes += self._store().read_into(layer, chunk, self.kpool[slot], self.vpool[slot])
+        return self.kpool[slot].clone(), self.vpool[slot].clone()
+
+    def load_records(self, k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor]) -> None:
+        """Quantized: append n whole chunks given as their records (per layer [n, kv_heads, C, w] uint8, as
+        :meth:`records` gives them) at ``offset``, a chunk boundary, and commit them: placed (older chunks
+        spilled) as :meth:`load` places them, the records copied into their slots, no floats kept (a later
+        write into one, a rollback that far, starts from its record dequantized, as for any older chunk).
+        The prefix cache's restore: the bytes saved, without a dequantize and quantize."""
+        if self.quant is None or self.offset % self.C:
+            raise ValueError(f"load_records into {self.kv_dtype} KV at token {self.offset} (quantized KV at a "
+                             f"chunk boundary expected)")
+        if len(k_layers) != self.n_layers or len(v_layers) != self.n_layers:
+            raise ValueError(f"load_records: {self.n_layers} layers expected, got {len(k_layers)} K and "
+                             f"{len(v_layers)} V")
+        n = k_layers[0].shape[0] if self.n_layers else 0
+        want = (n, *self.quant.record_shape(self.kv_heads))
+        for t in (*k_layers, *v_layers):
+            if tuple(t.shape) != want or t.dtype != torch.uint8:
+                raise ValueError(f"load_records: {tuple(t.shape)} {t.dtype}, expected {want} torch.uint8")
+        if self.offset + n * self.C > self.max_tokens:
+            raise ValueError(f"KV cache of {self.max_tokens} tokens cannot hold {self.offset + n * self.C}")
+        first = self.offset // self.C
+        for layer, (k, v) in enumerate(zip(k_layers, v_layers)):
+            for j in range(n):
+                c = first + j
+                slot = self._place(layer, c)
+                self.kpool[slot].copy_(k[j])
+                self.vpool[slot].copy_(v[j])
+                held = self._fchunk[layer]
+                if held[c % self._nf] == c:  # floats of this chunk from an earlier use of the cache: stale
+                    held[c % self._nf] = -1
+        self.commit(n * self.C)
+
     def reset(self) -> None:
         self.trim(self.offset)
         self._prompt_end = 0
