@@ -175,6 +175,43 @@ def test_select_reads_a_share_of_the_disk_and_finds_a_planted_key(tmp_path):
     sel.close()
 
 
+def test_select_reads_ahead_what_each_layer_chose_last_and_attends_what_it_chooses(tmp_path, monkeypatch):
+    """Decode with selection queues each layer's last step's choice while the layer before computes; the step
+    then attends exactly what it chooses now (the same result as a cache reading nothing ahead), and a chunk
+    read ahead but not chosen again counts as read."""
+    plan = {300: [1, 2, 3], 301: [2, 3, 5]}  # the offset a step starts at -> the disk chunks it chooses
+    events = []
+
+    def choose(self, layer, q, end, disk):
+        events.append(("select", layer))
+        return [c for c in plan[end - 1] if c in disk]
+
+    monkeypatch.setattr(TieredKV, "_select", choose)
+    ahead, plain = _cache(tmp_path / "a", "select"), _cache(tmp_path / "p", "select")
+    plain._read_ahead = lambda layer, n_chunks: None
+    queue = ahead._queue
+    ahead._queue = lambda layer, batches: events.append(("queue", layer, batches)) or queue(layer, batches)
+    gen = torch.Generator().manual_seed(3)
+    for T in (300, 1, 1):
+        before = {c: (c.disk_chunks_read, c.disk_read_bytes) for c in (ahead, plain)}
+        events.clear()
+        for layer, (q, k, v) in enumerate(_qkv(T, gen)):
+            torch.testing.assert_close(ahead.attend(layer, q, k, v), plain.attend(layer, q, k, v), rtol=1e-5,
+                                       atol=1e-6)
+        for c in (ahead, plain):
+            c.commit(T)
+        read = {c: (c.disk_chunks_read - n, c.disk_read_bytes - b) for c, (n, b) in before.items()}
+        if T == 1:
+            assert read[plain][0] == 3 * L  # what each layer chose
+    # the second step: layer 1's last choice (1, 2, 3) was queued before its query chose (2, 3, 5); chunk 1 was
+    # read for nothing, chunk 5 after the choice
+    assert events.index(("queue", 1, [(1, 2, 3)])) < events.index(("select", 1)) < events.index(("queue", 1, [(5,)]))
+    cb = ahead._store().chunk_bytes
+    assert read[ahead] == (3 + 4 * (L - 1), (3 + 4 * (L - 1)) * cb)  # layer 0's is not read ahead (a new step)
+    for c in (ahead, plain):
+        c.close()
+
+
 def test_a_failure_mid_step_leaves_the_disk_reads_usable(tmp_path, monkeypatch):
     """The disk batches are queued before the RAM chunks compute: an exception there gives the ring back what
     was queued, and the next step reads and computes as if nothing had happened."""
