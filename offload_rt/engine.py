@@ -18,6 +18,7 @@ import torch
 
 from kernels_cpu.matvec import decode_scope, embedding
 from offload_rt import models
+from offload_rt.kv import expect_prompt
 from offload_rt.kv.dense import DenseKV
 from offload_rt.threads import torch_threads
 from offload_rt.trace import NullTracer
@@ -208,9 +209,7 @@ class Engine:
         del self.tokens[common:]
         P, n = self.prefill_chunk, len(ids)
         edges = [common, *range((common // P + 1) * P, n, P), n]
-        expect = getattr(self.cache, "expect", None)
-        if expect is not None:
-            expect(n)  # the prompt's end: a cache may prepare the decode steps at the pass that reaches it
+        expect_prompt(self.cache, n)  # a cache may prepare the decode steps at the pass that reaches the end
         logits = None
         for lo, hi in zip(edges, edges[1:]):
             logits = self.forward(ids[lo:hi])

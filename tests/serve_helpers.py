@@ -115,3 +115,36 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def serve_in_process(backend, requests) -> list:
+    """Each request's :class:`~offload_rt.serve.types.Done` from an in-process backend, the requests submitted
+    together: the batch loop on this thread (as ``offload-run serve`` runs it), their event loop in another.
+    The backend is stopped afterwards (one use)."""
+    import asyncio
+
+    done: list = [None] * len(requests)
+    failed: list[BaseException] = []
+
+    async def answers() -> None:
+        async def one(i, request):
+            async for event in backend.submit(request).events():
+                done[i] = event  # the last one is the Done
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+
+    def client() -> None:
+        try:
+            asyncio.run(answers())
+        except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
+            failed.append(e)
+        finally:
+            backend.stop()
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    backend.run()
+    thread.join(60)
+    if failed:
+        raise failed[0]
+    assert backend.error is None, backend.error
+    return done

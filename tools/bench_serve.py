@@ -19,6 +19,9 @@
         no HTTP) beside ``offload-run``'s single-sequence decode in the same run.
     python -m tools.bench_serve passes [--pass-tokens 512,256] [--repeats 2]
         what S3's granule costs: the server's prefill of a ~2,000-token prompt in passes of each size.
+    python -m tools.bench_serve magicpig [--prefix-tokens 2000] [--repeats 3] [--s3-tokens 8]
+        ``--attention magicpig`` in the server's steps (in-process): prefill of an uncached ~2,000-token
+        chat prompt and the first decode steps, the prompt's end told to the cache or not (before).
     python -m tools.bench_serve all ...   (s1, s2, s3 in turn)
 
 Every request goes through the same client code: the openai client, ``/v1/chat/completions`` with
@@ -526,6 +529,65 @@ def passes(a) -> str:
             + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
 
 
+def magicpig(a) -> str:
+    """What ``--attention magicpig`` costs the server's time to first token, in-process (no HTTP): a sequence's
+    prefill of an uncached ~2,000-token chat prompt in the server's passes (``batch.step``, 256 tokens: the
+    prefix cache's granule), then its first decode steps, with the prompt's end told to the cache
+    (``kv.expect_prompt``: the tables built once, by the last pass) and without it (the code before: built by
+    the first pass past the exact window, extended by every later one), interleaved round by round."""
+    import torch
+
+    from offload_rt.batch import Prefill, prefill_chunk, step
+    from offload_rt.build import build
+    from offload_rt.config import RunConfig
+    from offload_rt.kv import expect_prompt
+
+    load0 = os.getloadavg()[0]
+    with torch.inference_mode():
+        rt = build(RunConfig(model=None, parallel=1, threads=THREADS, progress=False, attention="magicpig",
+                             ctx_size=CTX_PER_SLOT), serving=True)
+        cache, size = rt.engine.cache, rt.prepared.kv.shape.chunk_tokens
+
+        def once(tell: bool, nonce: str) -> tuple[float, float, float]:
+            ids = rt.model.tokenizer.encode_chat(chat(system_prompt(a.prefix_tokens[0], nonce), QUESTIONS[0]))
+            cache.reset()
+            if tell:
+                expect_prompt(cache, len(ids))
+            t, done = time.perf_counter(), 0
+            while done < len(ids):
+                n = prefill_chunk(done, len(ids), size)
+                res = step(rt.engine, [], [Prefill(cache, ids[done:done + n], want_logits=done + n == len(ids))])
+                done += n
+            prefill_s = time.perf_counter() - t
+            token, times = int(res.prefill_logits[0].argmax()), []
+            for _ in range(a.s3_tokens):
+                res = step(rt.engine, [(cache, token)])
+                times.append(res.seconds)
+                token = int(res.decode_logits[0].argmax())
+            return prefill_s, times[0], sum(times[1:]) / max(1, len(times) - 1)
+
+        once(True, "warm-up")  # first-pass costs (the sampling kernels included) out of the figures
+        sides = {"prompt's end told (expect)": True, "not told (before)": False}
+        runs = {label: [] for label in sides}
+        for r in range(a.repeats):
+            for label, tell in list(sides.items())[::1 if r % 2 else -1]:  # each side first every other round
+                runs[label].append(once(tell, f"round {r}"))
+        rt.close()
+    base = min(p + d for p, d, _ in runs["not told (before)"])
+    rows = [f"| {label} | {min(p for p, _, _ in xs):.3f} | {min(d for _, d, _ in xs):.3f} | "
+            f"{min(p + d for p, d, _ in xs):.3f} | {fmt((p + d for p, d, _ in xs), 3)} | "
+            f"{min(m for _, _, m in xs) * 1e3:.1f} | {ratio(base, min(p + d for p, d, _ in xs))} |"
+            for label, xs in runs.items()]
+    return (f"`--attention magicpig` in the server's steps (in-process `batch.step`, default model resident, {THREADS} "
+            f"threads, `--ctx-size {CTX_PER_SLOT}`): an uncached chat prompt (a new ~{a.prefix_tokens[0]}-token "
+            f"system prompt each round) prefilled in {size}-token passes, then {a.s3_tokens} greedy decode steps; "
+            f"TTFT = prefill + first decode step; best of {a.repeats} interleaved rounds (alternate order) [all]. "
+            f"{machine_line()}."
+            "\n\n| cache | prefill s | first decode step s | TTFT s | rounds | later decode step ms | TTFT "
+            "speed-up |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+            + f"\n\nLoad average (1 min) at the start / end of the run: {load0:.2f} / {os.getloadavg()[0]:.2f}.\n")
+
+
 # ---------------------------------------------------------------------------------------- build
 def build_llama_server(a) -> Path:
     """Configure and build ``llama-server`` from the sdist's vendored llama.cpp (nice 19: a shared machine)."""
@@ -552,7 +614,7 @@ def main(argv=None) -> int:
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="its pip fetches the sdist when none is found")
     b.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    for name in ("s1", "s2", "s3", "steps", "passes", "all"):
+    for name in ("s1", "s2", "s3", "steps", "passes", "magicpig", "all"):
         s = sub.add_parser(name)
         s.add_argument("--work", type=Path, default=DEFAULT_WORK, help="server logs, the S2 checkpoint, S3's stores")
         s.add_argument("--ours", default=f"{shlex.quote(sys.executable)} -m offload_rt",
@@ -586,7 +648,8 @@ def main(argv=None) -> int:
         if a.llama_server is None and (DEFAULT_BUILD / "bin" / "llama-server").is_file():
             a.llama_server = str(DEFAULT_BUILD / "bin" / "llama-server")
         for which in (("s1", "s2", "s3") if a.which == "all" else (a.which,)):
-            publish({"s1": s1, "s2": s2, "s3": s3, "steps": steps, "passes": passes}[which](a), a.out)
+            publish({"s1": s1, "s2": s2, "s3": s3, "steps": steps, "passes": passes, "magicpig": magicpig}[which](a),
+                    a.out)
     except RuntimeError as e:
         print(f"bench_serve: {e}", file=sys.stderr)
         return 1

@@ -22,8 +22,9 @@ Bookkeeping shared by every implementation:
 * ``tree_mask`` [T, S] (bool, True = attend, T <= S <= offset + T) replaces the causal mask over the
   last S keys: the S - T cached tokens before the new ones and the T new ones (every key before those
   is visible to all): tree verification (S = T), and a draft expanding a tree it has partly cached;
-* ``expect(end)`` (optional; the engine calls it when a cache has it): a prompt is about to run in passes
-  up to ``end`` tokens (TieredKV builds MagicPIG's tables in the pass that reaches it);
+* ``expect(end)`` (optional; :func:`expect_prompt` calls it when a cache has it: ``Engine.prefill`` and the
+  server's batch loop, for each sequence before its prompt passes): a prompt is about to run in passes up
+  to ``end`` tokens (TieredKV builds MagicPIG's tables in the pass that reaches it);
 * ``tier_bytes()``: KV bytes held per tier; ``attention_s``: seconds spent in attention;
 * ``rows(layer, lo, hi)`` -> ``(k, v)``, copies [hi - lo, kv_heads, d] of committed tokens [lo, hi)
   wherever they live (tests compare a cache with an autoregressive run's, value by value; the prefix
@@ -63,6 +64,16 @@ class KVCache(Protocol):
     def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def load(self, k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor]) -> None: ...
+
+
+def expect_prompt(cache, end: int) -> None:
+    """Tell ``cache`` that a prompt is about to run in passes up to ``end`` tokens (after what it holds or
+    restores: a prefix the prefix cache loaded counts), when the cache takes the hint (``expect``): without
+    it TieredKV's MagicPIG tables are built by the first pass long enough and extended by every later one,
+    centred on that first pass's keys rather than the whole prompt's."""
+    expect = getattr(cache, "expect", None)
+    if expect is not None:
+        expect(end)
 
 
 def bytes_per_token(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -28,6 +28,7 @@ import torch
 from offload_rt.batch import Prefill, prefill_chunk, step
 from offload_rt.config import SamplingConfig
 from offload_rt.generate import TextStream
+from offload_rt.kv import expect_prompt
 from offload_rt.sampling import make_sampler
 from offload_rt.serve import prefill_pass
 from offload_rt.serve.types import Counters, Delta, Done, GenRequest, PromptTooLong, QueueFull
@@ -223,6 +224,9 @@ class BatchBackend:
                     seq.cached = seq.done = self.prefix.restore(seq.prompt, n, seq.cache)
                     if seq.cached:
                         self.counters.prefix_hits += 1
+            # as Engine.prefill: the prompt's end, so that MagicPIG's tables are built once, by the last
+            # prompt pass (after a restored prefix, the passes left), centred on the whole prompt's keys
+            expect_prompt(seq.cache, len(seq.prompt))
             self._active.append(seq)
 
     def _step(self) -> None:
