@@ -152,9 +152,10 @@ def test_select_with_every_chunk_read_is_exact_attention_bit_for_bit(tmp_path):
         c.close()
 
 
-def test_select_reads_a_share_of_the_disk_and_finds_a_planted_key(tmp_path):
+def test_select_reads_a_share_of_the_disk_and_finds_a_planted_key(tmp_path, monkeypatch):
     """A decode query aligned with one old key of each layer: the select cache reads at most a quarter of the
     disk chunks per step, yet its output is DenseKV's (the planted key holds nearly all the weight)."""
+    monkeypatch.setattr(ks, "GAP_BYTES", 0)  # what is chosen is what is read (no gaps read through)
     ref, sel = DenseKV(L, NKV, D, torch.float32, 800), _cache(tmp_path, "select")
     gen = torch.Generator().manual_seed(1)
     steps = _qkv(600, gen)
@@ -187,6 +188,7 @@ def test_select_reads_ahead_what_each_layer_chose_last_and_attends_what_it_choos
         return [c for c in plan[end - 1] if c in disk]
 
     monkeypatch.setattr(TieredKV, "_select", choose)
+    monkeypatch.setattr(ks, "GAP_BYTES", 0)  # no reading through gaps (the next test)
     ahead, plain = _cache(tmp_path / "a", "select"), _cache(tmp_path / "p", "select")
     plain._read_ahead = lambda layer, n_chunks: None
     queue = ahead._queue
@@ -209,6 +211,29 @@ def test_select_reads_ahead_what_each_layer_chose_last_and_attends_what_it_choos
     cb = ahead._store().chunk_bytes
     assert read[ahead] == (3 + 4 * (L - 1), (3 + 4 * (L - 1)) * cb)  # layer 0's is not read ahead (a new step)
     for c in (ahead, plain):
+        c.close()
+
+
+def test_short_gaps_between_chosen_chunks_are_read_through_not_attended(tmp_path, monkeypatch):
+    """kv_select.coalesce: a gap of at most ``gap`` chunks, all on disk, between two chosen ones is read too;
+    the cache attends only the chosen chunks (the result of reading them alone) and counts what it read."""
+    assert ks.coalesce([1, 3, 8, 9, 14], set(range(20)), gap=2) == [1, 2, 3, 8, 9, 14]
+    assert ks.coalesce([1, 3], set(range(20)) - {2}, gap=2) == [1, 3]  # the gap is not all on disk
+    assert ks.coalesce([1, 4], set(range(20)), gap=2) == [1, 2, 3, 4] and ks.coalesce([], {1}, gap=3) == []
+    monkeypatch.setattr(TieredKV, "_select", lambda self, layer, q, end, disk: [c for c in (2, 5, 9) if c in disk])
+    through, apart = _cache(tmp_path / "t", "select"), _cache(tmp_path / "a", "select")
+    gen = torch.Generator().manual_seed(4)
+    for T in (300, 1):
+        before = {c: c.disk_chunks_read for c in (through, apart)}
+        for layer, (q, k, v) in enumerate(_qkv(T, gen)):
+            monkeypatch.setattr(ks, "GAP_BYTES", 2 * through._store().chunk_bytes)  # gaps of 2 chunks
+            a = through.attend(layer, q, k, v)
+            monkeypatch.setattr(ks, "GAP_BYTES", 0)
+            torch.testing.assert_close(a, apart.attend(layer, q, k, v), rtol=1e-5, atol=1e-6)
+        for c in (through, apart):
+            c.commit(T)
+    assert apart.disk_chunks_read - before[apart] == 3 * L and through.disk_chunks_read - before[through] == 5 * L
+    for c in (through, apart):
         c.close()
 
 

@@ -496,16 +496,16 @@ class TieredKV:
         next(passes)  # queued
         return passes
 
-    def _passes(self, layer: int, batches: list[tuple[int, ...]]):
+    def _passes(self, layer: int, batches: list[tuple[int, ...]], wanted: set | None = None):
         """:meth:`_disk_passes`' generator: queues the batches (or takes those :meth:`_read_ahead` queued, when
-        they are the same), then :meth:`_take` s them."""
+        they are the same), then :meth:`_take` s them (only the chunks in ``wanted``; None: all)."""
         if self._ahead is not None and self._ahead[:2] == (layer, batches):
             first = self._ahead[2]
             self._ahead = None
         else:
             self._drop_ahead()
             first = self._queue(layer, batches)
-        return self._take(layer, [(first + i, chunks, None) for i, chunks in enumerate(batches)])
+        return self._take(layer, [(first + i, chunks, wanted) for i, chunks in enumerate(batches)])
 
     def _take(self, layer: int, items: list):
         """A generator over queued batches ``items``, (ring sequence number, chunks, wanted), in sequence
@@ -545,21 +545,27 @@ class TieredKV:
         rest is read after the query is known."""
         read = self._select(layer, q, end, disk) if self.attention == "select" and disk else disk
         self.disk_chunks_seen += len(disk)
-        batches = _batches(read, self._batch, packed=True)
-        ahead = self._ahead
+        wanted = None
         if self.attention == "select":
             self._picked[layer] = (read, set(disk))
+            fetch = self._coalesced(read, disk)
+            wanted = set(read) if len(fetch) > len(read) else None
+        else:
+            fetch = read
+        batches = _batches(fetch, self._batch, packed=True)
+        ahead = self._ahead
         if ahead is None or ahead[0] != layer or ahead[1] == batches:
-            self.disk_chunks_read += len(read)
-            passes = self._disk_passes(layer, batches)
+            self.disk_chunks_read += len(fetch)
+            passes = self._passes(layer, batches, wanted)
+            next(passes)  # primed
         else:
             self._ahead = None
             have = {c for b in ahead[1] for c in b}
-            rest = _batches([c for c in read if c not in have], self._batch, packed=True)
+            rest = _batches([c for c in fetch if c not in have], self._batch, packed=True)
             self.disk_chunks_read += len(have) + sum(map(len, rest))
             first = self._queue(layer, rest)
             passes = self._take(layer, [(ahead[2] + i, b, set(read)) for i, b in enumerate(ahead[1])]
-                                + [(first + i, b, None) for i, b in enumerate(rest)])
+                                + [(first + i, b, wanted) for i, b in enumerate(rest)])
             next(passes)  # primed
         self._read_ahead(layer + 1, n_chunks)
         return passes
@@ -590,10 +596,16 @@ class TieredKV:
             if not judged:  # no step of this layer chose yet: nothing to go by
                 return
             disk = sorted({*picked, *(c for c, (tier, _s) in enumerate(row) if tier != "host" and c not in judged)})
-            disk = [c for c in disk if c < len(row) and row[c][0] != "host"]
+            disk = self._coalesced([c for c in disk if c < len(row) and row[c][0] != "host"],
+                                   [c for c, (tier, _s) in enumerate(row) if tier != "host"])
         if disk:
             batches = _batches(disk, self._batch, packed=True)
             self._ahead = (layer, batches, self._queue(layer, batches))
+
+    def _coalesced(self, chosen: list[int], disk: list[int]) -> list[int]:
+        """Selection: the disk chunks to read for ``chosen`` (kv_select.coalesce: short gaps between them read
+        through, for fewer requests)."""
+        return kv_select.coalesce(sorted(chosen), set(disk), kv_select.GAP_BYTES // self._store().chunk_bytes)
 
     def _drop_ahead(self) -> None:
         """Take and release the batches queued ahead when nobody will use them: the ring's halves are then free
