@@ -148,6 +148,9 @@ class TieredKV:
         # per layer: (the table's entries for its first chunks, their RAM slots as the kernel's int32 array),
         # reused while the entries are unchanged (decode steps within a chunk)
         self._decode_slots: list = [None] * n_layers
+        # select over quantized KV: each layer's sink keys as floats once its first chunk is closed (its record
+        # dequantized once, not at every step); dropped when anything writes into that chunk
+        self._sinks: list = [None] * n_layers
 
     # ------------------------------------------------------------------ writing
     def _store(self):
@@ -160,6 +163,8 @@ class TieredKV:
         return self._disk
 
     def _place(self, layer: int, chunk: int) -> int:
+        if chunk == 0:
+            self._sinks[layer] = None
         slot, spills, load = self._table.place(layer, chunk)
         for vl, victim, s in spills:
             with self.tracer.span("kv_disk", f"kv write layer.{vl}", layer=vl, chunk=victim):
@@ -463,6 +468,14 @@ class TieredKV:
             return self.quant.dequantize_keys(self.kpool[slot])[:, lo:hi]
         return self._fk[self._nf * layer + chunk % self._nf, :, lo:hi].float()
 
+    def _sink_keys(self, layer: int, end: int) -> torch.Tensor:
+        """The first tokens' keys (in RAM) as :meth:`_key_rows` gives them; a closed quantized chunk's kept."""
+        if self.quant is None or end <= self.C:
+            return self._key_rows(layer, 0, 0, min(SINKS, end - 1), end)
+        if self._sinks[layer] is None:
+            self._sinks[layer] = self._key_rows(layer, 0, 0, SINKS, end).clone()
+        return self._sinks[layer]
+
     def _select(self, layer: int, q: torch.Tensor, end: int, disk: list[int]) -> list[int]:
         """The disk chunks of ``layer`` a decode query q [1, nh, d] at token ``end - 1`` reads:
         :func:`offload_rt.memory.kv_select.choose` on the chunks' key bounds, against the log-sum-exp of the
@@ -473,7 +486,7 @@ class TieredKV:
         row, C = self._table.chunks[layer], self.C
         seen = [self._key_rows(layer, (end - 1) // C, (end - 1) % C, (end - 1) % C + 1, end)]
         if row[0][0] == "host":
-            seen.append(self._key_rows(layer, 0, 0, min(SINKS, end - 1), end))
+            seen.append(self._sink_keys(layer, end))
         ref = kv_select.reference(qs, torch.cat(seen, dim=1).numpy())
         idx = np.asarray(disk)
         bounds = kv_select.score_bounds(qs, self._kmin[layer, idx], self._kmax[layer, idx])
